@@ -1,0 +1,68 @@
+"""`ferflow` command line: models, leaderboard, predict, validate-params.
+
+Subcommands import their module only when called, so `ferflow --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ferflow.models import describe_models
+
+    rows = describe_models(args.num_classes)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'arch':<14}{'params':>12}{'MFLOPs/img':>12}  description")
+    for r in rows:
+        print(f"{r['arch']:<14}{r['params']:>12,}{r['mflops_per_image']:>12,.1f}  {r['description']}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from ferflow.params import ParamsError, load_params
+
+    try:
+        load_params(args.params)
+    except ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.params}: OK")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ferflow", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the CNN architectures with parameter counts and FLOPs")
+    p.add_argument("--num-classes", type=int, default=7)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("validate-params", help="check params.yaml against the schema")
+    p.add_argument("params", nargs="?", default="params.yaml")
+    p.set_defaults(func=cmd_validate)
+
+    for name, module in (("leaderboard", "ferflow.leaderboard"), ("predict", "ferflow.predict")):
+        try:
+            mod = __import__(module, fromlist=["add_arguments"])
+        except ImportError:
+            continue
+        p = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0])
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""Evaluate: the trained model on the test split -> metrics, report, predictions, plots."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ferflow import files
+
+
+def predict_proba(model, x: np.ndarray, tta: str = "none", batch_size: int = 256) -> np.ndarray:
+    """Class probabilities; `tta="flip"` averages with the horizontally mirrored faces."""
+    probs = np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float64)
+    if tta == "flip":
+        probs = (probs + np.asarray(model.predict(x[:, :, ::-1, :], batch_size=batch_size, verbose=0), dtype=np.float64)) / 2
+    return probs
+
+
+def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    from sklearn.metrics import accuracy_score, f1_score, log_loss, precision_recall_fscore_support
+
+    y_pred = probs.argmax(axis=1)
+    labels = list(range(len(classes)))
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "loss": float(log_loss(y_true, np.clip(probs, 1e-7, 1), labels=labels)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "n_test": int(len(y_true)),
+        "per_class": {
+            c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+            for i, c in enumerate(classes)
+        },
+    }
+
+
+def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], out: str | os.PathLike[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    from sklearn.metrics import confusion_matrix
+
+    cm = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
+    row_sums = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, row_sums, out=np.zeros_like(cm, dtype=float), where=row_sums > 0)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    annot = np.array([[f"{n}\n{p:.0%}" for n, p in zip(r1, r2)] for r1, r2 in zip(cm, norm)])
+    sns.heatmap(norm, annot=annot, fmt="", cmap="Blues", vmin=0, vmax=1, xticklabels=classes, yticklabels=classes, ax=ax)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Confusion matrix (test; colour = recall per true class)")
+    fig.tight_layout()
+    _save_fig(fig, out)
+
+
+def plot_curves(history_csv: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = pd.read_csv(history_csv)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        ax.plot(hist["epoch"], hist[key], label=f"train {key}")
+        if f"val_{key}" in hist:
+            ax.plot(hist["epoch"], hist[f"val_{key}"], label=f"val {key}")
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    _save_fig(fig, out)
+
+
+def _save_fig(fig, out: str | os.PathLike[str]) -> None:
+    import matplotlib.pyplot as plt
+
+    with files.atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def evaluate(
+    model,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    classes: list[str],
+    history_csv: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    metrics_json: str | os.PathLike[str],
+    predictions_csv: str | os.PathLike[str],
+    tta: str = "none",
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Write metrics JSON, predictions CSV, report and plots; return the metrics."""
+    from sklearn.metrics import classification_report
+
+    out_dir = Path(out_dir)
+    probs = predict_proba(model, x_test, tta, batch_size)
+    metrics = compute_metrics(y_test, probs, classes)
+    metrics["tta"] = tta
+    y_pred = probs.argmax(axis=1)
+    preds = pd.DataFrame({"actual": [classes[i] for i in y_test], "predicted": [classes[i] for i in y_pred]})
+    for i, c in enumerate(classes):
+        preds[f"p_{c}"] = probs[:, i].round(5)
+    with files.atomic_path(predictions_csv) as tmp:
+        preds.to_csv(tmp, index=False)
+    report = classification_report(y_test, y_pred, labels=list(range(len(classes))), target_names=classes, digits=4, zero_division=0)
+    files.write_text(out_dir / "classification_report.txt", report)
+    plot_confusion(y_test, y_pred, classes, out_dir / "confusion_matrix.png")
+    plot_curves(history_csv, out_dir / "training_curves.png")
+    files.write_json(metrics_json, metrics)
+    return metrics

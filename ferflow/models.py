@@ -1,0 +1,193 @@
+"""Registry of named CNN builders (`train.arch`), in backend-neutral Keras 3.
+
+Each seed builder follows the architecture of the project it is named after
+(../shared/seeds in the development workspace); `width` multiplies every conv/dense
+width and `dropout_scale` every dropout rate, so variants are a param away.
+All models take (48, 48, 1) float32 in [0, 1] and end in a float32 softmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import keras
+from keras import layers
+
+from ferflow.params import ARCH_NAMES
+
+INPUT_SHAPE = (48, 48, 1)
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    num_classes: int
+    width: float = 1.0
+    dropout_scale: float = 1.0
+
+    def units(self, n: int) -> int:
+        return max(1, round(n * self.width))
+
+    def rate(self, r: float) -> float:
+        return min(r * self.dropout_scale, 0.95)
+
+
+def _head(x, cfg: ArchConfig):
+    # float32 softmax even under mixed precision, for a numerically sound loss
+    return layers.Dense(cfg.num_classes, activation="softmax", dtype="float32", name="emotion")(x)
+
+
+def build_seed000(cfg: ArchConfig) -> keras.Model:
+    """Seed 000: four valid 3x3 convs 128-256-512-512, each + MaxPool + Dropout 0.4."""
+    inputs = keras.Input(INPUT_SHAPE, name="face")
+    x = inputs
+    for filters in (128, 256, 512, 512):
+        x = layers.Conv2D(cfg.units(filters), 3, activation="relu")(x)
+        x = layers.MaxPooling2D(2)(x)
+        x = layers.Dropout(cfg.rate(0.4))(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(cfg.units(512), activation="relu")(x)
+    x = layers.Dropout(cfg.rate(0.4))(x)
+    x = layers.Dense(cfg.units(256), activation="relu")(x)
+    x = layers.Dropout(cfg.rate(0.3))(x)
+    return keras.Model(inputs, _head(x, cfg), name="seed000")
+
+
+def build_seed001(cfg: ArchConfig) -> keras.Model:
+    """Seed 001: three blocks Conv 32/64/128 + BN + MaxPool + Dropout 0.25; Dense 256 + BN + Dropout 0.5."""
+    inputs = keras.Input(INPUT_SHAPE, name="face")
+    x = inputs
+    for filters in (32, 64, 128):
+        x = layers.Conv2D(cfg.units(filters), 3, padding="same", activation="relu")(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.MaxPooling2D(2)(x)
+        x = layers.Dropout(cfg.rate(0.25))(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(cfg.units(256), activation="relu")(x)
+    x = layers.BatchNormalization()(x)
+    x = layers.Dropout(cfg.rate(0.5))(x)
+    return keras.Model(inputs, _head(x, cfg), name="seed001")
+
+
+def build_seed003(cfg: ArchConfig) -> keras.Model:
+    """Seed 003: Conv 256, Conv 512, BN, pool, dropout 0.4; then 384, 192, 384 blocks; Dense 256."""
+    inputs = keras.Input(INPUT_SHAPE, name="face")
+    x = layers.Conv2D(cfg.units(256), 3, padding="same", activation="relu")(inputs)
+    x = layers.Conv2D(cfg.units(512), 3, padding="same", activation="relu")(x)
+    x = layers.BatchNormalization()(x)
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.Dropout(cfg.rate(0.4))(x)
+    for filters in (384, 192, 384):
+        x = layers.Conv2D(cfg.units(filters), 3, padding="same", activation="relu")(x)
+        x = layers.BatchNormalization()(x)
+        x = layers.MaxPooling2D(2)(x)
+        x = layers.Dropout(cfg.rate(0.4))(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(cfg.units(256), activation="relu")(x)
+    x = layers.BatchNormalization()(x)
+    x = layers.Dropout(cfg.rate(0.3))(x)
+    return keras.Model(inputs, _head(x, cfg), name="seed003")
+
+
+def _conv_bn_relu(x, filters: int):
+    x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+    x = layers.BatchNormalization()(x)
+    return layers.Activation("relu")(x)
+
+
+def _dense_bn_relu(x, units: int):
+    x = layers.Dense(units, use_bias=False)(x)
+    x = layers.BatchNormalization()(x)
+    return layers.Activation("relu")(x)
+
+
+def build_seed004(cfg: ArchConfig) -> keras.Model:
+    """Seed 004: three VGG blocks of two Conv 64/128/256 + BN + ReLU, pool, Dropout 0.25; FC 512, 256."""
+    inputs = keras.Input(INPUT_SHAPE, name="face")
+    x = inputs
+    for filters in (64, 128, 256):
+        x = _conv_bn_relu(x, cfg.units(filters))
+        x = _conv_bn_relu(x, cfg.units(filters))
+        x = layers.MaxPooling2D(2)(x)
+        x = layers.Dropout(cfg.rate(0.25))(x)
+    x = layers.Flatten()(x)
+    for units in (512, 256):
+        x = _dense_bn_relu(x, cfg.units(units))
+        x = layers.Dropout(cfg.rate(0.5))(x)
+    return keras.Model(inputs, _head(x, cfg), name="seed004")
+
+
+def build_ferflow_vgg(cfg: ArchConfig) -> keras.Model:
+    """The project's VGG-style net for 48x48: four stages of two conv-BN-ReLU (64-128-256-512),
+    max-pool after each, global average pooling and one BN'd dense layer. GAP instead of a
+    big Flatten->Dense keeps parameters low and works with random crops."""
+    inputs = keras.Input(INPUT_SHAPE, name="face")
+    x = inputs
+    for filters in (64, 128, 256, 512):
+        x = _conv_bn_relu(x, cfg.units(filters))
+        x = _conv_bn_relu(x, cfg.units(filters))
+        x = layers.MaxPooling2D(2)(x)
+        x = layers.Dropout(cfg.rate(0.1))(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = _dense_bn_relu(x, cfg.units(256))
+    x = layers.Dropout(cfg.rate(0.4))(x)
+    return keras.Model(inputs, _head(x, cfg), name="ferflow_vgg")
+
+
+def build_ferflow_tiny(cfg: ArchConfig) -> keras.Model:
+    """A tiny net (16-32-64 filters, GAP) for tests and fast smoke runs."""
+    inputs = keras.Input(INPUT_SHAPE, name="face")
+    x = inputs
+    for filters in (16, 32, 64):
+        x = _conv_bn_relu(x, cfg.units(filters))
+        x = layers.MaxPooling2D(2)(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dropout(cfg.rate(0.2))(x)
+    return keras.Model(inputs, _head(x, cfg), name="ferflow_tiny")
+
+
+REGISTRY: dict[str, Callable[[ArchConfig], keras.Model]] = {
+    "seed000": build_seed000,
+    "seed001": build_seed001,
+    "seed003": build_seed003,
+    "seed004": build_seed004,
+    "ferflow_vgg": build_ferflow_vgg,
+    "ferflow_tiny": build_ferflow_tiny,
+}
+assert tuple(REGISTRY) == ARCH_NAMES, "params.ARCH_NAMES must list the registry"
+
+
+def build_model(arch: str, num_classes: int, width: float = 1.0, dropout_scale: float = 1.0) -> keras.Model:
+    if arch not in REGISTRY:
+        raise ValueError(f"unknown arch {arch!r}: expected one of {', '.join(REGISTRY)}")
+    return REGISTRY[arch](ArchConfig(num_classes, width, dropout_scale))
+
+
+def flops_per_image(model: keras.Model) -> int:
+    """Multiply-adds x2 of the conv and dense layers for one image (the usual FLOPs count)."""
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, layers.Conv2D):
+            out_h, out_w, out_c = layer.output.shape[1:]
+            k_h, k_w = layer.kernel_size
+            in_c = layer.input.shape[-1]
+            total += 2 * out_h * out_w * out_c * k_h * k_w * in_c
+        elif isinstance(layer, layers.Dense):
+            total += 2 * layer.input.shape[-1] * layer.units
+    return int(total)
+
+
+def describe_models(num_classes: int = 7) -> list[dict[str, object]]:
+    """Name, parameter count and FLOPs per image of every registered architecture."""
+    rows = []
+    for name, builder in REGISTRY.items():
+        model = builder(ArchConfig(num_classes))
+        rows.append(
+            {
+                "arch": name,
+                "params": int(model.count_params()),
+                "mflops_per_image": round(flops_per_image(model) / 1e6, 1),
+                "description": (builder.__doc__ or "").strip().splitlines()[0],
+            }
+        )
+    return rows

@@ -1,0 +1,161 @@
+"""Glue for the train, evaluate and export stages: params + files + MLflow run.
+
+Each `run_*` takes the stage's parsed arguments (paths) and reads only its own params
+section (the whole file is validated, and logged to MLflow by train).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ferflow import files, tracking
+from ferflow.params import flatten, load_params
+
+log = logging.getLogger("ferflow")
+
+
+def _versions() -> dict[str, str]:
+    import keras
+
+    tags = {"keras.version": keras.__version__, "keras.backend": keras.backend.backend()}
+    with contextlib.suppress(ImportError):
+        import tensorflow as tf
+
+        tags["tensorflow.version"] = tf.__version__
+    return tags
+
+
+def _model_summary(model) -> str:
+    buf = io.StringIO()
+    model.summary(print_fn=lambda line, **_: buf.write(line + "\n"))
+    return buf.getvalue()
+
+
+def run_training(args: argparse.Namespace) -> dict[str, Any]:
+    from ferflow.arrays import load_label_map, load_split
+    from ferflow.index import dataset_hash
+    from ferflow.training import fit_model
+
+    all_params = load_params(args.params)
+    p = all_params["train"]
+    classes = load_label_map(args.label_map)
+    x_train, y_train = load_split(args.arrays, "train")
+    x_val, y_val = load_split(args.arrays, "val")
+    data_hash = dataset_hash(pd.read_csv(args.index, keep_default_na=False, dtype={"pixel_hash": str}))
+
+    use_mlflow = not args.no_mlflow
+    if use_mlflow:
+        import mlflow
+
+        tracking.configure()  # fails fast, before the first epoch, if the store is unreachable
+        tags = {
+            **tracking.git_info(tracking.find_root()),
+            **tracking.dvc_tags(),
+            **_versions(),
+            "data.hash": data_hash,
+            "arch": p["arch"],
+            "device": tracking.device_name(),
+        }
+        run_id = tracking.start_training_run(tracking.run_name(p["arch"]), tags, args.run_file)
+        guard = tracking.run_status_guard(run_id)
+    else:
+        guard = contextlib.nullcontext()
+    with guard:
+        if use_mlflow:
+            tracking.log_params_flat(flatten({k: v for k, v in all_params.items() if k in ("data", "train")}))
+        model, summary = fit_model(
+            p, x_train, y_train, x_val, y_val, len(classes), args.model, args.history, args.work_dir, log_to_mlflow=use_mlflow
+        )
+        summary["data_hash"] = data_hash
+        summary["n_train"], summary["n_val"] = int(len(y_train)), int(len(y_val))
+        files.write_json(args.metrics, {k: v for k, v in summary.items() if k != "data_hash"} | {"data_hash": data_hash})
+        if use_mlflow:
+            mlflow.set_tags({"params.count": str(summary["params"]), "precision": summary["precision"]})
+            mlflow.log_metrics(
+                {
+                    "params_count": summary["params"],
+                    "train_time_s": summary["train_time_s"],
+                    "train_images_per_s": summary["images_per_s"],
+                    "best_val_accuracy": summary["best_val_accuracy"],
+                    "best_val_loss": summary["best_val_loss"],
+                }
+            )
+            mlflow.log_text(_model_summary(model), "model_summary.txt")
+            mlflow.log_artifact(args.params)
+            for png in sorted(Path(args.index).parent.glob("plots/*.png")):
+                mlflow.log_artifact(str(png), "data")
+            tracking.mark_training_complete(args.run_file)
+        elif not Path(args.run_file).exists():
+            files.write_json(args.run_file, {"run_id": None, "complete": True})
+    return summary
+
+
+def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
+    import keras
+
+    from ferflow.arrays import load_label_map, load_split
+    from ferflow.evaluation import evaluate
+
+    p = load_params(args.params)["evaluate"]
+    classes = load_label_map(args.label_map)
+    x_test, y_test = load_split(args.arrays, "test")
+    model = keras.models.load_model(args.model, compile=False)
+
+    def work() -> dict[str, Any]:
+        return evaluate(model, x_test, y_test, classes, args.history, args.plots, args.metrics, args.predictions, p["tta"], p["batch_size"])
+
+    record = files.read_json(args.run_file)
+    if not record.get("run_id"):
+        return work()
+    import mlflow
+
+    with tracking.resume_run(args.run_file):
+        tracking.log_params_flat(flatten({"evaluate": p}))
+        metrics = work()
+        mlflow.log_metrics({f"test_{k}": metrics[k] for k in ("accuracy", "loss", "macro_f1")})
+        mlflow.log_metrics({f"test_f1_{c}": v["f1"] for c, v in metrics["per_class"].items()})
+        for name in ("confusion_matrix.png", "training_curves.png", "classification_report.txt"):
+            mlflow.log_artifact(str(Path(args.plots) / name), "evaluation")
+        mlflow.log_artifact(args.predictions, "evaluation")
+        mlflow.log_artifact(args.metrics, "evaluation")
+    return metrics
+
+
+def run_export(args: argparse.Namespace) -> dict[str, Any]:
+    from ferflow.arrays import load_split
+    from ferflow.export import model_kwargs, register_and_promote, save_pyfunc
+
+    all_params = load_params(args.params)
+    p, serve = all_params["export"], all_params["serve"]
+    eval_metrics = files.read_json(args.eval_metrics)
+    x_test, _ = load_split(args.arrays, "test")
+    example = np.rint(x_test[0, :, :, 0] * 255).astype(np.uint8)
+    config_path = Path(args.out).parent / ".serve_config.json"
+    files.write_json(config_path, serve)
+    try:
+        kwargs = model_kwargs(args.model, args.label_map, config_path, example)
+        save_pyfunc(args.out, kwargs)
+        result: dict[str, Any] = {"export_dir": str(args.out), "test_accuracy": eval_metrics["accuracy"]}
+        record = files.read_json(args.run_file)
+        if record.get("run_id"):
+            import mlflow
+
+            with tracking.resume_run(args.run_file):
+                tracking.log_params_flat(flatten({"export": p, "serve": serve}))
+                result |= register_and_promote(kwargs, p["registered_model_name"], eval_metrics["accuracy"], p["force_champion"])
+                lock = Path(tracking.find_root()) / "dvc.lock"
+                if Path("dvc.lock").exists() or lock.exists():
+                    mlflow.log_artifact(str(Path("dvc.lock") if Path("dvc.lock").exists() else lock))
+    finally:
+        config_path.unlink(missing_ok=True)
+    files.write_json(args.metrics, result)
+    return result
+

@@ -1,0 +1,61 @@
+"""Data plots: class distribution per split and a grid of sample faces per class."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from ferflow import files
+
+
+def plot_class_distribution(index: pd.DataFrame, classes: list[str], out: str | os.PathLike[str]) -> None:
+    """Seaborn bar plot: images per class, one bar colour per split, counts on the bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    counts = index.groupby(["split", "label"]).size().reset_index(name="images")
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    sns.barplot(data=counts, x="label", y="images", hue="split", order=classes, hue_order=["train", "val", "test"], ax=ax)
+    for container in ax.containers:
+        ax.bar_label(container, fontsize=7)
+    total = len(index)
+    ax.set_title(f"Class distribution per split ({total} images)")
+    ax.set_xlabel("")
+    fig.tight_layout()
+    with files.atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def sample_grid(index: pd.DataFrame, classes: list[str], out: str | os.PathLike[str], per_class: int = 10, seed: int = 0) -> None:
+    """A PNG with one row of `per_class` random train faces per class, class name on the left."""
+    from PIL import ImageDraw
+
+    size, label_w = 48, 70
+    grid = Image.new("L", (label_w + per_class * size, len(classes) * size), 255)
+    draw = ImageDraw.Draw(grid)
+    rng = np.random.default_rng(seed)
+    pool = index[index["split"] == "train"] if (index["split"] == "train").any() else index
+    for row, label in enumerate(classes):
+        paths = pool.loc[pool["label"] == label, "path"].to_numpy()
+        chosen = rng.choice(paths, size=min(per_class, len(paths)), replace=False) if len(paths) else []
+        draw.text((4, row * size + 18), label, fill=0)
+        for col, path in enumerate(chosen):
+            with Image.open(path) as img:
+                grid.paste(img.convert("L").resize((size, size)), (label_w + col * size, row * size))
+    with files.atomic_path(out) as tmp:
+        grid.resize((grid.width * 2, grid.height * 2), Image.Resampling.NEAREST).save(tmp, format="PNG")
+
+
+def write_data_plots(index: pd.DataFrame, classes: list[str], out_dir: str | os.PathLike[str]) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_class_distribution(index, classes, out_dir / "class_distribution.png")
+    sample_grid(index, classes, out_dir / "samples.png")

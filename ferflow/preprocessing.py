@@ -1,0 +1,102 @@
+"""The one preprocessing path shared by ingest, extract, training and serving.
+
+    bytes --decode_image--> PIL image --to_face_pixels--> uint8 48x48 --normalize--> float32 (N,48,48,1)
+
+`prepare_batch` chains the last two and is what both the extract stage and the
+served model call, so a model never sees pixels prepared differently from training.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Iterable
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SIZE = 48
+# Pillow's own guard (Image.MAX_IMAGE_PIXELS) stays on; we additionally refuse images
+# larger than this many pixels before decoding them, and turn its warning into an error.
+DEFAULT_MAX_PIXELS = 25_000_000
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image, with the reason."""
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode encoded image bytes (PNG/JPEG/BMP/GIF/WebP...) fully, or raise ImageError."""
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width < 1 or height < 1:
+                raise ImageError(f"image has no pixels ({width}x{height})")
+            if width * height > max_pixels:
+                raise ImageError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+            img.load()  # decode now: truncated files fail here, not later
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"decompression bomb refused: {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"corrupt or truncated image: {exc}") from None
+    return img
+
+
+def to_grayscale(img: Image.Image) -> Image.Image:
+    """8-bit grayscale from any mode: RGB(A), palette, 16/32-bit integer, float, 1-bit."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        return Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # composite onto white so transparent areas do not turn black
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("L")
+
+
+def to_face_pixels(img: Image.Image) -> np.ndarray:
+    """Grayscale, centre-crop to a square (keeps the face's aspect ratio), resize to 48x48 uint8."""
+    gray = to_grayscale(img)
+    w, h = gray.size
+    if w != h:
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        gray = gray.crop((left, top, left + side, top + side))
+    if gray.size != (IMAGE_SIZE, IMAGE_SIZE):
+        gray = gray.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return np.asarray(gray, dtype=np.uint8)
+
+
+def normalize(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (N,48,48) or (N,48,48,1) -> float32 (N,48,48,1) in [0, 1]."""
+    pixels = np.asarray(pixels)
+    if pixels.ndim == 3:
+        pixels = pixels[..., np.newaxis]
+    if pixels.ndim != 4 or pixels.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 1):
+        raise ValueError(f"expected pixels of shape (N, 48, 48[, 1]), got {pixels.shape}")
+    return pixels.astype(np.float32) / np.float32(255.0)
+
+
+def prepare_batch(images: Iterable[Image.Image | np.ndarray]) -> np.ndarray:
+    """THE preprocessing function: images (PIL or uint8 arrays, any size/mode) -> model input."""
+    faces = []
+    for img in images:
+        if isinstance(img, np.ndarray):
+            if img.dtype == np.uint8 and img.shape[:2] == (IMAGE_SIZE, IMAGE_SIZE) and img.ndim == 2:
+                faces.append(img)
+                continue
+            img = Image.fromarray(img)
+        faces.append(to_face_pixels(img))
+    if not faces:
+        return np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 1), np.float32)
+    return normalize(np.stack(faces))

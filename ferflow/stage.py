@@ -1,0 +1,34 @@
+"""Shared plumbing for `stages/*.py`: argument parsing, logging and clean error exits."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from ferflow.params import ParamsError
+
+log = logging.getLogger("ferflow")
+
+# Errors that are the user's to fix: print one clear line, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ParamsError, FileNotFoundError, ValueError)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    return p
+
+
+def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace, name: str) -> None:
+    """Run a stage's main; user errors exit 2 with `<stage>: error: <message>`."""
+    logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s")
+    from ferflow.ingest import IngestError
+    from ferflow.tracking import TrackingError
+
+    try:
+        main(args)
+    except (*USER_ERRORS, IngestError, TrackingError) as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

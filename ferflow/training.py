@@ -1,0 +1,223 @@
+"""Training: arrays + `train` params -> best Keras model, per-epoch history, MLflow metrics.
+
+The model, augmentation and fit loop are backend-neutral Keras 3 (numpy in, keras.layers
+and keras.ops only), so the same code trains with KERAS_BACKEND=jax or torch; only the
+optional determinism switch touches TensorFlow, and only when it is the backend.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from ferflow import files
+from ferflow.models import build_model
+
+
+def detect_precision(requested: str, num_params: int | None = None) -> str:
+    """`auto`: bfloat16 on CPUs with bf16 matrix units (AVX512-BF16/AMX) for wide nets, float16 on GPUs."""
+    if requested != "auto":
+        return requested
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        if tf.config.list_physical_devices("GPU"):
+            return "mixed_float16"
+    elif keras.backend.backend() == "jax":
+        import jax
+
+        if jax.devices()[0].platform == "gpu":
+            return "mixed_bfloat16"
+        return "float32"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    has_bf16 = "amx_bf16" in flags or "avx512_bf16" in flags
+    # Small nets are memory-bound: bf16 casts cost more than they save (measured on seed001).
+    return "mixed_bfloat16" if has_bf16 and (num_params or 0) > 2_000_000 else "float32"
+
+
+def set_determinism(seed: int, deterministic: bool) -> None:
+    keras.utils.set_random_seed(seed)
+    if deterministic and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+
+
+def build_augmentation(aug: dict[str, Any], seed: int) -> list[keras.layers.Layer]:
+    """In-graph augmentation layers (active only in training), in a readable order."""
+    out: list[keras.layers.Layer] = []
+    if aug["flip"]:
+        out.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    if aug["rotation"] > 0:
+        out.append(keras.layers.RandomRotation(aug["rotation"], fill_mode="reflect", seed=seed + 1))
+    if aug["zoom"] > 0:
+        out.append(keras.layers.RandomZoom(aug["zoom"], fill_mode="reflect", seed=seed + 2))
+    if aug["shift"] > 0:
+        out.append(keras.layers.RandomTranslation(aug["shift"], aug["shift"], fill_mode="reflect", seed=seed + 3))
+    if aug["erasing"] > 0:
+        out.append(keras.layers.RandomErasing(factor=aug["erasing"], scale=(0.02, 0.2), fill_value=0.5, seed=seed + 4))
+    return out
+
+
+def make_optimizer(p: dict[str, Any]) -> keras.optimizers.Optimizer:
+    lr: float | keras.optimizers.schedules.LearningRateSchedule = p["learning_rate"]
+    if p["lr_schedule"] == "cosine":
+        # steps are unknown here; set by `fit_model` through `cosine_steps`
+        lr = keras.optimizers.schedules.CosineDecay(p["learning_rate"], decay_steps=p["_cosine_steps"], alpha=0.01)
+    if p["optimizer"] == "adam":
+        return keras.optimizers.Adam(lr)
+    if p["optimizer"] == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=p["weight_decay"])
+    return keras.optimizers.SGD(lr, momentum=p["momentum"], nesterov=True, weight_decay=p["weight_decay"] or None)
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Per-epoch metrics (with learning rate, epoch time, images/s) to a CSV and to MLflow."""
+
+    def __init__(self, history_csv: Path, n_train: int, log_to_mlflow: bool, initial_rows: list[dict[str, Any]]):
+        super().__init__()
+        self.history_csv = history_csv
+        self.n_train = n_train
+        self.log_to_mlflow = log_to_mlflow
+        self.rows = initial_rows
+        self._t0 = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.perf_counter() - self._t0
+        lr = self.model.optimizer.learning_rate
+        row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}}
+        row["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
+        row["epoch_time_s"] = seconds
+        row["images_per_s"] = self.n_train / seconds if seconds > 0 else 0.0
+        self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
+        write_history(self.history_csv, self.rows)
+        if self.log_to_mlflow:
+            import mlflow
+
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+
+
+def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with files.atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as fh:
+        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items() if v != ""} for r in csv.DictReader(fh)]
+
+
+def class_weights(y: np.ndarray, num_classes: int) -> dict[int, float]:
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    weights = len(y) / (num_classes * np.maximum(counts, 1))
+    return {i: float(w) for i, w in enumerate(weights)}
+
+
+def fit_model(
+    p: dict[str, Any],
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    num_classes: int,
+    model_path: str | os.PathLike[str],
+    history_csv: str | os.PathLike[str],
+    work_dir: str | os.PathLike[str],
+    log_to_mlflow: bool = False,
+    verbose: int | str = "auto",
+) -> tuple[keras.Model, dict[str, Any]]:
+    """Train per `p` (the validated `train` section); save the best model atomically.
+
+    `work_dir` holds the per-epoch backup (resume after a kill) and the best weights;
+    it lives outside DVC's outputs so `dvc repro` does not wipe it before resuming.
+    """
+    work_dir = Path(work_dir)
+    history_csv = Path(history_csv)
+    set_determinism(p["seed"], p["deterministic"])
+    probe = build_model(p["arch"], num_classes, p["width"], p["dropout_scale"])
+    precision = detect_precision(p["mixed_precision"], probe.count_params())
+    del probe
+    keras.mixed_precision.set_global_policy(precision)
+    keras.utils.set_random_seed(p["seed"])  # same init whatever the probe consumed
+    model = build_model(p["arch"], num_classes, p["width"], p["dropout_scale"])
+    augmentation = build_augmentation(p["augment"], p["seed"])
+    trainer = keras.Sequential([keras.Input(model.input_shape[1:]), *augmentation, model], name="trainer") if augmentation else model
+
+    steps_per_epoch = int(np.ceil(len(x_train) / p["batch_size"]))
+    opt_params = {**p, "_cosine_steps": max(1, steps_per_epoch * p["epochs"])}
+    trainer.compile(
+        optimizer=make_optimizer(opt_params),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=p["label_smoothing"]),
+        metrics=["accuracy"],
+    )
+    best_weights = work_dir / "best.weights.h5"
+    backup_dir = work_dir / "backup"
+    resumed = backup_dir.exists()
+    if not resumed and best_weights.exists():
+        best_weights.unlink()
+    callbacks: list[keras.callbacks.Callback] = [
+        keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=True),
+        keras.callbacks.ModelCheckpoint(str(best_weights), monitor="val_loss", save_best_only=True, save_weights_only=True),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=p["early_stopping_patience"], restore_best_weights=False),
+        EpochLogger(history_csv, len(x_train), log_to_mlflow, read_history(history_csv) if resumed else []),
+    ]
+    if p["lr_schedule"] == "plateau":
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss", factor=p["reduce_lr_factor"], patience=p["reduce_lr_patience"], min_lr=p["min_learning_rate"]
+            )
+        )
+    y_train_1h = keras.utils.to_categorical(y_train, num_classes)
+    y_val_1h = keras.utils.to_categorical(y_val, num_classes)
+    start = time.perf_counter()
+    trainer.fit(
+        x_train,
+        y_train_1h,
+        batch_size=p["batch_size"],
+        epochs=p["epochs"],
+        validation_data=(x_val, y_val_1h),
+        callbacks=callbacks,
+        class_weight=class_weights(y_train, num_classes) if p["class_weight"] else None,
+        shuffle=True,
+        verbose=verbose,
+    )
+    train_seconds = time.perf_counter() - start
+    if best_weights.exists():
+        trainer.load_weights(str(best_weights))
+    with files.atomic_path(model_path) as tmp:
+        model.save(tmp)
+    rows = read_history(history_csv)
+    best = min(rows, key=lambda r: r["val_loss"]) if rows else {}
+    summary = {
+        "arch": p["arch"],
+        "params": int(model.count_params()),
+        "precision": precision,
+        "epochs_run": len(rows),
+        "best_epoch": int(best.get("epoch", 0)),
+        "best_val_loss": float(best.get("val_loss", float("nan"))),
+        "best_val_accuracy": float(best.get("val_accuracy", float("nan"))),
+        "train_time_s": round(sum(r.get("epoch_time_s", 0.0) for r in rows), 2),
+        "this_session_time_s": round(train_seconds, 2),
+        "images_per_s": round(float(np.mean([r["images_per_s"] for r in rows])) if rows else 0.0, 1),
+        "resumed": resumed,
+    }
+    shutil.rmtree(work_dir, ignore_errors=True)  # finished: nothing left to resume
+    return model, summary

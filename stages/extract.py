@@ -1,0 +1,25 @@
+"""Stage 3 - extract: data/index.csv -> data/arrays/<split>.npz + data/label_map.json."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ferflow import stage  # noqa: E402
+
+
+def main(args) -> None:
+    from ferflow.arrays import extract_arrays
+    from ferflow.params import load_section
+
+    data = load_section("data", args.params)
+    summary = extract_arrays(args.index, args.out, args.label_map, data["classes"])
+    stage.log.info("arrays: %s", summary)
+
+
+if __name__ == "__main__":
+    p = stage.parser(__doc__)
+    p.add_argument("--index", default="data/index.csv")
+    p.add_argument("--out", default="data/arrays")
+    p.add_argument("--label-map", default="data/label_map.json")
+    stage.run(main, p.parse_args(), "extract")
