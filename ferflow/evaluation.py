@@ -23,6 +23,7 @@ def predict_proba(model, x: np.ndarray, tta: str = "none", batch_size: int = 256
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
     from sklearn.metrics import accuracy_score, f1_score, log_loss, precision_recall_fscore_support
 
+    probs = probs / probs.sum(axis=1, keepdims=True)  # float32 softmax sums drift from 1
     y_pred = probs.argmax(axis=1)
     labels = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
@@ -99,7 +100,8 @@ def evaluate(
     tta: str = "none",
     batch_size: int = 256,
 ) -> dict[str, Any]:
-    """Write metrics JSON, predictions CSV, report and plots; return the metrics."""
+    """Write metrics JSON (headline numbers, for `dvc exp show`), per-class JSON,
+    predictions CSV, report and plots; return all metrics."""
     from sklearn.metrics import classification_report
 
     out_dir = Path(out_dir)
@@ -116,5 +118,7 @@ def evaluate(
     files.write_text(out_dir / "classification_report.txt", report)
     plot_confusion(y_test, y_pred, classes, out_dir / "confusion_matrix.png")
     plot_curves(history_csv, out_dir / "training_curves.png")
-    files.write_json(metrics_json, metrics)
+    headline = {k: v for k, v in metrics.items() if k != "per_class"}
+    files.write_json(metrics_json, headline)
+    files.write_json(out_dir / "per_class.json", metrics["per_class"])
     return metrics

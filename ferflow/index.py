@@ -34,7 +34,7 @@ def carve_validation(df: pd.DataFrame, fraction: float, seed: int) -> pd.DataFra
     """Move a stratified `fraction` of each train class to `val` (at least one image per class)."""
     df = df.copy()
     rng = np.random.default_rng(seed)
-    for label, group in df[df["split"] == "train"].groupby("label", sort=True):
+    for _, group in df[df["split"] == "train"].groupby("label", sort=True):
         n_val = int(round(len(group) * fraction))
         if len(group) >= 2:
             n_val = min(max(n_val, 1), len(group) - 1)

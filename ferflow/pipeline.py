@@ -122,7 +122,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         metrics = work()
         mlflow.log_metrics({f"test_{k}": metrics[k] for k in ("accuracy", "loss", "macro_f1")})
         mlflow.log_metrics({f"test_f1_{c}": v["f1"] for c, v in metrics["per_class"].items()})
-        for name in ("confusion_matrix.png", "training_curves.png", "classification_report.txt"):
+        for name in ("confusion_matrix.png", "training_curves.png", "classification_report.txt", "per_class.json"):
             mlflow.log_artifact(str(Path(args.plots) / name), "evaluation")
         mlflow.log_artifact(args.predictions, "evaluation")
         mlflow.log_artifact(args.metrics, "evaluation")

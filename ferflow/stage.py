@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
 from ferflow.params import ParamsError
+
+# TensorFlow's C++ start-up chatter (oneDNN notes, CPU feature lists) hides the stage's
+# own output; warnings and errors still show.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 log = logging.getLogger("ferflow")
 
