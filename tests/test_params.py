@@ -1,0 +1,107 @@
+"""params.yaml is validated once against one schema: each bad input gets one clear message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ferflow.params import ParamsError, default_params, flatten, load_params, load_section, validate_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repo_params_file_is_valid_and_matches_schema_defaults_where_untouched():
+    params = load_params(REPO / "params.yaml")
+    assert params["train"]["arch"] == "seed001"
+    assert params["data"]["source"] == "synthetic"
+    assert set(params) == {"data", "train", "evaluate", "export", "serve"}
+
+
+def test_defaults_fill_missing_keys():
+    params = validate_params({"train": {"epochs": 3}})
+    assert params["train"]["epochs"] == 3
+    assert params["train"]["batch_size"] == default_params()["train"]["batch_size"]
+    assert params["train"]["augment"]["flip"] is False
+
+
+def test_int_is_accepted_for_float():
+    assert validate_params({"train": {"learning_rate": 1}})["train"]["learning_rate"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"train": {"epoch": 5}}, ["unknown key `train.epoch`", "Did you mean 'epochs'?"]),
+        ({"trian": {}}, ["unknown key `trian`", "Did you mean 'train'?"]),
+        ({"data": {"val_fraction": 0}}, ["`data.val_fraction` = 0.0", "strictly between 0 and 1"]),
+        ({"data": {"val_fraction": 1.5}}, ["`data.val_fraction` = 1.5"]),
+        ({"train": {"epochs": -1}}, ["`train.epochs` = -1", "an integer >= 1"]),
+        ({"train": {"epochs": 2.5}}, ["`train.epochs` = 2.5", "an integer"]),
+        ({"train": {"epochs": "ten"}}, ["`train.epochs` = 'ten'"]),
+        ({"train": {"epochs": True}}, ["`train.epochs` = True"]),
+        ({"train": {"arch": "resnet"}}, ["`train.arch` = 'resnet'", "seed001"]),
+        ({"train": {"arch": "seed01"}}, ["Did you mean 'seed001'?"]),
+        ({"train": {"optimizer": "rmsprop"}}, ["`train.optimizer` = 'rmsprop'", "adam, adamw, sgd"]),
+        ({"train": {"dropout_scale": 2.5}}, ["`train.dropout_scale`", "dropout rate >= 1"]),
+        ({"train": {"learning_rate": 0}}, ["`train.learning_rate` = 0.0", "> 0"]),
+        ({"train": {"augment": {"flip": "yes"}}}, ["`train.augment.flip` = 'yes'", "true or false"]),
+        ({"train": {"augment": {"rotate": 0.1}}}, ["unknown key `train.augment.rotate`", "rotation"]),
+        ({"data": {"classes": ["happy", "joy"]}}, ["`data.classes`", "angry, disgust"]),
+        ({"data": {"classes": []}}, ["`data.classes` = []"]),
+        ({"data": {"classes": ["happy", "happy"]}}, ["distinct"]),
+        ({"data": {"dedup": "remove"}}, ["`data.dedup` = 'remove'", "keep, drop_cross_split"]),
+        ({"data": {"class_map": {"joy": "glad"}}}, ["`data.class_map`"]),
+        ({"train": 5}, ["`train` must be a mapping"]),
+        ({"export": {"registered_model_name": "  "}}, ["`export.registered_model_name`", "non-empty"]),
+        ({"evaluate": {"tta": "ten_crop"}}, ["`evaluate.tta` = 'ten_crop'", "none, flip"]),
+    ],
+)
+def test_bad_params_are_named_with_value_and_allowed(raw, expected):
+    with pytest.raises(ParamsError) as err:
+        validate_params(raw, "params.yaml")
+    message = str(err.value)
+    assert message.startswith("params.yaml: ")
+    for fragment in expected:
+        assert fragment in message, message
+
+
+def test_unreadable_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_load_section_returns_only_that_section(tiny_params):
+    train = load_section("train", tiny_params)
+    assert train["arch"] == "ferflow_tiny"
+    assert "source" not in train
+
+
+def test_flatten_uses_dotted_keys():
+    flat = flatten(default_params())
+    assert flat["train.augment.flip"] is False
+    assert flat["data.synthetic.train_per_class"] == default_params()["data"]["synthetic"]["train_per_class"]
+    assert flat["data.class_map"] == {}
+
+
+def test_stage_stops_before_work_with_one_line_error(tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["val_fractoin"] = 0.2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "ingest.py"), "--params", "params.yaml", "--out", "out", "--metrics", "m.json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "ingest: error: params.yaml: unknown key `data.val_fractoin`. Did you mean 'val_fraction'?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()

@@ -1,0 +1,106 @@
+"""End to end: a fresh clone, `dvc repro`, `dvc exp run`, all outputs and the MLflow run."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import TINY_OVERRIDES, clone_repo, run, write_params
+
+STAGES = ("ingest", "index", "extract", "train", "evaluate", "export")
+OUTPUTS = (
+    "data/ingested/manifest.csv",
+    "data/rejected.csv",
+    "data/index.csv",
+    "data/plots/class_distribution.png",
+    "data/plots/samples.png",
+    "data/arrays/train.npz",
+    "data/arrays/val.npz",
+    "data/arrays/test.npz",
+    "data/label_map.json",
+    "models/model.keras",
+    "models/run.json",
+    "models/export/MLmodel",
+    "metrics/ingest.json",
+    "metrics/index.json",
+    "metrics/train.json",
+    "metrics/history.csv",
+    "metrics/eval.json",
+    "metrics/predictions.csv",
+    "metrics/plots/confusion_matrix.png",
+    "metrics/plots/training_curves.png",
+    "metrics/plots/classification_report.txt",
+    "metrics/export.json",
+)
+
+
+def ran_stages(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+def mlflow_runs(repo: Path) -> list[dict]:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ferflow")
+    return [
+        {"id": r.info.run_id, "name": r.info.run_name, "status": r.info.status, "params": r.data.params, "metrics": r.data.metrics, "tags": r.data.tags, "artifact_uri": r.info.artifact_uri}
+        for r in client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    ]
+
+
+@pytest.mark.slow
+def test_fresh_clone_repro_then_noop_then_experiment(tmp_path):
+    repo = clone_repo(tmp_path / "repo")
+    write_params(repo / "params.yaml", TINY_OVERRIDES)
+    run(["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci", "commit", "-qam", "tiny params"], repo)
+
+    first = run(["dvc", "repro"], repo)
+    assert ran_stages(first.stdout) == list(STAGES)
+    for rel in OUTPUTS:
+        assert (repo / rel).exists() and (repo / rel).stat().st_size > 0, rel
+
+    ingest = json.loads((repo / "metrics/ingest.json").read_text())
+    assert ingest["split_totals"] == {"train": 7 * 30, "test": 7 * 8} and ingest["rejected"] == 0
+    evaluation = json.loads((repo / "metrics/eval.json").read_text())
+    assert set(evaluation) >= {"accuracy", "loss", "macro_f1", "n_test"} and evaluation["n_test"] == 56
+    with np.load(repo / "data/arrays/test.npz", allow_pickle=False) as arrays:
+        assert arrays["x"].shape == (56, 48, 48, 1) and arrays["x"].dtype == np.float32
+    assert len(pd.read_csv(repo / "metrics/history.csv")) == 2
+
+    (runs,) = [mlflow_runs(repo)]
+    assert len(runs) == 1
+    r = runs[0]
+    assert r["status"] == "FINISHED"
+    assert r["params"]["train.epochs"] == "2" and r["params"]["train.arch"] == "ferflow_tiny"
+    assert {"test_accuracy", "test_macro_f1", "val_loss", "learning_rate"} <= set(r["metrics"])
+    assert abs(r["metrics"]["test_accuracy"] - evaluation["accuracy"]) < 1e-9
+    artifacts = Path(r["artifact_uri"].removeprefix("file://"))
+    assert artifacts.is_relative_to(repo / "mlartifacts")
+    for rel in ("evaluation/confusion_matrix.png", "evaluation/training_curves.png", "params.yaml", "model_summary.txt", "dvc.lock"):
+        assert (artifacts / rel).exists(), rel
+    export = json.loads((repo / "metrics/export.json").read_text())
+    assert export["registered_model"] == "ferflow-emotion" and export["version"] == 1
+
+    # nothing changed: nothing runs
+    second = run(["dvc", "repro"], repo)
+    assert ran_stages(second.stdout) == []
+
+    # an experiment reruns only what depends on the changed param, into the same store
+    exp = run(["dvc", "exp", "run", "-S", "train.epochs=1"], repo)
+    assert ran_stages(exp.stdout) == ["train", "evaluate", "export"]
+    runs = mlflow_runs(repo)
+    assert len(runs) == 2
+    newest = runs[-1]
+    assert newest["status"] == "FINISHED" and newest["params"]["train.epochs"] == "1"
+    assert newest["tags"]["dvc.exp.name"] == newest["name"]
+    assert "dvc.exp.baseline.rev" in newest["tags"]
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        versions = db.execute("select count(*) from model_versions").fetchone()[0]
+    assert versions == 2

@@ -1,0 +1,185 @@
+"""Unit tests per stage on tiny generated data (package functions, one process)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from ferflow.arrays import extract_arrays, load_label_map, load_split
+from ferflow.classes import FER_CLASSES
+from ferflow.index import build_index
+from ferflow.ingest import ingest
+from ferflow.params import load_params
+from ferflow.preprocessing import prepare_batch
+from ferflow.sources import SyntheticSource
+from ferflow.synthetic import generate_split
+
+
+def test_synthetic_is_deterministic_and_shaped_like_fer():
+    a = list(generate_split("train", 3, seed=7))
+    b = list(generate_split("train", 3, seed=7))
+    c = list(generate_split("train", 3, seed=8))
+    assert [x[0] for x in a] == [name for name in FER_CLASSES for _ in range(3)]
+    assert all(p.shape == (48, 48) and p.dtype == np.uint8 for _, _, p in a)
+    assert all(np.array_equal(x[2], y[2]) for x, y in zip(a, b))
+    assert not all(np.array_equal(x[2], y[2]) for x, y in zip(a, c))
+    # train and test streams differ even with the same seed
+    test = list(generate_split("test", 3, seed=7))
+    assert not any(np.array_equal(x[2], y[2]) for x, y in zip(a, test))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """ingest -> index -> extract on 20 train / 6 test faces per class."""
+    root = tmp_path_factory.mktemp("stages")
+    source = SyntheticSource(20, 6, seed=3, classes=list(FER_CLASSES))
+    ingest(source, root / "ingested", root / "rejected.csv", root / "ingest.json", FER_CLASSES)
+    build_index(root / "ingested", root / "index.csv", root / "index.json", list(FER_CLASSES), 0.2, "drop_cross_split", 3, root / "plots")
+    extract_arrays(root / "index.csv", root / "arrays", root / "label_map.json", list(FER_CLASSES))
+    return root
+
+
+def test_ingest_writes_canonical_tree_manifest_and_counts(data_dir):
+    metrics = json.loads((data_dir / "ingest.json").read_text())
+    assert metrics["counts"]["train"] == dict.fromkeys(FER_CLASSES, 20)
+    assert metrics["counts"]["test"] == dict.fromkeys(FER_CLASSES, 6)
+    assert metrics["rejected"] == 0 and metrics["total"] == 7 * 26
+    pngs = sorted((data_dir / "ingested").glob("*/*/*.png"))
+    assert len(pngs) == 7 * 26
+    assert {p.parent.name for p in pngs} == set(FER_CLASSES)
+    with Image.open(pngs[0]) as img:
+        assert img.mode == "L" and img.size == (48, 48)
+    manifest = pd.read_csv(data_dir / "ingested" / "manifest.csv")
+    assert len(manifest) == 7 * 26 and manifest["pixel_hash"].str.len().eq(32).all()
+    assert pd.read_csv(data_dir / "rejected.csv").empty
+
+
+def test_index_carves_stratified_val_from_train_only(data_dir):
+    index = pd.read_csv(data_dir / "index.csv")
+    assert {"path", "label", "label_id", "split", "pixel_hash", "orig_width", "orig_height"} <= set(index.columns)
+    counts = index.groupby(["split", "label"]).size()
+    for c in FER_CLASSES:
+        assert counts[("val", c)] == 4  # 20% of 20, per class
+        assert counts[("train", c)] == 16
+        assert counts[("test", c)] == 6  # test untouched
+    assert (index["label_id"] == index["label"].map(FER_CLASSES.index)).all()
+    assert (data_dir / "plots" / "class_distribution.png").stat().st_size > 0
+    assert (data_dir / "plots" / "samples.png").stat().st_size > 0
+
+
+def test_val_carve_is_seeded(tmp_path, data_dir):
+    build_index(data_dir / "ingested", tmp_path / "a.csv", tmp_path / "a.json", list(FER_CLASSES), 0.2, "keep", 3)
+    build_index(data_dir / "ingested", tmp_path / "b.csv", tmp_path / "b.json", list(FER_CLASSES), 0.2, "keep", 4)
+    a, b = pd.read_csv(tmp_path / "a.csv"), pd.read_csv(data_dir / "index.csv")
+    assert a.equals(b)  # same seed, same split
+    c = pd.read_csv(tmp_path / "b.csv")
+    assert set(a.loc[a.split == "val", "path"]) != set(c.loc[c.split == "val", "path"])
+
+
+def test_extract_arrays_use_the_serving_preprocessing(data_dir):
+    x, y = load_split(data_dir / "arrays", "train")
+    assert x.dtype == np.float32 and x.shape == (7 * 16, 48, 48, 1)
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    assert y.dtype == np.int64 and set(y) == set(range(7))
+    index = pd.read_csv(data_dir / "index.csv")
+    first = index[index.split == "train"].iloc[0]
+    with Image.open(first["path"]) as img:
+        np.testing.assert_array_equal(x[0], prepare_batch([img])[0])
+    assert load_label_map(data_dir / "label_map.json") == list(FER_CLASSES)
+
+
+def test_load_split_refuses_pickled_or_malformed_arrays(tmp_path):
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "train.npz").write_bytes((tmp_path / "objects.npy").read_bytes())
+    with pytest.raises(ValueError):
+        load_split(tmp_path, "train")
+    np.savez(tmp_path / "val.npz", x=np.zeros((2, 32, 32, 1), np.float32), y=np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match=r"val.npz: expected x float32 \(N,48,48,1\)"):
+        load_split(tmp_path, "val")
+    with pytest.raises(FileNotFoundError, match="run the extract stage first"):
+        load_split(tmp_path, "test")
+
+
+def _namespace(root: Path, params: Path) -> argparse.Namespace:
+    return argparse.Namespace(
+        params=str(params),
+        arrays=str(root / "arrays"),
+        label_map=str(root / "label_map.json"),
+        index=str(root / "index.csv"),
+        model=str(root / "models" / "model.keras"),
+        metrics=str(root / "m" / "train.json"),
+        history=str(root / "m" / "history.csv"),
+        run_file=str(root / "models" / "run.json"),
+        work_dir=str(root / "work"),
+        no_mlflow=False,
+        predictions=str(root / "m" / "predictions.csv"),
+        plots=str(root / "m" / "plots"),
+        eval_metrics=str(root / "m" / "eval.json"),
+        out=str(root / "models" / "export"),
+    )
+
+
+def test_train_evaluate_export_share_one_mlflow_run(data_dir, tiny_params, tmp_path, monkeypatch):
+    import mlflow
+
+    from ferflow import pipeline
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    ns = _namespace(data_dir, tiny_params)
+    ns.model, ns.run_file, ns.work_dir = str(tmp_path / "model.keras"), str(tmp_path / "run.json"), str(tmp_path / "work")
+    ns.metrics, ns.history = str(tmp_path / "train.json"), str(tmp_path / "history.csv")
+    train = pipeline.run_training(ns)
+    assert train["epochs_run"] == 2 and train["arch"] == "ferflow_tiny"
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert list(history["epoch"]) == [1, 2]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_time_s", "images_per_s"} <= set(history.columns)
+    assert not (tmp_path / "work").exists()  # finished training leaves nothing to resume
+
+    ns.metrics, ns.predictions, ns.plots = str(tmp_path / "eval.json"), str(tmp_path / "pred.csv"), str(tmp_path / "plots")
+    evaluation = pipeline.run_evaluation(ns)
+    assert 0 <= evaluation["accuracy"] <= 1 and evaluation["n_test"] == 42
+    preds = pd.read_csv(tmp_path / "pred.csv")
+    assert list(preds.columns[:2]) == ["actual", "predicted"] and len(preds) == 42
+    np.testing.assert_allclose(preds[[f"p_{c}" for c in FER_CLASSES]].sum(axis=1), 1.0, atol=1e-3)
+    for name in ("confusion_matrix.png", "training_curves.png", "classification_report.txt", "per_class.json"):
+        assert (tmp_path / "plots" / name).stat().st_size > 0
+
+    ns.eval_metrics, ns.metrics, ns.out = str(tmp_path / "eval.json"), str(tmp_path / "export.json"), str(tmp_path / "export")
+    exported = pipeline.run_export(ns)
+    assert (tmp_path / "export" / "MLmodel").exists()
+    assert exported["version"] == 1 and exported["champion"] is True
+
+    run_id = json.loads((tmp_path / "run.json").read_text())["run_id"]
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == "2" and run.data.params["data.seed"] == "42"
+    assert run.data.params["evaluate.tta"] == "none" and run.data.params["export.registered_model_name"] == "ferflow-emotion"
+    assert {"test_accuracy", "test_macro_f1", "val_accuracy", "learning_rate", "epoch_time_s"} <= set(run.data.metrics)
+    assert run.data.tags["arch"] == "ferflow_tiny" and len(run.data.tags["data.hash"]) == 16
+    epochs = mlflow.MlflowClient().get_metric_history(run_id, "val_accuracy")
+    assert [m.step for m in epochs] == [1, 2]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+    assert {"evaluation", "model_summary.txt", "params.yaml"} <= artifacts
+
+
+def test_training_is_deterministic_on_cpu(data_dir, tmp_path):
+    """Same params and seed on the same CPU machine -> identical weights and predictions."""
+    from ferflow.training import fit_model
+
+    p = load_params(Path(__file__).resolve().parents[1] / "params.yaml")["train"]
+    p.update(arch="ferflow_tiny", epochs=2, batch_size=32, mixed_precision="float32")
+    xt, yt = load_split(data_dir / "arrays", "train")
+    xv, yv = load_split(data_dir / "arrays", "val")
+    preds = []
+    for run in ("a", "b"):
+        model, _ = fit_model(p, xt, yt, xv, yv, 7, tmp_path / f"{run}.keras", tmp_path / f"{run}.csv", tmp_path / f"w{run}", verbose=0)
+        preds.append(model.predict(xv, verbose=0))
+    np.testing.assert_array_equal(preds[0], preds[1])
