@@ -42,7 +42,7 @@ def _model_summary(model) -> str:
 def run_training(args: argparse.Namespace) -> dict[str, Any]:
     from ferflow.arrays import load_label_map, load_split
     from ferflow.index import dataset_hash
-    from ferflow.training import fit_model
+    from ferflow.training import can_resume, fit_model
 
     all_params = load_params(args.params)
     p = all_params["train"]
@@ -64,7 +64,9 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
             "arch": p["arch"],
             "device": tracking.device_name(),
         }
-        run_id = tracking.start_training_run(tracking.run_name(p["arch"]), tags, args.run_file)
+        run_id = tracking.start_training_run(
+            tracking.run_name(p["arch"]), tags, args.run_file, Path(args.work_dir) / "mlflow_run.json", can_resume(args.work_dir, p)
+        )
         guard = tracking.run_status_guard(run_id)
     else:
         guard = contextlib.nullcontext()

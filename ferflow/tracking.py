@@ -80,15 +80,33 @@ def configure(root: str | os.PathLike[str] | None = None) -> str:
     return experiment_id
 
 
+# git-tracked files that DVC or the stages rewrite during `dvc repro` (not inputs of a run)
+PIPELINE_WRITTEN_PATHS = ("dvc.lock", "metrics")
+
+
 def git_info(root: Path) -> dict[str, str]:
-    def git(*args: str) -> str:
+    """Commit and dirtiness of the working copy the stage's code runs from.
+
+    That is the current directory's git work tree when there is one, `root` otherwise:
+    `dvc exp run --temp/--queue` runs stages in a temporary clone (HEAD = baseline, the
+    experiment's -S changes uncommitted in it) while DVC_ROOT, which callers pass as
+    `root`, is the parent repo, whose HEAD and state may have moved on since queueing.
+    """
+
+    def git(cwd: str | os.PathLike[str], *args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    commit = git("rev-parse", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=no")
+    workdir: str | os.PathLike[str] = os.getcwd()
+    commit = git(workdir, "rev-parse", "HEAD")
+    if not commit:
+        workdir = root
+        commit = git(workdir, "rev-parse", "HEAD")
+    # Pipeline outputs tracked by git change as the pipeline runs; only code/params count.
+    excludes = [f":(top,exclude){path}" for path in PIPELINE_WRITTEN_PATHS]
+    dirty = git(workdir, "status", "--porcelain", "--untracked-files=no", "--", ":(top)", *excludes)
     return {"git.commit": commit or "unknown", "git.dirty": str(bool(dirty)).lower()}
 
 
@@ -112,8 +130,36 @@ def run_name(arch: str) -> str:
     return os.environ.get("DVC_EXP_NAME") or f"{arch}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+EXP_NAMES_TAG = "dvc.exp.names"
+
+
 def dvc_tags() -> dict[str, str]:
-    return {k.lower().replace("_", "."): os.environ[k] for k in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV") if os.environ.get(k)}
+    """dvc.exp.name and dvc.exp.baseline.rev from DVC's environment (absent under plain `dvc repro`);
+    dvc.exp.names starts the list of experiments whose results come from this run."""
+    tags = {k.lower().replace("_", "."): os.environ[k] for k in ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV") if os.environ.get(k)}
+    if "dvc.exp.name" in tags:
+        tags[EXP_NAMES_TAG] = tags["dvc.exp.name"]
+    return tags
+
+
+def note_experiment(run_id: str) -> None:
+    """Add the running DVC experiment to the run's `dvc.exp.names` tag (comma-separated).
+
+    When DVC restores train from its run-cache (same code, data and params as an earlier
+    run), no training runs and models/run.json comes back pointing at the run that made
+    that model; evaluate and export then reopen that run. This keeps such an experiment
+    findable in MLflow: `tags."dvc.exp.names" LIKE '%<name>%'`.
+    """
+    import mlflow
+
+    name = os.environ.get("DVC_EXP_NAME")
+    if not name:
+        return
+    client = mlflow.MlflowClient()
+    tags = client.get_run(run_id).data.tags
+    names = [n for n in tags.get(EXP_NAMES_TAG, tags.get("dvc.exp.name", "")).split(",") if n]
+    if name not in names:
+        client.set_tag(run_id, EXP_NAMES_TAG, ",".join([*names, name]))
 
 
 class _Interrupted(BaseException):
@@ -154,25 +200,39 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def start_training_run(name: str, tags: dict[str, str], run_file: str | os.PathLike[str] = RUN_FILE) -> str:
-    """Start (or, after an interrupted train, continue) the run; record its id in run_file."""
+def start_training_run(
+    name: str, tags: dict[str, str], run_file: str | os.PathLike[str], resume_file: str | os.PathLike[str], resuming: bool
+) -> str:
+    """Start the training run, or continue the interrupted one when training resumes.
+
+    `resume_file` lives in the training work dir, which DVC does not delete (it deletes
+    `run_file`, a stage output, before rerunning). A run left RUNNING by a SIGKILL that
+    will not be resumed (params changed) is marked KILLED.
+    """
     import mlflow
 
-    previous = _resumable_run(run_file)
-    if previous:
+    previous = _recorded_run(resume_file)
+    if previous and resuming:
         run = mlflow.start_run(run_id=previous)
         mlflow.set_tag("ferflow.resumed", "true")
     else:
+        if previous:
+            with contextlib.suppress(Exception):
+                client = mlflow.MlflowClient()
+                if client.get_run(previous).info.status == "RUNNING":
+                    client.set_terminated(previous, status="KILLED")
         run = mlflow.start_run(run_name=name, tags=tags)
-    files.write_json(run_file, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": mlflow.get_tracking_uri(), "complete": False})
+    record = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": mlflow.get_tracking_uri(), "complete": False}
+    files.write_json(resume_file, record)
+    files.write_json(run_file, record)
     return run.info.run_id
 
 
-def _resumable_run(run_file: str | os.PathLike[str]) -> str | None:
-    """The run of a training that was interrupted, if its record says so and the store has it."""
+def _recorded_run(resume_file: str | os.PathLike[str]) -> str | None:
+    """The run id of an interrupted training, if recorded for this store and still there."""
     import mlflow
 
-    path = Path(run_file)
+    path = Path(resume_file)
     if not path.exists():
         return None
     try:
@@ -188,7 +248,7 @@ def _resumable_run(run_file: str | os.PathLike[str]) -> str | None:
     return record["run_id"]
 
 
-def mark_training_complete(run_file: str | os.PathLike[str] = RUN_FILE) -> None:
+def mark_training_complete(run_file: str | os.PathLike[str]) -> None:
     record = files.read_json(run_file)
     record["complete"] = True
     files.write_json(run_file, record)
@@ -213,6 +273,7 @@ def resume_run(run_file: str | os.PathLike[str] = RUN_FILE) -> Iterator[str]:
         ) from None
     with run_status_guard(run_id):
         mlflow.start_run(run_id=run_id)
+        note_experiment(run_id)
         yield run_id
         mlflow.end_run("FINISHED")
 

@@ -82,15 +82,30 @@ def make_optimizer(p: dict[str, Any]) -> keras.optimizers.Optimizer:
 
 
 class EpochLogger(keras.callbacks.Callback):
-    """Per-epoch metrics (with learning rate, epoch time, images/s) to a CSV and to MLflow."""
+    """Per-epoch metrics (with learning rate, epoch time, images/s) to CSVs and to MLflow.
 
-    def __init__(self, history_csv: Path, n_train: int, log_to_mlflow: bool, initial_rows: list[dict[str, Any]]):
+    `history_csvs`: the stage output plus a copy in the resume work dir, because DVC
+    deletes a stage's outputs before rerunning it.
+    """
+
+    def __init__(self, history_csvs: list[Path], n_train: int, log_to_mlflow: bool, initial_rows: list[dict[str, Any]]):
         super().__init__()
-        self.history_csv = history_csv
+        self.history_csvs = history_csvs
         self.n_train = n_train
         self.log_to_mlflow = log_to_mlflow
         self.rows = initial_rows
         self._t0 = 0.0
+
+    def on_train_begin(self, logs=None):
+        # After a resume, log epochs the killed process recorded on disk but not in MLflow.
+        if self.log_to_mlflow and self.rows:
+            import mlflow
+
+            run_id = mlflow.active_run().info.run_id
+            logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "loss")}
+            for row in self.rows:
+                if row["epoch"] not in logged:
+                    self._log(row)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._t0 = time.perf_counter()
@@ -103,11 +118,46 @@ class EpochLogger(keras.callbacks.Callback):
         row["epoch_time_s"] = seconds
         row["images_per_s"] = self.n_train / seconds if seconds > 0 else 0.0
         self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
-        write_history(self.history_csv, self.rows)
         if self.log_to_mlflow:
-            import mlflow
+            self._log(row)
+        for path in self.history_csvs:
+            write_history(path, self.rows)
 
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+    @staticmethod
+    def _log(row: dict[str, Any]) -> None:
+        import mlflow
+
+        mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+
+
+class RestorePlateauState(keras.callbacks.Callback):
+    """After a resume, give EarlyStopping, ReduceLROnPlateau and ModelCheckpoint the
+    best/wait counters they had before the kill (their on_train_begin resets them), by
+    replaying their rules over the recorded val_loss history. Must come after them."""
+
+    def __init__(self, val_losses: list[float], early: keras.callbacks.EarlyStopping, plateau, checkpoint):
+        super().__init__()
+        self.val_losses, self.early, self.plateau, self.checkpoint = val_losses, early, plateau, checkpoint
+
+    def on_train_begin(self, logs=None):
+        if not self.val_losses:
+            return
+        early_best = plateau_best = None
+        early_wait = plateau_wait = 0
+        for v in self.val_losses:
+            early_wait += 1
+            if early_best is None or v < early_best:
+                early_best, early_wait = v, 0
+            if plateau_best is None or v < plateau_best:
+                plateau_best, plateau_wait = v, 0
+            else:
+                plateau_wait += 1
+                if self.plateau is not None and plateau_wait >= self.plateau.patience:
+                    plateau_wait = 0
+        self.early.best, self.early.wait = early_best, early_wait
+        if self.plateau is not None:
+            self.plateau.best, self.plateau.wait = plateau_best, plateau_wait
+        self.checkpoint.best = min(self.val_losses)
 
 
 def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -129,6 +179,22 @@ def class_weights(y: np.ndarray, num_classes: int) -> dict[int, float]:
     counts = np.bincount(y, minlength=num_classes).astype(np.float64)
     weights = len(y) / (num_classes * np.maximum(counts, 1))
     return {i: float(w) for i, w in enumerate(weights)}
+
+
+def _resume_key(p: dict[str, Any]) -> dict[str, Any]:
+    # everything but the epoch budget must match for a backup to be reusable
+    return {k: v for k, v in p.items() if k != "epochs" and not k.startswith("_")}
+
+
+def can_resume(work_dir: str | os.PathLike[str], p: dict[str, Any]) -> bool:
+    """True when `work_dir` holds a per-epoch backup made with the same train params."""
+    work_dir = Path(work_dir)
+    if not (work_dir / "backup").exists() or not (work_dir / "train_params.json").exists():
+        return False
+    try:
+        return files.read_json(work_dir / "train_params.json") == _resume_key(p)
+    except ValueError:
+        return False
 
 
 def fit_model(
@@ -170,21 +236,31 @@ def fit_model(
     )
     best_weights = work_dir / "best.weights.h5"
     backup_dir = work_dir / "backup"
-    resumed = backup_dir.exists()
-    if not resumed and best_weights.exists():
-        best_weights.unlink()
+    resumed = can_resume(work_dir, p)
+    if not resumed:  # stale state of another configuration (the MLflow run record stays)
+        shutil.rmtree(backup_dir, ignore_errors=True)
+        for name in ("best.weights.h5", "history.csv", "train_params.json"):
+            (work_dir / name).unlink(missing_ok=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    files.write_json(work_dir / "train_params.json", _resume_key(p))
+    previous_rows = read_history(work_dir / "history.csv") if resumed else []
+    checkpoint = keras.callbacks.ModelCheckpoint(str(best_weights), monitor="val_loss", save_best_only=True, save_weights_only=True)
+    early = keras.callbacks.EarlyStopping(monitor="val_loss", patience=p["early_stopping_patience"])
+    plateau = (
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=p["reduce_lr_factor"], patience=p["reduce_lr_patience"], min_lr=p["min_learning_rate"]
+        )
+        if p["lr_schedule"] == "plateau"
+        else None
+    )
     callbacks: list[keras.callbacks.Callback] = [
         keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=True),
-        keras.callbacks.ModelCheckpoint(str(best_weights), monitor="val_loss", save_best_only=True, save_weights_only=True),
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=p["early_stopping_patience"], restore_best_weights=False),
-        EpochLogger(history_csv, len(x_train), log_to_mlflow, read_history(history_csv) if resumed else []),
+        checkpoint,
+        early,
+        *([plateau] if plateau else []),
+        RestorePlateauState([r["val_loss"] for r in previous_rows if "val_loss" in r], early, plateau, checkpoint),
+        EpochLogger([history_csv, work_dir / "history.csv"], len(x_train), log_to_mlflow, previous_rows),
     ]
-    if p["lr_schedule"] == "plateau":
-        callbacks.append(
-            keras.callbacks.ReduceLROnPlateau(
-                monitor="val_loss", factor=p["reduce_lr_factor"], patience=p["reduce_lr_patience"], min_lr=p["min_learning_rate"]
-            )
-        )
     y_train_1h = keras.utils.to_categorical(y_train, num_classes)
     y_val_1h = keras.utils.to_categorical(y_val, num_classes)
     start = time.perf_counter()

@@ -1,0 +1,129 @@
+"""Failure behaviour: kills, resumes, unreachable tracking servers, failing stages, atomic outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY_OVERRIDES, write_params
+from ferflow.arrays import extract_arrays
+from ferflow.classes import FER_CLASSES
+from ferflow.index import build_index
+from ferflow.ingest import ingest
+from ferflow.sources import SyntheticSource
+
+TRAIN_ARGS = ["--arrays", "arrays", "--label-map", "label_map.json", "--index", "index.csv"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """Arrays big enough that one epoch takes a noticeable time (so a kill lands mid-run)."""
+    root = tmp_path_factory.mktemp("reliability")
+    ingest(SyntheticSource(120, 4, seed=5, classes=list(FER_CLASSES)), root / "ingested", root / "rejected.csv", root / "ingest.json", FER_CLASSES)
+    build_index(root / "ingested", root / "index.csv", root / "index.json", list(FER_CLASSES), 0.1, "keep", 5)
+    extract_arrays(root / "index.csv", root / "arrays", root / "label_map.json", list(FER_CLASSES))
+    return root
+
+
+def _env(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
+    return {**env, "TF_CPP_MIN_LOG_LEVEL": "2", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", **extra}
+
+
+def _train_cmd(params: Path, out: Path) -> list[str]:
+    return [
+        sys.executable, str(REPO / "stages" / "train.py"), "--params", str(params), *TRAIN_ARGS,
+        "--model", str(out / "model.keras"), "--metrics", str(out / "train.json"), "--history", str(out / "history.csv"),
+        "--run-file", str(out / "run.json"), "--work-dir", str(out / "work"),
+    ]  # fmt: skip
+
+
+def _resume_params(path: Path) -> Path:
+    overrides = {
+        "train": {**TINY_OVERRIDES["train"], "epochs": 4, "batch_size": 16, "early_stopping_patience": 10, "mixed_precision": "float32"}
+    }
+    write_params(path, overrides)
+    return path
+
+
+def _history_rows(path: Path) -> int:
+    try:
+        return max(0, len(path.read_text().strip().splitlines()) - 1)
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_rerun_resumes_from_last_epoch(workdir, tmp_path):
+    import mlflow
+
+    params = _resume_params(tmp_path / "params.yaml")
+    killed = resumed = tmp_path / "killed"
+    clean = tmp_path / "straight"
+    proc = subprocess.Popen(_train_cmd(params, killed), cwd=workdir, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while _history_rows(killed / "work" / "history.csv") < 2:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "training did not reach epoch 2"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _history_rows(killed / "work" / "history.csv") == 2, "kill landed after epoch 3: make epochs slower"
+    assert (killed / "work" / "backup").exists()
+    assert not (killed / "model.keras").exists()  # no half-written model left behind
+    run_id = json.loads((killed / "run.json").read_text())["run_id"]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert mlflow.MlflowClient().get_run(run_id).info.status == "RUNNING"  # SIGKILL cannot be caught
+
+    # DVC deletes a stage's outputs before rerunning it: do the same
+    for name in ("run.json", "history.csv", "train.json"):
+        (killed / name).unlink(missing_ok=True)
+    rerun = subprocess.run(_train_cmd(params, resumed), cwd=workdir, env=_env(tmp_path), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    log = rerun.stdout + rerun.stderr
+    assert "Epoch 3/4" in log and "Epoch 1/4" not in log and "Epoch 2/4" not in log
+    summary = json.loads((resumed / "train.json").read_text())
+    assert summary["resumed"] is True and summary["epochs_run"] == 4
+    assert [int(r.split(",")[0]) for r in (resumed / "history.csv").read_text().splitlines()[1:]] == [1, 2, 3, 4]
+    run = mlflow.MlflowClient().get_run(json.loads((resumed / "run.json").read_text())["run_id"])
+    assert run.info.run_id == run_id  # the same run continues
+    assert run.info.status == "FINISHED" and run.data.tags["ferflow.resumed"] == "true"
+    assert [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_loss")] == [1, 2, 3, 4]
+    assert not (resumed / "work").exists()
+
+    # the same seed without interruption: on CPU with op determinism the weights match
+    straight = subprocess.run(_train_cmd(params, clean), cwd=workdir, env=_env(tmp_path), capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    import keras
+
+    a = keras.models.load_model(resumed / "model.keras", compile=False).get_weights()
+    b = keras.models.load_model(clean / "model.keras", compile=False).get_weights()
+    max_diff = max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+    assert max_diff == 0.0, f"resumed and uninterrupted weights differ by up to {max_diff}"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_tracking_server_fails_before_the_first_epoch(workdir, tmp_path):
+    params = tmp_path / "params.yaml"
+    write_params(params, TINY_OVERRIDES)
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    proc = subprocess.run(_train_cmd(params, tmp_path / "out"), cwd=workdir, env=_env(tmp_path, MLFLOW_TRACKING_URI=uri), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"MLflow tracking store '{uri}' is not reachable" in proc.stderr
+    assert "unset MLFLOW_TRACKING_URI" in proc.stderr
+    assert "Epoch 1/" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "out" / "model.keras").exists()
