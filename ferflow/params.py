@@ -111,6 +111,8 @@ SCHEMA = Section(
                 "reduce_lr_patience": _int(3, 0),
                 "min_learning_rate": _float(1e-6, "a number >= 0", lambda v: v >= 0),
                 "early_stopping_patience": _int(6, 0),
+                # val_loss of the first epochs is noisy while BatchNorm statistics settle
+                "early_stopping_start_epoch": _int(5, 0),
                 "mixed_precision": _choice("auto", PRECISIONS),
                 "augment": Section(
                     {

@@ -53,8 +53,6 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
 
     use_mlflow = not args.no_mlflow
     if use_mlflow:
-        import mlflow
-
         tracking.configure()  # fails fast, before the first epoch, if the store is unreachable
         tags = {
             **tracking.git_info(tracking.find_root()),
@@ -78,26 +76,41 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
         )
         summary["data_hash"] = data_hash
         summary["n_train"], summary["n_val"] = int(len(y_train)), int(len(y_val))
-        files.write_json(args.metrics, {k: v for k, v in summary.items() if k != "data_hash"} | {"data_hash": data_hash})
         if use_mlflow:
-            mlflow.set_tags({"params.count": str(summary["params"]), "precision": summary["precision"]})
-            mlflow.log_metrics(
-                {
-                    "params_count": summary["params"],
-                    "train_time_s": summary["train_time_s"],
-                    "train_images_per_s": summary["images_per_s"],
-                    "best_val_accuracy": summary["best_val_accuracy"],
-                    "best_val_loss": summary["best_val_loss"],
-                }
-            )
-            mlflow.log_text(_model_summary(model), "model_summary.txt")
-            mlflow.log_artifact(args.params)
-            for png in sorted(Path(args.index).parent.glob("plots/*.png")):
-                mlflow.log_artifact(str(png), "data")
-            tracking.mark_training_complete(args.run_file)
-        elif not Path(args.run_file).exists():
+            try:
+                _log_training_run(args, model, summary)
+            except Exception as exc:  # the model is on disk; a lost server must not undo that
+                summary["tracking_error"] = summary["tracking_error"] or f"{type(exc).__name__}: {str(exc)[:200]}"
+            if summary["tracking_error"]:
+                log.warning(
+                    "MLflow tracking failed (%s). The model is saved at %s; rerun `dvc repro` when the "
+                    "tracking server is back, or unset MLFLOW_TRACKING_URI to use the local store.",
+                    summary["tracking_error"], args.model,
+                )
+        else:
             files.write_json(args.run_file, {"run_id": None, "complete": True})
+        files.write_json(args.metrics, summary)
     return summary
+
+
+def _log_training_run(args: argparse.Namespace, model, summary: dict[str, Any]) -> None:
+    import mlflow
+
+    mlflow.set_tags({"params.count": str(summary["params"]), "precision": summary["precision"]})
+    mlflow.log_metrics(
+        {
+            "params_count": summary["params"],
+            "train_time_s": summary["train_time_s"],
+            "train_images_per_s": summary["images_per_s"],
+            "best_val_accuracy": summary["best_val_accuracy"],
+            "best_val_loss": summary["best_val_loss"],
+        }
+    )
+    mlflow.log_text(_model_summary(model), "model_summary.txt")
+    mlflow.log_artifact(args.params)
+    for png in sorted(Path(args.index).parent.glob("plots/*.png")):
+        mlflow.log_artifact(str(png), "data")
+    tracking.mark_training_complete(args.run_file)
 
 
 def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:

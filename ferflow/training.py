@@ -8,6 +8,7 @@ optional determinism switch touches TensorFlow, and only when it is the backend.
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import shutil
 import time
@@ -19,6 +20,8 @@ import numpy as np
 
 from ferflow import files
 from ferflow.models import build_model
+
+log = logging.getLogger("ferflow")
 
 
 def detect_precision(requested: str, num_params: int | None = None) -> str:
@@ -94,6 +97,7 @@ class EpochLogger(keras.callbacks.Callback):
         self.n_train = n_train
         self.log_to_mlflow = log_to_mlflow
         self.rows = initial_rows
+        self.tracking_error: str | None = None
         self._t0 = 0.0
 
     def on_train_begin(self, logs=None):
@@ -118,16 +122,25 @@ class EpochLogger(keras.callbacks.Callback):
         row["epoch_time_s"] = seconds
         row["images_per_s"] = self.n_train / seconds if seconds > 0 else 0.0
         self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
-        if self.log_to_mlflow:
-            self._log(row)
         for path in self.history_csvs:
             write_history(path, self.rows)
+        if self.log_to_mlflow:
+            self._log(row)
 
-    @staticmethod
-    def _log(row: dict[str, Any]) -> None:
+    def _log(self, row: dict[str, Any]) -> None:
+        """Log one epoch; if the tracking server went away, warn once and keep training:
+        the model and history on disk matter more than the remote copy."""
         import mlflow
 
-        mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+        try:
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+        except Exception as exc:  # mlflow raises several types for a lost server
+            self.log_to_mlflow = False
+            self.tracking_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+            log.warning(
+                "MLflow logging failed at epoch %d (%s); training continues, history stays in %s",
+                row["epoch"], self.tracking_error, self.history_csvs[0],
+            )
 
 
 class RestorePlateauState(keras.callbacks.Callback):
@@ -144,10 +157,11 @@ class RestorePlateauState(keras.callbacks.Callback):
             return
         early_best = plateau_best = None
         early_wait = plateau_wait = 0
-        for v in self.val_losses:
-            early_wait += 1
-            if early_best is None or v < early_best:
-                early_best, early_wait = v, 0
+        for epoch, v in enumerate(self.val_losses):
+            if epoch >= self.early.start_from_epoch:
+                early_wait += 1
+                if early_best is None or v < early_best:
+                    early_best, early_wait = v, 0
             if plateau_best is None or v < plateau_best:
                 plateau_best, plateau_wait = v, 0
             else:
@@ -245,7 +259,9 @@ def fit_model(
     files.write_json(work_dir / "train_params.json", _resume_key(p))
     previous_rows = read_history(work_dir / "history.csv") if resumed else []
     checkpoint = keras.callbacks.ModelCheckpoint(str(best_weights), monitor="val_loss", save_best_only=True, save_weights_only=True)
-    early = keras.callbacks.EarlyStopping(monitor="val_loss", patience=p["early_stopping_patience"])
+    early = keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=p["early_stopping_patience"], start_from_epoch=p["early_stopping_start_epoch"]
+    )
     plateau = (
         keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss", factor=p["reduce_lr_factor"], patience=p["reduce_lr_patience"], min_lr=p["min_learning_rate"]
@@ -259,7 +275,7 @@ def fit_model(
         early,
         *([plateau] if plateau else []),
         RestorePlateauState([r["val_loss"] for r in previous_rows if "val_loss" in r], early, plateau, checkpoint),
-        EpochLogger([history_csv, work_dir / "history.csv"], len(x_train), log_to_mlflow, previous_rows),
+        epoch_logger := EpochLogger([history_csv, work_dir / "history.csv"], len(x_train), log_to_mlflow, previous_rows),
     ]
     y_train_1h = keras.utils.to_categorical(y_train, num_classes)
     y_val_1h = keras.utils.to_categorical(y_val, num_classes)
@@ -294,6 +310,7 @@ def fit_model(
         "this_session_time_s": round(train_seconds, 2),
         "images_per_s": round(float(np.mean([r["images_per_s"] for r in rows])) if rows else 0.0, 1),
         "resumed": resumed,
+        "tracking_error": epoch_logger.tracking_error,
     }
     shutil.rmtree(work_dir, ignore_errors=True)  # finished: nothing left to resume
     return model, summary

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO, TINY_OVERRIDES, write_params
+
 from ferflow.arrays import extract_arrays
 from ferflow.classes import FER_CLASSES
 from ferflow.index import build_index
@@ -127,3 +127,69 @@ def test_unreachable_tracking_server_fails_before_the_first_epoch(workdir, tmp_p
     assert "unset MLFLOW_TRACKING_URI" in proc.stderr
     assert "Epoch 1/" not in proc.stdout + proc.stderr
     assert not (tmp_path / "out" / "model.keras").exists()
+
+
+def _wait_for_epochs(path: Path, n: int, proc: subprocess.Popen, limit_s: float = 240) -> None:
+    deadline = time.time() + limit_s
+    while _history_rows(path) < n:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else "process ended"
+        assert time.time() < deadline, f"training did not reach epoch {n}"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_sigterm_marks_the_run_killed_and_leaves_a_resumable_backup(workdir, tmp_path):
+    import mlflow
+
+    params = _resume_params(tmp_path / "params.yaml")
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_train_cmd(params, out), cwd=workdir, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_epochs(out / "work" / "history.csv", 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert mlflow.MlflowClient().get_run(run_id).info.status == "KILLED"
+    assert (out / "work" / "backup").exists() and not (out / "model.keras").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_tracking_server_lost_mid_run_keeps_the_trained_model(workdir, tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--workers", "1"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        params = _resume_params(tmp_path / "params.yaml")
+        out = tmp_path / "out"
+        uri = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen(
+            _train_cmd(params, out), cwd=workdir, env=_env(tmp_path, MLFLOW_TRACKING_URI=uri), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        _wait_for_epochs(out / "work" / "history.csv", 1, proc)
+        os.killpg(server.pid, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-3000:]
+    assert "MLflow logging failed at epoch" in output and "training continues" in output
+    assert (out / "model.keras").stat().st_size > 0
+    summary = json.loads((out / "train.json").read_text())
+    assert summary["epochs_run"] == 4 and summary["tracking_error"]
