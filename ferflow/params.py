@@ -80,8 +80,8 @@ SCHEMA = Section(
                 "source": Field("str", "synthetic", "'synthetic' or a path to a folder, .zip or .csv"),
                 "synthetic": Section(
                     {
-                        "train_per_class": _int(300, 1),
-                        "test_per_class": _int(80, 1),
+                        "train_per_class": _int(500, 1),
+                        "test_per_class": _int(100, 1),
                     }
                 ),
                 "classes": Field("classes", list(FER_CLASSES), "a non-empty list of distinct names from " + ", ".join(FER_CLASSES)),
@@ -98,7 +98,7 @@ SCHEMA = Section(
                 "arch": _choice("seed001", ARCH_NAMES),
                 "width": _float(1.0, "a number > 0 (multiplies every conv/dense width)", lambda v: v > 0),
                 "dropout_scale": _float(1.0, "a number >= 0 (multiplies every dropout rate; result must stay < 1)", lambda v: 0 <= v),
-                "epochs": _int(30, 1),
+                "epochs": _int(25, 1),
                 "batch_size": _int(64, 1),
                 "optimizer": _choice("adam", OPTIMIZERS),
                 "learning_rate": _float(0.001, "a number > 0", lambda v: v > 0),
