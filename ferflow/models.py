@@ -1,8 +1,10 @@
 """Registry of named CNN builders (`train.arch`), in backend-neutral Keras 3.
 
 Each seed builder follows the architecture of the project it is named after
-(../shared/seeds in the development workspace); `width` multiplies every conv/dense
-width and `dropout_scale` every dropout rate, so variants are a param away.
+(../shared/seeds in the development workspace): layer order, widths, kernel sizes,
+padding and dropout rates as the seed states them, and Keras' (or, for the PyTorch seed
+004, PyTorch's) defaults where the seed leaves something out. `width` multiplies every
+conv/dense width and `dropout_scale` every dropout rate, so variants are a param away.
 All models take (48, 48, 1) float32 in [0, 1] and end in a float32 softmax.
 """
 
@@ -58,7 +60,8 @@ def build_seed001(cfg: ArchConfig) -> keras.Model:
     inputs = keras.Input(INPUT_SHAPE, name="face")
     x = inputs
     for filters in (32, 64, 128):
-        x = layers.Conv2D(cfg.units(filters), 3, padding="same", activation="relu")(x)
+        # The seed names no padding: Keras' default (valid), 48 -> 46/23 -> 21/10 -> 8/4.
+        x = layers.Conv2D(cfg.units(filters), 3, activation="relu")(x)
         x = layers.BatchNormalization()(x)
         x = layers.MaxPooling2D(2)(x)
         x = layers.Dropout(cfg.rate(0.25))(x)
@@ -89,38 +92,46 @@ def build_seed003(cfg: ArchConfig) -> keras.Model:
     return keras.Model(inputs, _head(x, cfg), name="seed003")
 
 
-def _conv_bn_relu(x, filters: int):
-    x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-    x = layers.BatchNormalization()(x)
+# PyTorch's BatchNorm defaults (momentum 0.1 of the new batch, eps 1e-5), for the PyTorch seed.
+TORCH_BN = {"momentum": 0.9, "epsilon": 1e-5}
+
+
+def _conv_bn_relu(x, filters: int, use_bias: bool = False, bn: dict[str, float] | None = None):
+    # A bias before BN is redundant (BN's beta replaces it); only the PyTorch seed keeps it.
+    x = layers.Conv2D(filters, 3, padding="same", use_bias=use_bias)(x)
+    x = layers.BatchNormalization(**(bn or {}))(x)
     return layers.Activation("relu")(x)
 
 
-def _dense_bn_relu(x, units: int):
-    x = layers.Dense(units, use_bias=False)(x)
-    x = layers.BatchNormalization()(x)
+def _dense_bn_relu(x, units: int, use_bias: bool = False, bn: dict[str, float] | None = None):
+    x = layers.Dense(units, use_bias=use_bias)(x)
+    x = layers.BatchNormalization(**(bn or {}))(x)
     return layers.Activation("relu")(x)
 
 
 def build_seed004(cfg: ArchConfig) -> keras.Model:
     """Seed 004: three VGG blocks of two Conv 64/128/256 + BN + ReLU, pool, Dropout 0.25; FC 512, 256."""
+    # A PyTorch seed: padding=1 convs (48 -> 24 -> 12 -> 6, FC 9216 -> 512 as the seed
+    # draws it), nn.Conv2d/nn.Linear biases and nn.BatchNorm2d defaults kept.
     inputs = keras.Input(INPUT_SHAPE, name="face")
     x = inputs
     for filters in (64, 128, 256):
-        x = _conv_bn_relu(x, cfg.units(filters))
-        x = _conv_bn_relu(x, cfg.units(filters))
+        x = _conv_bn_relu(x, cfg.units(filters), use_bias=True, bn=TORCH_BN)
+        x = _conv_bn_relu(x, cfg.units(filters), use_bias=True, bn=TORCH_BN)
         x = layers.MaxPooling2D(2)(x)
         x = layers.Dropout(cfg.rate(0.25))(x)
     x = layers.Flatten()(x)
     for units in (512, 256):
-        x = _dense_bn_relu(x, cfg.units(units))
+        x = _dense_bn_relu(x, cfg.units(units), use_bias=True, bn=TORCH_BN)
         x = layers.Dropout(cfg.rate(0.5))(x)
     return keras.Model(inputs, _head(x, cfg), name="seed004")
 
 
 def build_ferflow_vgg(cfg: ArchConfig) -> keras.Model:
-    """The project's VGG-style net for 48x48: four stages of two conv-BN-ReLU (64-128-256-512),
-    max-pool after each, global average pooling and one BN'd dense layer. GAP instead of a
-    big Flatten->Dense keeps parameters low and works with random crops."""
+    """Project net: four VGG stages of two conv-BN-ReLU 64-128-256-512, pool each; GAP; Dense 256.
+
+    Max-pool after each stage, global average pooling and one BN'd dense layer. GAP instead
+    of a big Flatten->Dense keeps parameters low and works with random crops."""
     inputs = keras.Input(INPUT_SHAPE, name="face")
     x = inputs
     for filters in (64, 128, 256, 512):

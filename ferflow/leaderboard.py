@@ -1,0 +1,236 @@
+"""Leaderboard of the project's MLflow runs: a table, and a PNG of test accuracy vs. training time.
+
+Reads the same store the pipeline writes (MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db)
+with `search_runs`; one row per training run: run name (the DVC experiment name), arch, test
+accuracy, macro-F1, parameters, training time, epochs run and status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ferflow import files, tracking
+
+# sort key -> (row attribute, largest first?): the natural "best first" direction of each
+SORT_KEYS: dict[str, tuple[str, bool]] = {
+    "accuracy": ("test_accuracy", True),
+    "macro_f1": ("macro_f1", True),
+    "params": ("params", False),
+    "train_time": ("train_time_s", False),
+    "epochs": ("epochs", True),
+    "newest": ("start_time_ms", True),
+    "name": ("run_name", False),
+}
+DEFAULT_PNG = "leaderboard.png"
+
+
+class LeaderboardError(RuntimeError):
+    """The store or experiment to read is missing or unreachable."""
+
+
+@dataclass
+class Row:
+    run_id: str
+    run_name: str
+    arch: str
+    test_accuracy: float | None
+    macro_f1: float | None
+    params: int | None
+    train_time_s: float | None
+    epochs: int | None
+    status: str
+    start_time_ms: int
+    # every DVC experiment whose results come from this run (run-cache reuse adds names)
+    experiments: list[str] = field(default_factory=list)
+
+
+def _metric(metrics: dict[str, float], key: str) -> float | None:
+    value = metrics.get(key)
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def _epochs_run(client: Any, run_id: str) -> int | None:
+    """Epochs actually run (early stopping may end before train.epochs): the last logged step."""
+    history = client.get_metric_history(run_id, "loss")
+    return max((m.step for m in history), default=None)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def collect(tracking_uri: str, experiment: str, sort: str = "accuracy", limit: int | None = None) -> list[Row]:
+    """The experiment's runs, best first by `sort` (runs lacking that value last), at most `limit`."""
+    import mlflow
+
+    store_file = _sqlite_path(tracking_uri)
+    if store_file is not None and not store_file.exists():
+        # MlflowClient would create an empty database here; say what is wrong instead.
+        raise LeaderboardError(f"no MLflow store at {store_file} (run the pipeline first, or pass --tracking-uri)")
+    # an unreachable server should fail in seconds, as in the pipeline stages
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    client = mlflow.MlflowClient(tracking_uri)
+    try:
+        found = client.get_experiment_by_name(experiment)
+    except Exception as exc:  # mlflow raises many types for an unreachable store
+        raise LeaderboardError(f"MLflow store {tracking_uri!r} is not reachable ({type(exc).__name__}: {str(exc)[:300]})") from None
+    if found is None:
+        raise LeaderboardError(f"no experiment {experiment!r} in {tracking_uri}")
+
+    runs, token = [], None
+    while True:
+        page = client.search_runs([found.experiment_id], max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+
+    rows = []
+    for r in runs:
+        m, tags = r.data.metrics, r.data.tags
+        params = _metric(m, "params_count")
+        rows.append(
+            Row(
+                run_id=r.info.run_id,
+                run_name=r.info.run_name or r.info.run_id[:8],
+                arch=tags.get("arch") or r.data.params.get("train.arch", "?"),
+                test_accuracy=_metric(m, "test_accuracy"),
+                macro_f1=_metric(m, "test_macro_f1"),
+                params=int(params) if params is not None else None,
+                train_time_s=_metric(m, "train_time_s"),
+                epochs=None,
+                status=r.info.status,
+                start_time_ms=int(r.info.start_time or 0),
+                experiments=[n for n in tags.get(tracking.EXP_NAMES_TAG, tags.get("dvc.exp.name", "")).split(",") if n],
+            )
+        )
+    attr, largest_first = SORT_KEYS[sort]
+    if attr == "epochs":  # not a logged value: needed for every run before sorting
+        for row in rows:
+            row.epochs = _epochs_run(client, row.run_id)
+    present = [row for row in rows if getattr(row, attr) is not None]
+    missing = [row for row in rows if getattr(row, attr) is None]
+    # ties (and the runs without a value) newest first
+    present.sort(key=lambda row: row.start_time_ms, reverse=True)
+    present.sort(key=lambda row: getattr(row, attr), reverse=largest_first)
+    missing.sort(key=lambda row: row.start_time_ms, reverse=True)
+    rows = (present + missing)[:limit] if limit else present + missing
+    for row in rows:
+        if row.epochs is None:
+            row.epochs = _epochs_run(client, row.run_id)
+    return rows
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def format_table(rows: list[Row]) -> str:
+    header = ("#", "run name", "arch", "test acc", "macro-F1", "params", "train time", "epochs", "status")
+    body = [
+        (
+            str(i),
+            row.run_name,
+            row.arch,
+            _fmt(row.test_accuracy, ".4f"),
+            _fmt(row.macro_f1, ".4f"),
+            _fmt(row.params, ","),
+            _fmt_time(row.train_time_s),
+            _fmt(row.epochs, "d"),
+            row.status,
+        )
+        for i, row in enumerate(rows, 1)
+    ]
+    widths = [max(len(cells[c]) for cells in [header, *body]) for c in range(len(header))]
+    left = {1, 2, 8}  # text columns; numbers are right-aligned
+    lines = ["  ".join(cell.ljust(w) if c in left else cell.rjust(w) for c, (cell, w) in enumerate(zip(cells, widths))) for cells in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def plot(rows: list[Row], out: str | os.PathLike[str], title: str = "ferflow leaderboard") -> int:
+    """Scatter test accuracy vs. training time, marker area ~ parameters, each point labelled
+    with its run name; one colour per arch. Returns how many runs were plotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [row for row in rows if row.test_accuracy is not None and row.train_time_s is not None]
+    fig, ax = plt.subplots(figsize=(9, 6))
+    if points:
+        largest = max(row.params or 0 for row in points) or 1
+        colours = {arch: f"C{i % 10}" for i, arch in enumerate(sorted({row.arch for row in points}))}
+        for arch, colour in colours.items():
+            mine = [row for row in points if row.arch == arch]
+            ax.scatter(
+                [row.train_time_s / 60 for row in mine],
+                [row.test_accuracy for row in mine],
+                s=[40 + 1200 * (row.params or 0) / largest for row in mine],
+                c=colour,
+                alpha=0.6,
+                edgecolors="black",
+                label=arch,
+            )
+        for row in points:
+            ax.annotate(
+                f"{row.run_name}\n{_fmt(row.params, ',')} params",
+                (row.train_time_s / 60, row.test_accuracy),
+                xytext=(6, 6),
+                textcoords="offset points",
+                fontsize=7,
+            )
+        ax.legend(title="arch (area ~ params)", fontsize=8, markerscale=0.5)
+    else:
+        ax.text(0.5, 0.5, "no runs with test accuracy and training time yet", ha="center", va="center", transform=ax.transAxes)
+    ax.margins(x=0.2, y=0.12)  # room for the labels of the outermost points
+    ax.set_xlabel("training time (minutes)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with files.atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return len(points)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db)")
+    parser.add_argument("--experiment", default=tracking.EXPERIMENT_NAME, help=f"MLflow experiment (default: {tracking.EXPERIMENT_NAME})")
+    parser.add_argument("--sort", choices=list(SORT_KEYS), default="accuracy", help="order, best first (default: accuracy)")
+    parser.add_argument("--limit", type=int, default=20, help="show at most this many runs (0: all; default 20)")
+    parser.add_argument("--png", default=DEFAULT_PNG, help=f"write the accuracy vs. training time plot here (default: {DEFAULT_PNG}; '' to skip)")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    uri = args.tracking_uri or tracking.tracking_uri()
+    try:
+        rows = collect(uri, args.experiment, args.sort, args.limit or None)
+    except LeaderboardError as exc:
+        print(f"leaderboard: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([asdict(row) for row in rows], indent=2))
+    else:
+        print(format_table(rows) if rows else f"no runs in experiment {args.experiment!r} of {uri}")
+    if args.png:
+        plotted = plot(rows, args.png, f"{args.experiment}: test accuracy vs. training time")
+        print(f"wrote {args.png} ({plotted} runs plotted)", file=sys.stderr)
+    return 0
