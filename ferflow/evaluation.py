@@ -99,6 +99,7 @@ def evaluate(
     predictions_csv: str | os.PathLike[str],
     tta: str = "none",
     batch_size: int = 256,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write metrics JSON (headline numbers, for `dvc exp show`), per-class JSON,
     predictions CSV, report and plots; return all metrics."""
@@ -118,7 +119,7 @@ def evaluate(
     files.write_text(out_dir / "classification_report.txt", report)
     plot_confusion(y_test, y_pred, classes, out_dir / "confusion_matrix.png")
     plot_curves(history_csv, out_dir / "training_curves.png")
-    headline = {k: v for k, v in metrics.items() if k != "per_class"}
+    headline = {k: v for k, v in metrics.items() if k != "per_class"} | (extra or {})
     files.write_json(metrics_json, headline)
     files.write_json(out_dir / "per_class.json", metrics["per_class"])
     return metrics

@@ -67,7 +67,7 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
         )
         guard = tracking.run_status_guard(run_id)
     else:
-        guard = contextlib.nullcontext()
+        run_id, guard = None, contextlib.nullcontext()
     with guard:
         if use_mlflow:
             tracking.log_params_flat(flatten({k: v for k, v in all_params.items() if k in ("data", "train")}))
@@ -76,6 +76,7 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
         )
         summary["data_hash"] = data_hash
         summary["n_train"], summary["n_val"] = int(len(y_train)), int(len(y_val))
+        summary["mlflow_run_id"] = run_id
         if use_mlflow:
             try:
                 _log_training_run(args, model, summary)
@@ -99,6 +100,7 @@ def _log_training_run(args: argparse.Namespace, model, summary: dict[str, Any]) 
     mlflow.set_tags({"params.count": str(summary["params"]), "precision": summary["precision"]})
     mlflow.log_metrics(
         {
+            "epochs_run": summary["epochs_run"],
             "params_count": summary["params"],
             "train_time_s": summary["train_time_s"],
             "train_images_per_s": summary["images_per_s"],
@@ -124,17 +126,19 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     x_test, y_test = load_split(args.arrays, "test")
     model = keras.models.load_model(args.model, compile=False)
 
-    def work() -> dict[str, Any]:
-        return evaluate(model, x_test, y_test, classes, args.history, args.plots, args.metrics, args.predictions, p["tta"], p["batch_size"])
+    def work(run_id: str | None) -> dict[str, Any]:
+        return evaluate(
+            model, x_test, y_test, classes, args.history, args.plots, args.metrics, args.predictions, p["tta"], p["batch_size"],
+            extra={"mlflow_run_id": run_id},
+        )  # fmt: skip
 
-    record = files.read_json(args.run_file)
-    if not record.get("run_id"):
-        return work()
+    train_run_id = tracking.recorded_run_id(args.run_file)
+    if not train_run_id:
+        return work(None)
     import mlflow
 
-    with tracking.resume_run(args.run_file):
-        tracking.log_params_flat(flatten({"evaluate": p}))
-        metrics = work()
+    with tracking.resume_run(train_run_id, flatten({"evaluate": p}), args.run_file) as run_id:
+        metrics = work(run_id)
         mlflow.log_metrics({f"test_{k}": metrics[k] for k in ("accuracy", "loss", "macro_f1")})
         mlflow.log_metrics({f"test_f1_{c}": v["f1"] for c, v in metrics["per_class"].items()})
         for name in ("confusion_matrix.png", "training_curves.png", "classification_report.txt", "per_class.json"):
@@ -159,12 +163,13 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
         kwargs = model_kwargs(args.model, args.label_map, config_path, example)
         save_pyfunc(args.out, kwargs)
         result: dict[str, Any] = {"export_dir": str(args.out), "test_accuracy": eval_metrics["accuracy"]}
-        record = files.read_json(args.run_file)
-        if record.get("run_id"):
+        # evaluate recorded the run it logged to (the training run, or a fork of it)
+        eval_run_id = eval_metrics.get("mlflow_run_id")
+        if eval_run_id:
             import mlflow
 
-            with tracking.resume_run(args.run_file):
-                tracking.log_params_flat(flatten({"export": p, "serve": serve}))
+            with tracking.resume_run(eval_run_id, flatten({"export": p, "serve": serve}), args.eval_metrics) as run_id:
+                result["mlflow_run_id"] = run_id
                 result |= register_and_promote(kwargs, p["registered_model_name"], eval_metrics["accuracy"], p["force_champion"])
                 lock = Path(tracking.find_root()) / "dvc.lock"
                 if Path("dvc.lock").exists() or lock.exists():

@@ -25,7 +25,6 @@ from typing import Any
 from ferflow import files
 
 EXPERIMENT_NAME = "ferflow"
-RUN_FILE = "models/run.json"
 
 
 class TrackingError(RuntimeError):
@@ -254,32 +253,65 @@ def mark_training_complete(run_file: str | os.PathLike[str]) -> None:
     files.write_json(run_file, record)
 
 
+def recorded_run_id(run_file: str | os.PathLike[str]) -> str | None:
+    """The MLflow run id the train stage recorded (None when it trained without MLflow)."""
+    return files.read_json(run_file).get("run_id")
+
+
 @contextlib.contextmanager
-def resume_run(run_file: str | os.PathLike[str] = RUN_FILE) -> Iterator[str]:
-    """Reopen the training run recorded by the train stage (evaluate, export)."""
+def resume_run(run_id: str, stage_params: dict[str, Any], source: str) -> Iterator[str]:
+    """Reopen the pipeline run `run_id` (from `source`) for evaluate/export and log their params.
+
+    If the run already holds one of `stage_params` with another value (e.g. an experiment
+    that only changes `evaluate.tta` reuses the trained model), the run is forked instead:
+    a new run with the same params/tags/final metrics, the new values, and tag
+    `ferflow.train_run_id` pointing at the run that holds the model and training curves.
+    MLflow params are immutable, and overwriting test metrics would corrupt the old run.
+    """
     import mlflow
 
-    record = files.read_json(run_file)
-    run_id = record.get("run_id")
-    if not run_id:
-        raise TrackingError(f"{run_file}: no run_id (was the train stage run?)")
     configure()
+    client = mlflow.MlflowClient()
     try:
-        mlflow.MlflowClient().get_run(run_id)
+        run = client.get_run(run_id)
     except Exception as exc:
         raise TrackingError(
-            f"{run_file}: MLflow run {run_id} is not in the store {mlflow.get_tracking_uri()!r} ({exc}). "
+            f"{source}: MLflow run {run_id} is not in the store {mlflow.get_tracking_uri()!r} ({exc}). "
             "Was MLFLOW_TRACKING_URI changed since training? Rerun train with `dvc repro -f train`."
         ) from None
+    values = {k: str(v)[:6000] for k, v in stage_params.items()}
+    changed = sorted(k for k, v in values.items() if k in run.data.params and run.data.params[k] != v)
+    if changed:
+        run_id = _fork_run(run, values, changed)
     with run_status_guard(run_id):
         mlflow.start_run(run_id=run_id)
         note_experiment(run_id)
+        log_params_flat(values)
         yield run_id
         mlflow.end_run("FINISHED")
 
 
+def _fork_run(run, values: dict[str, str], changed: list[str]) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
+    tags |= dvc_tags() | {"ferflow.train_run_id": run.info.run_id, "ferflow.forked_for": ",".join(changed)}
+    name = os.environ.get("DVC_EXP_NAME") or f"{run.info.run_name}+{changed[0].split('.')[-1]}"
+    new = client.create_run(run.info.experiment_id, run_name=name, tags=tags)
+    params = {**run.data.params, **values}
+    for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        chunk = list(params.items())[start : start + 100]
+        client.log_batch(new.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in chunk])
+    metrics = [mlflow.entities.Metric(k, v, 0, 0) for k, v in run.data.metrics.items() if not k.startswith("test_")]
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(new.info.run_id, metrics=metrics[start : start + 1000])
+    return new.info.run_id
+
+
 def log_params_flat(params: dict[str, Any]) -> None:
-    """Log params, skipping keys already logged with the same value (resumed runs)."""
+    """Log params not yet on the active run (a resumed run has them already; values that
+    differ are handled by forking in `resume_run`)."""
     import mlflow
 
     existing = mlflow.MlflowClient().get_run(mlflow.active_run().info.run_id).data.params

@@ -183,3 +183,40 @@ def test_training_is_deterministic_on_cpu(data_dir, tmp_path):
         model, _ = fit_model(p, xt, yt, xv, yv, 7, tmp_path / f"{run}.keras", tmp_path / f"{run}.csv", tmp_path / f"w{run}", verbose=0)
         preds.append(model.predict(xv, verbose=0))
     np.testing.assert_array_equal(preds[0], preds[1])
+
+
+def test_changed_evaluate_params_fork_the_run_instead_of_overwriting_it(data_dir, tiny_params, tmp_path, monkeypatch):
+    """An experiment that only changes `evaluate.tta` reuses the model; its test metrics go to a
+    new run linked to the training run, never over the old run's metrics and params."""
+    import mlflow
+    import yaml
+
+    from ferflow import pipeline
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    ns = _namespace(tmp_path, tiny_params)
+    ns.arrays, ns.label_map, ns.index = str(data_dir / "arrays"), str(data_dir / "label_map.json"), str(data_dir / "index.csv")
+    pipeline.run_training(ns)
+    train_run = json.loads(Path(ns.run_file).read_text())["run_id"]
+    ns.metrics = str(tmp_path / "m" / "eval.json")
+    first = pipeline.run_evaluation(ns)
+    assert json.loads(Path(ns.metrics).read_text())["mlflow_run_id"] == train_run
+
+    params = yaml.safe_load(tiny_params.read_text())
+    params["evaluate"]["tta"] = "flip"
+    tiny_params.write_text(yaml.safe_dump(params))
+    monkeypatch.setenv("DVC_EXP_NAME", "flip-exp")
+    second = pipeline.run_evaluation(ns)
+    fork_id = json.loads(Path(ns.metrics).read_text())["mlflow_run_id"]
+    assert fork_id != train_run and second["tta"] == "flip"
+
+    client = mlflow.MlflowClient()
+    old, fork = client.get_run(train_run), client.get_run(fork_id)
+    assert old.data.params["evaluate.tta"] == "none"
+    assert old.data.metrics["test_accuracy"] == pytest.approx(first["accuracy"])
+    assert fork.data.params["evaluate.tta"] == "flip" and fork.data.params["train.epochs"] == "2"
+    assert fork.data.tags["ferflow.train_run_id"] == train_run and fork.info.run_name == "flip-exp"
+    assert fork.data.metrics["test_accuracy"] == pytest.approx(second["accuracy"])
+    assert fork.info.status == old.info.status == "FINISHED"
