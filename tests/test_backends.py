@@ -1,0 +1,59 @@
+"""The model builders, augmentation and fit loop are backend-neutral Keras 3.
+
+Trains one step under a second Keras backend (JAX or PyTorch) when one is installed, saves
+the .keras file there, and loads it back under TensorFlow, as evaluate/export do.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+OTHER_BACKENDS = [b for b, module in (("jax", "jax"), ("torch", "torch")) if importlib.util.find_spec(module)]
+
+TRAIN_ONE_STEP = """
+import sys, numpy as np, keras
+sys.path.insert(0, sys.argv[2])
+from ferflow.params import default_params
+from ferflow.training import fit_model
+assert keras.backend.backend() == sys.argv[3], keras.backend.backend()
+p = default_params()["train"]
+p.update(arch="ferflow_tiny", epochs=1, batch_size=8, deterministic=False,
+         augment={"flip": True, "shift": 0.1, "rotation": 0.05, "zoom": 0.1, "erasing": 0.2})
+rng = np.random.default_rng(0)
+x = rng.random((16, 48, 48, 1), dtype=np.float32); y = np.arange(16) % 7
+fit_model(p, x, y, x[:8], y[:8], 7, sys.argv[1] + "/model.keras", sys.argv[1] + "/h.csv", sys.argv[1] + "/work", verbose=0)
+"""
+
+
+@pytest.mark.skipif(not OTHER_BACKENDS, reason="no second Keras backend installed (pip install jax or torch to run this test)")
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_one_training_step_under_another_backend_loads_in_tensorflow(backend, tmp_path):
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    proc = subprocess.run([sys.executable, "-c", TRAIN_ONE_STEP, str(tmp_path), str(REPO), backend], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import keras
+
+    assert keras.backend.backend() == "tensorflow"
+    model = keras.models.load_model(tmp_path / "model.keras", compile=False)
+    probs = model.predict(np.zeros((2, 48, 48, 1), np.float32), verbose=0)
+    assert probs.shape == (2, 7)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_training_path_has_no_tensorflow_imports_outside_backend_guards():
+    """models.py and the fit loop import no tf.*; training.py touches TF only inside
+    `keras.backend.backend() == "tensorflow"` branches."""
+    assert "tensorflow" not in (REPO / "ferflow" / "models.py").read_text()
+    source = (REPO / "ferflow" / "training.py").read_text()
+    for line_no, line in enumerate(source.splitlines(), 1):
+        if "import tensorflow" in line:
+            guard = source.splitlines()[line_no - 3 : line_no]
+            assert any('backend() == "tensorflow"' in g for g in guard), f"training.py:{line_no} imports TF unguarded"
