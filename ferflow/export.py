@@ -1,5 +1,10 @@
 """Export: the trained Keras model -> an MLflow pyfunc directory + a registered model version.
 
+The model is saved as MLflow "models from code": `python_model` is the path of
+ferflow/serving.py, which MLflow executes at load time (it calls `set_model`), so no
+Python object is pickled. Artifacts are the `.keras` file (loaded with Keras' safe
+mode), the label map and the serve config, all JSON or zip/HDF5.
+
 The registered version gets alias `champion` only when its test accuracy beats the
 current champion's (or `export.force_champion` is true), so
 `mlflow models serve -m models:/<name>@champion` always serves the best so far.
@@ -7,7 +12,9 @@ current champion's (or `export.force_champion` is true), so
 
 from __future__ import annotations
 
+import base64
 import io
+import math
 import os
 import shutil
 import tempfile
@@ -22,6 +29,9 @@ from ferflow import files
 
 SERVING_PACKAGES = ("mlflow", "keras", "tensorflow-cpu", "numpy", "pandas", "pillow", "opencv-python-headless")
 PACKAGE_DIR = Path(__file__).resolve().parent
+MODEL_CODE = PACKAGE_DIR / "serving.py"
+CHAMPION = "champion"
+ACCURACY_TAG = "test_accuracy"
 
 
 def pip_requirements() -> list[str]:
@@ -35,19 +45,52 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
-def signature():
+def signature(classes: list[str], serve_config: dict[str, Any]):
+    """Input: one column `image` typed Any (required in practice); params detect_face, tta, pixel_range.
+
+    Any, not binary: a value is either base64 text of an encoded image or a pixel array,
+    and a bare tensor sent as `inputs`/`instances` is mapped onto this single column by
+    the scoring server. A binary column would make MLflow base64-decode leniently (it
+    skips invalid characters) and refuse tensors; serving.py validates both kinds itself.
+    """
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import AnyType
 
-    return ModelSignature(inputs=Schema([ColSpec("binary", "image")]), outputs=None)
+    from ferflow.serving import BOX_COLUMNS
+
+    outputs = Schema(
+        [
+            ColSpec("string", "label"),
+            ColSpec("double", "confidence"),
+            *[ColSpec("double", c) for c in classes],
+            ColSpec("boolean", "face_found"),
+            *[ColSpec("long", c) for c in BOX_COLUMNS],
+        ]
+    )
+    params = ParamSchema(
+        [
+            ParamSpec("detect_face", "boolean", bool(serve_config.get("detect_face", True))),
+            ParamSpec("tta", "string", str(serve_config.get("tta", "none"))),
+            ParamSpec("pixel_range", "string", "auto"),
+        ]
+    )
+    # required=False only so that MLflow's own "missing inputs" check, whose message
+    # repeats the whole request, gives way to serving.py's short "missing column 'image'"
+    return ModelSignature(inputs=Schema([ColSpec(AnyType(), "image", required=False)]), outputs=outputs, params=params)
 
 
-def input_example(example_pixels: np.ndarray) -> pd.DataFrame:
+def encode_png(pixels: np.ndarray) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(example_pixels.astype(np.uint8), "L").save(buf, format="PNG")
-    return pd.DataFrame({"image": [buf.getvalue()]})
+    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def input_example(example_pixels: np.ndarray) -> pd.DataFrame:
+    """One test face as base64 PNG text: exactly what a REST client posts."""
+    return pd.DataFrame({"image": [base64.b64encode(encode_png(example_pixels)).decode("ascii")]})
 
 
 def model_kwargs(
@@ -56,17 +99,20 @@ def model_kwargs(
     serve_config_json: str | os.PathLike[str],
     example_pixels: np.ndarray,
 ) -> dict[str, Any]:
-    from ferflow.serving import EmotionModel
+    """Arguments for mlflow.pyfunc.save_model / log_model (the input files must outlive both calls)."""
+    from ferflow.arrays import load_label_map
 
+    classes = load_label_map(label_map_json)
     return {
-        "python_model": EmotionModel(),
+        "python_model": str(MODEL_CODE),
         "artifacts": {
             "keras_model": str(keras_model_path),
             "label_map": str(label_map_json),
             "serve_config": str(serve_config_json),
         },
+        # the ferflow package travels with the model: serving.py imports faces, preprocessing, evaluation
         "code_paths": [str(PACKAGE_DIR)],
-        "signature": signature(),
+        "signature": signature(classes, files.read_json(serve_config_json)),
         "input_example": input_example(example_pixels),
         "pip_requirements": pip_requirements(),
     }
@@ -85,39 +131,64 @@ def save_pyfunc(out_dir: str | os.PathLike[str], kwargs: dict[str, Any]) -> None
         target.rmdir()
 
 
-def register_and_promote(
-    run_kwargs: dict[str, Any], name: str, test_accuracy: float, force: bool
-) -> dict[str, Any]:
+def export_model(
+    keras_model_path: str | os.PathLike[str],
+    label_map_json: str | os.PathLike[str],
+    serve_config: dict[str, Any],
+    example_pixels: np.ndarray,
+    out_dir: str | os.PathLike[str],
+) -> Path:
+    """Save a pyfunc directory from a `.keras` file without the pipeline (tests, benchmarks)."""
+    with tempfile.TemporaryDirectory(prefix="ferflow-export-") as tmp:
+        config_json = Path(tmp) / "serve_config.json"
+        files.write_json(config_json, serve_config)
+        save_pyfunc(out_dir, model_kwargs(keras_model_path, label_map_json, config_json, example_pixels))
+    return Path(out_dir)
+
+
+def should_promote(test_accuracy: float, champion_accuracy: float | None, force: bool) -> bool:
+    """Move `champion` when forced, when there is none, when its accuracy is unknown, or
+    when the new model is strictly better (a tie keeps the serving model stable)."""
+    if force or champion_accuracy is None or not math.isfinite(champion_accuracy):
+        return True
+    return test_accuracy > champion_accuracy
+
+
+def current_champion(client: Any, name: str) -> dict[str, Any] | None:
+    """{'version', 'test_accuracy'} of the version holding alias `champion`, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:  # no such model or alias yet
+        return None
+    try:
+        accuracy = float(mv.tags.get(ACCURACY_TAG, "nan"))
+    except ValueError:
+        accuracy = float("nan")
+    return {"version": int(mv.version), "test_accuracy": accuracy}
+
+
+def register_and_promote(run_kwargs: dict[str, Any], name: str, test_accuracy: float, force: bool) -> dict[str, Any]:
     """Log the model to the active run, register a version, move `champion` if it is better."""
     import mlflow
 
+    if not math.isfinite(test_accuracy):
+        raise ValueError(f"test accuracy must be a finite number, got {test_accuracy!r}")
     client = mlflow.MlflowClient()
+    previous = current_champion(client, name)
     info = mlflow.pyfunc.log_model(name="model", registered_model_name=name, **run_kwargs)
-    version = str(info.registered_model_version)
-    client.set_model_version_tag(name, version, "test_accuracy", f"{test_accuracy:.6f}")
-    previous = None
-    try:
-        champion = client.get_model_version_by_alias(name, "champion")
-        previous = {"version": champion.version, "test_accuracy": float(champion.tags.get("test_accuracy", "nan"))}
-    except mlflow.exceptions.MlflowException:
-        champion = None
-    better = previous is None or not np.isfinite(previous["test_accuracy"]) or test_accuracy > previous["test_accuracy"]
-    promoted = bool(force or better)
+    version = int(info.registered_model_version)
+    client.set_model_version_tag(name, str(version), ACCURACY_TAG, f"{test_accuracy:.6f}")
+    promoted = should_promote(test_accuracy, None if previous is None else previous["test_accuracy"], force)
     if promoted:
-        client.set_registered_model_alias(name, "champion", version)
+        client.set_registered_model_alias(name, CHAMPION, str(version))
     mlflow.set_tag("ferflow.registered_version", f"{name}/{version}")
     return {
         "registered_model": name,
-        "version": int(version),
+        "version": version,
         "champion": promoted,
-        "champion_version": int(version) if promoted else int(previous["version"]),
+        "champion_version": version if promoted else previous["version"],
         "previous_champion": previous,
         "model_uri": info.model_uri,
     }
-
-
-def temp_config(config: dict[str, Any]) -> Path:
-    fd, name = tempfile.mkstemp(prefix="serve_config.", suffix=".json")
-    os.close(fd)
-    files.write_json(name, config)
-    return Path(name)

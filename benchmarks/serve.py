@@ -1,0 +1,203 @@
+"""Serving benchmark: a real `mlflow models serve` on a free loopback port vs plain Keras.
+
+    .venv/bin/python benchmarks/serve.py [--model models/export] [--requests 300] [--json out.json]
+
+Measures, in one run:
+  * warm single-image latency over HTTP (p50/p95/p99, >= 200 requests): one 48x48 face
+    as base64 PNG (`dataframe_split`), and as a uint8 pixel tensor (`inputs`); plus a
+    640x480 JPEG photo, which goes through the Haar face detector;
+  * batched throughput over HTTP: batches of 64 PNGs (images/s);
+  * the baseline in this process: `model.predict` on one image (the call people write
+    first) and on batches of 64, plus `predict_on_batch`, which the pyfunc uses.
+Without --model (or when models/export is missing) it exports an untrained `--arch`
+model to a temp dir: speed does not depend on the weights. Not a test: timings on a
+shared 2-core machine vary; run it on a quiet machine for README figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+
+def percentiles(samples_s: list[float]) -> dict[str, float]:
+    ms = np.asarray(samples_s) * 1000
+    return {
+        "n": int(len(ms)),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+    }
+
+
+def png_b64(pixels: np.ndarray) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def faces(n: int, seed: int = 0) -> np.ndarray:
+    from ferflow.classes import FER_CLASSES
+    from ferflow.synthetic import generate_face
+
+    rng = np.random.default_rng(seed)
+    return np.stack([generate_face(rng, FER_CLASSES[i % len(FER_CLASSES)]) for i in range(n)])
+
+
+def prepare_model(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
+    """(pyfunc directory, .keras file) to benchmark."""
+    if args.model and (Path(args.model) / "MLmodel").is_file():
+        export = Path(args.model)
+        return export, export / "artifacts" / "model.keras"
+    if args.model:
+        raise SystemExit(f"{args.model}: not an exported model (no MLmodel file)")
+    from ferflow import files
+    from ferflow.classes import FER_CLASSES
+    from ferflow.export import export_model
+    from ferflow.models import build_model
+
+    keras_path = work / "model.keras"
+    build_model(args.arch, len(FER_CLASSES)).save(keras_path)
+    files.write_json(work / "label_map.json", {"classes": list(FER_CLASSES)})
+    serve = {"detect_face": True, "tta": "none", "max_image_bytes": 10_000_000, "max_image_pixels": 25_000_000}
+    return export_model(keras_path, work / "label_map.json", serve, faces(1)[0], work / "export"), keras_path
+
+
+def time_requests(session: Any, url: str, payloads: list[str], warmup: int) -> list[float]:
+    headers = {"Content-Type": "application/json"}
+    for body in payloads[:warmup]:
+        session.post(url, data=body, headers=headers, timeout=60).raise_for_status()
+    samples = []
+    for body in payloads[warmup:]:
+        start = time.perf_counter()
+        resp = session.post(url, data=body, headers=headers, timeout=60)
+        samples.append(time.perf_counter() - start)
+        resp.raise_for_status()
+    return samples
+
+
+def baseline(keras_path: Path, x: np.ndarray, n: int, batch: int) -> dict[str, Any]:
+    import keras
+
+    from ferflow.preprocessing import normalize
+
+    model = keras.models.load_model(keras_path, compile=False)
+    xs = normalize(x)
+    one = xs[:1]
+    for _ in range(5):
+        model.predict(one, verbose=0)
+        model.predict_on_batch(one)
+    predict_one, on_batch_one = [], []
+    for i in range(n):
+        xi = xs[i % len(xs) : i % len(xs) + 1]
+        t = time.perf_counter()
+        model.predict(xi, verbose=0)
+        predict_one.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        model.predict_on_batch(xi)
+        on_batch_one.append(time.perf_counter() - t)
+    xb = xs[:batch]
+    model.predict(xb, verbose=0)
+    reps = max(3, 2000 // batch)
+    t = time.perf_counter()
+    for _ in range(reps):
+        model.predict(xb, verbose=0)
+    predict_batch = reps * len(xb) / (time.perf_counter() - t)
+    return {
+        "model.predict_single": percentiles(predict_one),
+        "predict_on_batch_single": percentiles(on_batch_one),
+        f"model.predict_batch{batch}_images_per_s": predict_batch,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="models/export" if Path("models/export/MLmodel").is_file() else None)
+    p.add_argument("--arch", default="seed001", help="architecture of the untrained model used without --model")
+    p.add_argument("--requests", type=int, default=300, help="timed single-image requests per payload kind (>= 200)")
+    p.add_argument("--photo-requests", type=int, default=100, help="timed single-photo requests (640x480 JPEG with a face)")
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batches", type=int, default=40, help="timed batched requests")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn workers (one request at a time here: 1 is fastest)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    args = p.parse_args()
+    if args.requests < 200:
+        p.error("--requests must be >= 200 for a meaningful p99")
+
+    import requests
+
+    from ferflow.faces import synthetic_photo
+    from ferflow.serving import local_server
+
+    with tempfile.TemporaryDirectory(prefix="ferflow-bench-") as tmp:
+        export, keras_path = prepare_model(args, Path(tmp))
+        x = faces(max(args.batch, 64))
+        single_png = [json.dumps({"dataframe_split": {"columns": ["image"], "data": [[png_b64(x[i % len(x)])]]}}) for i in range(args.requests + args.warmup)]
+        single_tensor = [json.dumps({"inputs": x[i % len(x)][None].tolist()}) for i in range(args.requests + args.warmup)]
+        batch_png = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[png_b64(f)] for f in x[: args.batch]]}})
+        batch_tensor = json.dumps({"inputs": x[: args.batch].tolist()})
+        photo = synthetic_photo(x[3], size=(640, 480), face_side=200, at=(220, 140))
+        buf = io.BytesIO()
+        photo.save(buf, format="JPEG", quality=90)
+        single_photo = [json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(buf.getvalue()).decode()]]}})]
+        results: dict[str, Any] = {
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_before": os.getloadavg()},
+            "model": str(export),
+            "workers": args.workers,
+        }
+        t0 = time.perf_counter()
+        with local_server(export, workers=args.workers) as url, requests.Session() as session:
+            results["server_start_s"] = time.perf_counter() - t0
+            inv = f"{url}/invocations"
+            results["http_single_png"] = percentiles(time_requests(session, inv, single_png, args.warmup))
+            results["http_single_tensor"] = percentiles(time_requests(session, inv, single_tensor, args.warmup))
+            results["http_single_photo_640x480_jpeg"] = percentiles(
+                time_requests(session, inv, single_photo * (args.photo_requests + 5), 5)
+            )
+            for name, body in (("png", batch_png), ("tensor", batch_tensor)):
+                samples = time_requests(session, inv, [body] * (args.batches + 3), 3)
+                results[f"http_batch{args.batch}_{name}_images_per_s"] = args.batch * len(samples) / sum(samples)
+        results["baseline"] = baseline(keras_path, x, args.requests, args.batch)
+        results["machine"]["load_avg_after"] = os.getloadavg()
+
+    print(f"server start: {results['server_start_s']:.1f} s   workers: {args.workers}   model: {results['model']}")
+    print(f"{'measurement':<44}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}")
+    for name, r in (
+        ("HTTP, 1 image, base64 PNG", results["http_single_png"]),
+        ("HTTP, 1 image, uint8 tensor", results["http_single_tensor"]),
+        ("HTTP, 1 photo 640x480 JPEG (face detection)", results["http_single_photo_640x480_jpeg"]),
+        ("in-process model.predict, 1 image", results["baseline"]["model.predict_single"]),
+        ("in-process predict_on_batch, 1 image", results["baseline"]["predict_on_batch_single"]),
+    ):
+        print(f"{name:<44}{r['p50_ms']:>9.2f}{r['p95_ms']:>9.2f}{r['p99_ms']:>9.2f}")
+    for key in (f"http_batch{args.batch}_png_images_per_s", f"http_batch{args.batch}_tensor_images_per_s"):
+        print(f"{key:<44}{results[key]:>9.0f}")
+    key = f"model.predict_batch{args.batch}_images_per_s"
+    print(f"{'in-process ' + key:<44}{results['baseline'][key]:>9.0f}")
+    if args.json:
+        from ferflow import files
+
+        files.write_json(args.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

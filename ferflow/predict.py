@@ -1,0 +1,262 @@
+"""Classify facial expressions in image files with the exported model (table, JSON, annotated PNG).
+
+    ferflow predict photo.jpg faces/ [--model models/export] [--annotate OUT.png] [--json]
+
+Runs the same MLflow pyfunc that `mlflow models serve` serves (face detection,
+preprocessing, optional TTA), in-process. Directories are searched recursively.
+Exit status: 0 all classified, 1 some files could not be classified, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+# Only light imports here: `ferflow --help` imports this module to list the subcommand.
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
+DEFAULT_MODEL = "models/export"
+BOX_KEYS = ("face_x", "face_y", "face_w", "face_h")
+
+
+class UsageError(ValueError):
+    """Bad arguments: missing files, no images, an unusable model path."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", metavar="IMG", help="image files, or directories searched recursively")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"exported model directory or MLflow model URI, e.g. models:/ferflow-emotion@champion (default: {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--annotate",
+        metavar="OUT.png",
+        help="write the image with the face box and label drawn on it; with several images, a directory for <name>.annotated.png",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+    parser.add_argument("--no-detect-face", action="store_true", help="classify whole images (skip the Haar face detector)")
+    parser.add_argument("--tta", choices=("none", "flip"), default=None, help="test-time augmentation (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
+
+
+def collect_images(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given; directories expanded (recursively) to their image files, sorted."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found.extend(
+                sorted(
+                    p
+                    for p in path.rglob("*")
+                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in p.parts)
+                )
+            )
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise UsageError(f"{path}: no such file or directory")
+    if not found:
+        raise UsageError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, paths))}")
+    return found
+
+
+def load_model(uri: str):
+    """An exported model directory or any MLflow model URI (models:/, runs:/, ...)."""
+    import mlflow
+
+    if "://" in uri or uri.startswith(("models:/", "runs:/")):
+        from ferflow import tracking
+
+        mlflow.set_tracking_uri(tracking.tracking_uri())  # the project store, for models:/ URIs
+        return mlflow.pyfunc.load_model(uri)
+    path = Path(uri)
+    if not (path / "MLmodel").is_file():
+        raise UsageError(f"{path}: not an exported model (no MLmodel file); run the export stage (`dvc repro`) or pass --model")
+    return mlflow.pyfunc.load_model(str(path))
+
+
+def model_classes(model: Any) -> list[str]:
+    """Class names in output order, from the model's output signature."""
+    outputs = model.metadata.get_output_schema()
+    names = outputs.input_names() if outputs is not None else []
+    skip = {"label", "confidence", "face_found", *BOX_KEYS}
+    return [n for n in names if n not in skip]
+
+
+def _record(path: Path, row: dict[str, Any], classes: Sequence[str]) -> dict[str, Any]:
+    probs = {c: float(row[c]) for c in classes}
+    top = sorted(probs.items(), key=lambda kv: -kv[1])[:3]
+    return {
+        "file": str(path),
+        "label": str(row["label"]),
+        "confidence": float(row["confidence"]),
+        "face_found": bool(row["face_found"]),
+        "face_box": [int(row[k]) for k in BOX_KEYS],
+        "top3": [[c, p] for c, p in top],
+        "probabilities": probs,
+    }
+
+
+def predict_files(
+    model: Any, paths: Sequence[Path], params: dict[str, Any], batch_size: int = 32, progress: Progress | None = None
+) -> list[dict[str, Any]]:
+    """One record per file: predictions, or {'file', 'error'} for a file that failed."""
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    classes = model_classes(model)
+    records: list[dict[str, Any]] = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        payload: list[tuple[Path, bytes]] = []
+        errors: dict[Path, str] = {}
+        for p in chunk:
+            try:
+                payload.append((p, p.read_bytes()))
+            except OSError as exc:
+                errors[p] = f"cannot read: {exc.strerror or exc}"
+        results: dict[Path, dict[str, Any]] = {}
+        if payload:
+            try:
+                out = model.predict(pd.DataFrame({"image": [b for _, b in payload]}), params=params)
+                results = {p: _record(p, row, classes) for (p, _), row in zip(payload, out.to_dict("records"))}
+            except MlflowException:
+                # one bad file fails the whole batch: redo it file by file to name the culprit
+                for p, data in payload:
+                    try:
+                        row = model.predict(pd.DataFrame({"image": [data]}), params=params).to_dict("records")[0]
+                        results[p] = _record(p, row, classes)
+                    except MlflowException as exc:
+                        errors[p] = exc.message.replace("row 0: ", "")
+        for p in chunk:
+            records.append(results[p] if p in results else {"file": str(p), "error": errors[p]})
+        if progress is not None:
+            progress.update(len(chunk))
+    return records
+
+
+class Progress:
+    """A one-line progress bar on a terminal (silent when `enabled` is false)."""
+
+    def __init__(self, total: int, stream: TextIO = sys.stderr, enabled: bool = True, width: int = 30) -> None:
+        self.total, self.done, self.stream, self.enabled, self.width = total, 0, stream, enabled, width
+        self.start = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.done = min(self.total, self.done + n)
+        if not self.enabled:
+            return
+        filled = round(self.width * self.done / max(self.total, 1))
+        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} images  {rate:.0f}/s")
+        if self.done >= self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def format_table(records: Sequence[dict[str, Any]]) -> str:
+    """Aligned text table: file, face found, label, confidence, top-3 (errors in place of labels)."""
+    header = ("file", "face", "label", "conf", "top-3")
+    rows = []
+    for r in records:
+        if "error" in r:
+            rows.append((r["file"], "-", "ERROR", "-", r["error"]))
+        else:
+            top3 = ", ".join(f"{c} {p:.2f}" for c, p in r["top3"])
+            rows.append((r["file"], "yes" if r["face_found"] else "no", r["label"], f"{r['confidence']:.3f}", top3))
+    widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header) - 1)]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row[:-1], widths)) + "  " + str(row[-1]) for row in (header, *rows)]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _to_rgb(img):
+    from PIL import Image
+
+    from ferflow.preprocessing import to_grayscale
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return Image.merge("RGB", [to_grayscale(img)] * 3)  # PIL's RGB conversion would clip these
+    return img.convert("RGB")
+
+
+def annotate(image_path: Path, record: dict[str, Any], out: str | Path) -> Path:
+    """Draw the classified square and 'label confidence' onto the original image; write a PNG atomically."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from ferflow import files
+
+    with Image.open(image_path) as src:
+        img = _to_rgb(src)
+    draw = ImageDraw.Draw(img)
+    x, y, w, h = record["face_box"]
+    thickness = max(1, round(min(img.size) / 150))
+    colour = (40, 220, 60) if record["face_found"] else (255, 190, 0)  # green: detected face; amber: whole image
+    if record["face_found"]:
+        draw.rectangle((x, y, x + w - 1, y + h - 1), outline=colour, width=thickness)
+    text = f"{record['label']} {record['confidence']:.2f}" + ("" if record["face_found"] else " (no face found)")
+    font = ImageFont.load_default(size=max(10, round(min(img.size) / 18)))
+    tx, ty = (x, max(0, y - font.size - 2 * thickness)) if record["face_found"] else (2, 2)
+    left, top, right, bottom = draw.textbbox((tx, ty), text, font=font)
+    draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=(0, 0, 0))
+    draw.text((tx, ty), text, fill=colour, font=font)
+    out = Path(out)
+    with files.atomic_path(out) as tmp:
+        img.save(tmp, format="PNG")
+    return out
+
+
+def annotation_paths(paths: Sequence[Path], target: str | Path) -> list[Path]:
+    """`target` itself for one image; else `target/<stem>.annotated.png`, numbered when stems repeat."""
+    if len(paths) == 1:
+        return [Path(target)]
+    seen: dict[str, int] = {}
+    out = []
+    for p in paths:
+        n = seen.get(p.stem, 0)
+        seen[p.stem] = n + 1
+        out.append(Path(target) / (f"{p.stem}.annotated.png" if n == 0 else f"{p.stem}-{n}.annotated.png"))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    # before TF/MLflow are imported: no C++ log lines or download bars around the table
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        if args.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+        paths = collect_images(args.images)
+        if args.annotate and len(paths) > 1 and Path(args.annotate).suffix:
+            raise UsageError(f"--annotate {args.annotate}: {len(paths)} images need a directory, not a file name")
+        model = load_model(args.model)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    params: dict[str, Any] = {}
+    if args.no_detect_face:
+        params["detect_face"] = False
+    if args.tta:
+        params["tta"] = args.tta
+    progress = Progress(len(paths), enabled=sys.stderr.isatty() and len(paths) > 1)
+    records = predict_files(model, paths, params, args.batch_size, progress)
+    if args.annotate:
+        for path, record, out in zip(paths, records, annotation_paths(paths, args.annotate)):
+            if "error" not in record:
+                record["annotated"] = str(annotate(path, record, out))
+    if args.json:
+        print(json.dumps(records, indent=2))
+    else:
+        print(format_table(records))
+    failed = sum("error" in r for r in records)
+    if failed:
+        print(f"{failed} of {len(records)} file(s) could not be classified", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,157 @@
+"""`ferflow predict`: table, --json, --annotate, directories, errors (through ferflow.cli.main)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ferflow import files
+from ferflow.classes import FER_CLASSES
+from ferflow.cli import build_parser, main
+from ferflow.faces import synthetic_photo
+from ferflow.predict import Progress, annotation_paths, collect_images, format_table
+from ferflow.synthetic import generate_face
+
+PHOTO_SIZE = (800, 600)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import keras
+
+    from ferflow.export import export_model
+    from ferflow.models import build_model
+
+    work = tmp_path_factory.mktemp("predict-model")
+    keras.utils.set_random_seed(0)
+    build_model("ferflow_tiny", len(FER_CLASSES)).save(work / "model.keras")
+    files.write_json(work / "label_map.json", {"classes": list(FER_CLASSES)})
+    serve = {"detect_face": True, "tta": "none", "max_image_bytes": 2_000_000, "max_image_pixels": 4_000_000}
+    face = generate_face(np.random.default_rng(0), "sad")
+    return export_model(work / "model.keras", work / "label_map.json", serve, face, work / "export")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(5)
+    (d / "crops").mkdir()
+    paths = {
+        "crop_png": d / "crops" / "happy.png",
+        "crop_bmp": d / "crops" / "surprise.bmp",
+        "photo": d / "photo.jpg",
+        "noface": d / "wall.webp",
+    }
+    Image.fromarray(generate_face(rng, "happy")).save(paths["crop_png"])
+    Image.fromarray(generate_face(rng, "surprise")).save(paths["crop_bmp"])
+    synthetic_photo(generate_face(np.random.default_rng(0), "happy"), size=PHOTO_SIZE).save(paths["photo"], quality=92)
+    synthetic_photo(None, size=(320, 240)).save(paths["noface"])
+    (d / "notes.txt").write_text("not an image, and not listed: wrong suffix")
+    (d / ".hidden").mkdir()
+    Image.fromarray(generate_face(rng, "sad")).save(d / ".hidden" / "skipped.png")
+    return paths
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = main(["predict", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_predict_is_a_cli_subcommand() -> None:
+    args = build_parser().parse_args(["predict", "a.png", "--json"])
+    assert args.images == ["a.png"] and args.json and args.model == "models/export"
+
+
+def test_collect_images_walks_directories(images: dict[str, Path]) -> None:
+    root = images["photo"].parent
+    assert collect_images([root]) == sorted(images.values())  # no .txt, no hidden folder
+    assert collect_images([images["photo"]]) == [images["photo"]]
+
+
+def test_table_for_a_directory_with_a_broken_file(capsys, model_dir: Path, images: dict[str, Path], tmp_path: Path) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"this is not a PNG")
+    rc, out, err = run_cli(capsys, str(images["photo"].parent), str(broken), "--model", str(model_dir))
+    assert rc == 1 and "1 of 5 file(s) could not be classified" in err
+    lines = out.splitlines()
+    assert lines[0].split() == ["file", "face", "label", "conf", "top-3"]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert set(rows) == {*map(str, images.values()), str(broken)}
+    assert rows[str(images["photo"])].split()[1] == "yes"
+    assert rows[str(images["noface"])].split()[1] == "no"
+    assert "ERROR" in rows[str(broken)] and "not an image" in rows[str(broken)]
+    for path in images.values():
+        fields = rows[str(path)].split()
+        assert fields[2] in FER_CLASSES and 0 < float(fields[3]) <= 1
+        assert fields[4] == fields[2]  # top-3 starts with the label
+
+
+def test_json_output(capsys, model_dir: Path, images: dict[str, Path]) -> None:
+    rc, out, _ = run_cli(capsys, str(images["crop_png"]), str(images["photo"]), "--model", str(model_dir), "--json")
+    assert rc == 0
+    records = json.loads(out)
+    assert [r["file"] for r in records] == [str(images["crop_png"]), str(images["photo"])]
+    for r in records:
+        assert sum(r["probabilities"].values()) == pytest.approx(1.0)
+        assert r["label"] == r["top3"][0][0] and r["confidence"] == pytest.approx(r["top3"][0][1])
+        assert [p for _, p in r["top3"]] == sorted((p for _, p in r["top3"]), reverse=True)
+    assert records[0]["face_found"] is False and records[0]["face_box"] == [0, 0, 48, 48]
+    assert records[1]["face_found"] is True
+    x, y, w, h = records[1]["face_box"]
+    assert 250 < x < 350 and 120 < y < 220 and 180 < w < 300  # the face pasted at (300, 150), 240 px
+    # --no-detect-face: the whole photo, centre square
+    rc, out, _ = run_cli(capsys, str(images["photo"]), "--model", str(model_dir), "--json", "--no-detect-face")
+    assert json.loads(out)[0]["face_box"] == [100, 0, 600, 600]
+
+
+def test_annotate_writes_a_png_of_the_original_size(capsys, model_dir: Path, images: dict[str, Path], tmp_path: Path) -> None:
+    out_png = tmp_path / "out" / "annotated.png"
+    rc, out, _ = run_cli(capsys, str(images["photo"]), "--model", str(model_dir), "--annotate", str(out_png), "--json")
+    assert rc == 0
+    (record,) = json.loads(out)
+    assert record["annotated"] == str(out_png)
+    with Image.open(out_png) as img:
+        assert img.format == "PNG" and img.size == PHOTO_SIZE
+        annotated = np.asarray(img.convert("RGB"))
+    original = np.asarray(Image.open(images["photo"]).convert("RGB"))
+    x, y, w, h = record["face_box"]
+    assert tuple(annotated[y + h // 2, x]) == (40, 220, 60)  # the box's left edge, in green
+    assert np.array_equal(annotated[-50:, -50:], original[-50:, -50:])  # away from box and label: untouched
+    # several images: --annotate is a directory, one PNG each, original sizes
+    rc, _, _ = run_cli(capsys, str(images["crop_png"]), str(images["noface"]), "--model", str(model_dir), "--annotate", str(tmp_path / "many"))
+    assert rc == 0
+    assert Image.open(tmp_path / "many" / "happy.annotated.png").size == (48, 48)
+    assert Image.open(tmp_path / "many" / "wall.annotated.png").size == (320, 240)
+
+
+def test_usage_errors_exit_2(capsys, model_dir: Path, images: dict[str, Path], tmp_path: Path) -> None:
+    rc, _, err = run_cli(capsys, str(tmp_path / "missing.png"), "--model", str(model_dir))
+    assert rc == 2 and "missing.png: no such file or directory" in err
+    rc, _, err = run_cli(capsys, str(images["photo"]), "--model", str(tmp_path))
+    assert rc == 2 and "not an exported model (no MLmodel file)" in err
+    rc, _, err = run_cli(capsys, str(images["photo"]), str(images["noface"]), "--model", str(model_dir), "--annotate", "x.png")
+    assert rc == 2 and "need a directory" in err
+    (tmp_path / "empty").mkdir()
+    rc, _, err = run_cli(capsys, str(tmp_path / "empty"), "--model", str(model_dir))
+    assert rc == 2 and "no image files" in err
+
+
+def test_progress_bar_and_helpers() -> None:
+    stream = io.StringIO()
+    bar = Progress(3, stream=stream, width=10)
+    bar.update(2)
+    bar.update(1)
+    shown = stream.getvalue()
+    assert "\r[#######...] 2/3 images" in shown and "\r[##########] 3/3 images" in shown and shown.endswith("/s\n")
+    silent = io.StringIO()
+    Progress(3, stream=silent, enabled=False).update(3)
+    assert silent.getvalue() == ""
+    assert annotation_paths([Path("a/x.png"), Path("b/x.png")], "out") == [Path("out/x.annotated.png"), Path("out/x-1.annotated.png")]
+    table = format_table([{"file": "f.png", "error": "not an image"}])
+    assert table.splitlines()[1].split()[:3] == ["f.png", "-", "ERROR"]

@@ -1,0 +1,334 @@
+"""The served model: one real `mlflow models serve` (session fixture) answering real requests.
+
+Expected probabilities come from the Keras model called directly on
+`preprocessing.prepare_batch` output, so these tests also pin the served model to the
+extract stage's preprocessing.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from ferflow import files
+from ferflow.classes import FER_CLASSES
+from ferflow.faces import DETECT_MIN_SIDE, Box, FaceDetector, centre_square, square_with_margin, synthetic_photo
+from ferflow.preprocessing import decode_image, normalize, prepare_batch, to_grayscale
+from ferflow.serving import RequestError, ServeConfig, decode_base64, local_server, pixels_to_batch
+from ferflow.synthetic import generate_face
+
+SERVE_CONFIG = {
+    "detect_face": True,
+    "tta": "none",
+    "max_image_bytes": 400_000,
+    "max_image_pixels": 1_000_000,
+    "min_image_side": 16,
+    "face_margin": 0.05,
+}
+PHOTO_FACE_AT, PHOTO_FACE_SIDE = (300, 150), 240
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def encode(img: Image.Image | np.ndarray, fmt: str = "PNG", **kw) -> bytes:
+    if isinstance(img, np.ndarray):
+        img = Image.fromarray(img)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims width x height but holds (almost) no data: a decompression bomb's header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def faces(n: int, seed: int = 7) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([generate_face(rng, FER_CLASSES[i % len(FER_CLASSES)]) for i in range(n)])
+
+
+def face_photo() -> Image.Image:
+    return synthetic_photo(generate_face(np.random.default_rng(0), "happy"), at=PHOTO_FACE_AT, face_side=PHOTO_FACE_SIDE)
+
+
+def iou(a: Box, b: Box) -> float:
+    ix = max(0, min(a.x + a.w, b.x + b.w) - max(a.x, b.x))
+    iy = max(0, min(a.y + a.h, b.y + b.h) - max(a.y, b.y))
+    inter = ix * iy
+    return inter / (a.area + b.area - inter)
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def served_model(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A ferflow_tiny model trained for a few steps (so outputs depend on the input), exported."""
+    import keras
+
+    from ferflow.export import export_model
+    from ferflow.models import build_model
+
+    work = tmp_path_factory.mktemp("served")
+    keras.utils.set_random_seed(0)
+    model = build_model("ferflow_tiny", len(FER_CLASSES))
+    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
+    x = faces(140, seed=1)
+    model.fit(prepare_batch(list(x)), np.arange(140) % len(FER_CLASSES), epochs=3, batch_size=35, verbose=0)
+    model.save(work / "model.keras")
+    files.write_json(work / "label_map.json", {"classes": list(FER_CLASSES)})
+    export = export_model(work / "model.keras", work / "label_map.json", SERVE_CONFIG, x[0], work / "export")
+    return {"export": export, "keras": model}
+
+
+@pytest.fixture(scope="session")
+def server(served_model: dict, tmp_path_factory: pytest.TempPathFactory):
+    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    with local_server(served_model["export"], workers=1, log_path=log) as url:
+        yield url
+
+
+def post(url: str, payload: dict | str) -> requests.Response:
+    if isinstance(payload, str):
+        return requests.post(f"{url}/invocations", data=payload, headers={"Content-Type": "application/json"}, timeout=60)
+    return requests.post(f"{url}/invocations", json=payload, timeout=60)
+
+
+def predictions(url: str, payload: dict) -> list[dict]:
+    resp = post(url, payload)
+    assert resp.status_code == 200, resp.text[:2000]
+    return resp.json()["predictions"]
+
+
+def probs_of(rows: list[dict]) -> np.ndarray:
+    return np.array([[r[c] for c in FER_CLASSES] for r in rows])
+
+
+def direct(model, batch: np.ndarray, tta: str = "none") -> np.ndarray:
+    p = np.asarray(model.predict_on_batch(batch), dtype=np.float64)
+    if tta == "flip":
+        p = (p + np.asarray(model.predict_on_batch(batch[:, :, ::-1, :]), dtype=np.float64)) / 2
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def check_rows(rows: list[dict]) -> None:
+    for r in rows:
+        p = np.array([r[c] for c in FER_CLASSES])
+        assert r["label"] in FER_CLASSES
+        assert r["label"] == FER_CLASSES[int(p.argmax())]
+        assert r["confidence"] == pytest.approx(p.max())
+        assert p.sum() == pytest.approx(1.0, abs=1e-6)
+        assert isinstance(r["face_found"], bool)
+
+
+# ---------------------------------------------------------------- unit tests (no server)
+
+
+def test_pixels_to_batch_accepts_each_shape_and_scale() -> None:
+    x = faces(3)
+    expected = normalize(x)
+    for arr in (x, x[..., None], x.reshape(3, -1), x.astype(np.int64), x / 255.0, (x / 255.0).astype(np.float32)):
+        np.testing.assert_allclose(pixels_to_batch(arr), expected, atol=1e-6)
+    np.testing.assert_allclose(pixels_to_batch(x.astype(np.float64), "0-255"), expected, atol=1e-6)
+    ones = (x > 127).astype(np.int64)  # a float image whose JSON writer printed 1.0 as 1
+    np.testing.assert_allclose(pixels_to_batch(ones, "0-1"), ones[..., None].astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    ("array", "pixel_range", "message"),
+    [
+        (np.zeros((2, 47, 48), np.uint8), "auto", "shape (2, 47, 48)"),
+        (np.zeros((48, 48), np.uint8), "auto", "wrap it in a list"),
+        (np.zeros((0, 48, 48), np.uint8), "auto", "N >= 1"),
+        (np.full((1, 48, 48), "a"), "auto", "dtype <U1"),
+        (np.zeros((1, 48, 48), bool), "auto", "dtype bool"),
+        ([[1, 2], [3]], "auto", "ragged"),
+        (np.full((1, 48, 48), 2.0), "auto", "outside 0-1"),
+        (np.full((1, 48, 48), 256), "auto", "outside 0-255"),
+        (np.full((1, 48, 48), -1), "auto", "outside 0-255"),
+        (np.full((1, 48, 48), np.nan), "auto", "NaN"),
+        (np.zeros((1, 48, 48), np.uint8), "0-100", "param 'pixel_range'"),
+    ],
+)
+def test_pixels_to_batch_rejects(array, pixel_range: str, message: str) -> None:
+    with pytest.raises(RequestError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        pixels_to_batch(array, pixel_range)
+
+
+def test_decode_base64_is_strict_and_bounded() -> None:
+    data = encode(faces(1)[0])
+    text = b64(data)
+    assert decode_base64(text, 0, 10_000) == data
+    assert decode_base64(f"data:image/png;base64,{text}", 0, 10_000) == data
+    wrapped = "\n".join(text[i : i + 76] for i in range(0, len(text), 76))  # `base64` CLI output
+    assert decode_base64(wrapped, 0, 10_000) == data
+    with pytest.raises(RequestError, match="row 3: column 'image' is not valid base64"):
+        decode_base64("not*base64!", 3, 10_000)
+    with pytest.raises(RequestError, match="over the limit of 100"):
+        decode_base64(text, 0, 100)
+
+
+def test_serve_config_validation() -> None:
+    assert ServeConfig.from_mapping({**SERVE_CONFIG, "unknown_future_key": 1}).max_image_bytes == 400_000
+    with pytest.raises(ValueError, match=r"serve.tta = 'mirror'"):
+        ServeConfig.from_mapping({"tta": "mirror"})
+    with pytest.raises(ValueError, match=r"serve.max_image_pixels = 0"):
+        ServeConfig.from_mapping({"max_image_pixels": 0})
+
+
+def test_square_with_margin_stays_inside_the_image() -> None:
+    assert square_with_margin(Box(40, 40, 20, 20), 100, 100, 0.5) == Box(30, 30, 40, 40)
+    assert square_with_margin(Box(0, 0, 20, 20), 100, 100, 0.5) == Box(0, 0, 40, 40)  # shifted, not padded
+    assert square_with_margin(Box(70, 10, 30, 30), 100, 50, 0.5) == Box(50, 0, 50, 50)  # shrunk to the short side
+    assert centre_square(800, 600) == Box(100, 0, 600, 600)
+
+
+def test_detector_finds_the_pasted_face_and_nothing_in_a_plain_photo() -> None:
+    det = FaceDetector(margin=0.05)
+    crop, box, found = det.locate(face_photo())
+    assert found and iou(box, Box(*PHOTO_FACE_AT, PHOTO_FACE_SIDE, PHOTO_FACE_SIDE)) > 0.5
+    assert crop.size == (box.w, box.h) and crop.mode == "L"
+    assert det.locate(synthetic_photo(None))[1:] == (Box(100, 0, 600, 600), False)
+    small = Image.fromarray(faces(1)[0])  # a face crop already: classified whole
+    assert small.size[0] < DETECT_MIN_SIDE and det.locate(small)[1:] == (Box(0, 0, 48, 48), False)
+
+
+# ---------------------------------------------------------------- through the real server
+
+
+def test_png_and_jpeg_faces_match_the_keras_model(server: str, served_model: dict) -> None:
+    x = faces(7)
+    pngs = [encode(f) for f in x]
+    jpegs = [encode(Image.fromarray(f).convert("RGB"), "JPEG", quality=90) for f in x]  # colour JPEG, 3 channels
+    for blobs in (pngs, jpegs):
+        rows = predictions(server, {"dataframe_records": [{"image": b64(b)} for b in blobs]})
+        assert len(rows) == len(x)
+        check_rows(rows)
+        assert not any(r["face_found"] for r in rows)  # 48x48: already a face crop
+        assert all([r["face_x"], r["face_y"], r["face_w"], r["face_h"]] == [0, 0, 48, 48] for r in rows)
+        expected = direct(served_model["keras"], prepare_batch([decode_image(b) for b in blobs]))
+        np.testing.assert_allclose(probs_of(rows), expected, atol=1e-5)
+    split = predictions(server, {"dataframe_split": {"columns": ["image"], "data": [[b64(b)] for b in pngs]}})
+    np.testing.assert_allclose(probs_of(split), probs_of(predictions(server, {"dataframe_records": [{"image": b64(b)} for b in pngs]})))
+
+
+def test_large_rgb_photo_is_cropped_to_the_face(server: str, served_model: dict) -> None:
+    photo = face_photo()
+    jpeg = encode(photo, "JPEG", quality=92)
+    (row,) = predictions(server, {"dataframe_records": [{"image": b64(jpeg)}]})
+    check_rows([row])
+    box = Box(row["face_x"], row["face_y"], row["face_w"], row["face_h"])
+    assert row["face_found"] is True
+    assert iou(box, Box(*PHOTO_FACE_AT, PHOTO_FACE_SIDE, PHOTO_FACE_SIDE)) > 0.5
+    gray = to_grayscale(decode_image(jpeg))
+    expected = direct(served_model["keras"], prepare_batch([gray.crop((box.x, box.y, box.x + box.w, box.y + box.h))]))
+    np.testing.assert_allclose(probs_of([row]), expected, atol=1e-5)
+    # per-request param: no detection -> the centre square of the whole photo
+    (whole,) = predictions(server, {"dataframe_records": [{"image": b64(jpeg)}], "params": {"detect_face": False}})
+    assert whole["face_found"] is False and (whole["face_x"], whole["face_w"]) == (100, 600)
+
+
+def test_photo_without_a_face_is_classified_whole(server: str, served_model: dict) -> None:
+    png = encode(synthetic_photo(None, size=(320, 240), seed=3).convert("RGBA"))  # RGBA: any colour mode
+    (row,) = predictions(server, {"dataframe_records": [{"image": b64(png)}]})
+    check_rows([row])
+    assert row["face_found"] is False
+    assert [row["face_x"], row["face_y"], row["face_w"], row["face_h"]] == [40, 0, 240, 240]
+    np.testing.assert_allclose(probs_of([row]), direct(served_model["keras"], prepare_batch([decode_image(png)])), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x: {"inputs": x.tolist()},  # (N,48,48) uint8 as JSON integers
+        lambda x: {"inputs": x[..., None].tolist()},  # (N,48,48,1)
+        lambda x: {"inputs": x.reshape(len(x), -1).tolist()},  # (N,2304)
+        lambda x: {"inputs": (x / 255.0).tolist()},  # floats 0..1
+        lambda x: {"instances": x.tolist()},
+        lambda x: {"instances": [{"image": f.tolist()} for f in x]},
+        lambda x: {"inputs": {"image": x.tolist()}},
+        lambda x: {"inputs": (x / 255.0).round().astype(int).tolist(), "params": {"pixel_range": "0-1"}},
+    ],
+    ids=["inputs-N48x48", "inputs-N48x48x1", "inputs-N2304", "inputs-float", "instances", "instances-records", "inputs-named", "pixel-range"],
+)
+def test_pixel_tensors(server: str, served_model: dict, make) -> None:
+    x = faces(5)
+    payload = make(x)
+    rows = predictions(server, payload)
+    check_rows(rows)
+    assert len(rows) == 5 and not any(r["face_found"] for r in rows)
+    pixels = (x / 255.0).round() if payload.get("params") else x / 255.0
+    expected = direct(served_model["keras"], pixels[..., None].astype(np.float32))
+    np.testing.assert_allclose(probs_of(rows), expected, atol=1e-5)
+
+
+def test_tensor_and_png_of_the_same_face_agree_and_tta_averages_flips(server: str, served_model: dict) -> None:
+    x = faces(4)
+    from_png = predictions(server, {"dataframe_records": [{"image": b64(encode(f))} for f in x]})
+    from_tensor = predictions(server, {"inputs": x.tolist()})
+    np.testing.assert_allclose(probs_of(from_png), probs_of(from_tensor), atol=1e-6)
+    flipped = predictions(server, {"inputs": x.tolist(), "params": {"tta": "flip"}})
+    np.testing.assert_allclose(probs_of(flipped), direct(served_model["keras"], normalize(x), tta="flip"), atol=1e-5)
+    assert not np.allclose(probs_of(flipped), probs_of(from_tensor), atol=1e-6)  # the param did something
+
+
+def _bad_requests() -> dict[str, tuple[object, str]]:
+    good = b64(encode(faces(1)[0]))
+    noise = np.random.default_rng(0).integers(0, 256, (420, 420, 3), dtype=np.uint8)  # PNG > 400 kB, 176k pixels
+    png = encode(faces(1)[0])
+    return {
+        "not-base64": ({"dataframe_records": [{"image": "this is *not* base64!"}]}, "column 'image' is not valid base64"),
+        "not-an-image": ({"dataframe_records": [{"image": b64(b"hello, I am plain text")}]}, "not an image"),
+        "empty-image": ({"dataframe_records": [{"image": ""}]}, "empty file (0 bytes)"),
+        "one-pixel": ({"dataframe_records": [{"image": b64(encode(np.zeros((1, 1), np.uint8)))}]}, "1x1 pixels, below the minimum"),
+        "decompression-bomb": ({"dataframe_records": [{"image": b64(png_header_only(100_000, 100_000))}]}, "decompression bomb"),
+        "too-many-pixels": (
+            {"dataframe_records": [{"image": b64(encode(np.zeros((1000, 1100), np.uint8)))}]},
+            "1100x1000 = 1100000 pixels, over the limit of 1000000",
+        ),
+        "too-many-bytes": ({"dataframe_records": [{"image": b64(encode(noise))}]}, "over the limit of 400000 (serve.max_image_bytes)"),
+        "truncated": ({"dataframe_records": [{"image": b64(png[: len(png) // 2])}]}, "corrupt or truncated"),
+        "second-row-bad": ({"dataframe_records": [{"image": good}, {"image": b64(b"GIF89a-nope")}]}, "row 1: column 'image'"),
+        "null": ({"dataframe_records": [{"image": None}]}, "row 0: column 'image' is empty (null)"),
+        "tensor-wrong-shape": ({"inputs": np.zeros((2, 47, 48), int).tolist()}, "shape (2, 47, 48): expected (N,48,48)"),
+        "tensor-wrong-dtype": ({"inputs": [[["x"] * 48] * 48]}, "dtype <U1"),
+        "tensor-ragged": ({"inputs": [[1, 2, 3], [4]]}, "ragged"),
+        "tensor-float-over-1": ({"inputs": np.full((1, 48, 48), 200.5).tolist()}, "outside 0-1 for floats"),
+        "missing-column": ({"dataframe_records": [{"img": good}]}, "missing column 'image'"),
+        "mixed-kinds": ({"dataframe_records": [{"image": good}, {"image": np.zeros((48, 48), int).tolist()}]}, "mixes encoded images"),
+        "bad-param": ({"dataframe_records": [{"image": good}], "params": {"tta": "mirror"}}, "param 'tta' = 'mirror'"),
+        "not-json": ("{not json", "valid JSON"),
+    }
+
+
+BAD = _bad_requests()
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_request_gets_4xx_naming_the_problem_and_server_keeps_serving(server: str, case: str) -> None:
+    payload, message = BAD[case]
+    resp = post(server, payload)
+    assert 400 <= resp.status_code < 500, (resp.status_code, resp.text[:500])
+    body = resp.json()
+    assert message in body["message"], body["message"][:1000]
+    assert len(body["message"]) < 2000  # the reason, not a dump of the request
+    rows = predictions(server, {"dataframe_records": [{"image": b64(encode(faces(1)[0]))}]})
+    check_rows(rows)
