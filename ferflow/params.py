@@ -145,6 +145,8 @@ SCHEMA = Section(
                 "tta": _choice("none", TTA_MODES),
                 "max_image_bytes": _int(10_000_000, 1),
                 "max_image_pixels": _int(25_000_000, 1),
+                "min_image_side": _int(16, 1),
+                "face_margin": _float(0.05, "a fraction of the face size in [0, 1]", lambda v: 0 <= v <= 1),
             }
         ),
     }
