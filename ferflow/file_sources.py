@@ -1,66 +1,476 @@
-"""Real-data sources: image folders in the FER-2013 (Kaggle) layout.
+"""Real-data sources: image folders, zips of them, and the original fer2013.csv.
+
+Folder layouts (found at the top of the folder/zip or up to 4 levels below it, e.g.
+under the `fer2013/` or `images/` wrapper folder that downloads come with):
 
     <root>/train/<class>/*.jpg   <root>/test/<class>/*.jpg   [<root>/val|validation/<class>/...]
 
-Class folder names are mapped to the canonical FER-2013 names (synonyms, any case);
-an unknown class folder is an error naming it.
+- Class folder names are mapped to the canonical FER-2013 names (synonyms such as
+  fearful/disgusted/surprised/happiness/sadness/anger, any case; `data.class_map` adds
+  more); an unknown class folder is an error naming it and listing the accepted names.
+- Without a `test/` folder, `val/`/`validation/` is the held-out test split (seed 000's
+  `images/train` + `images/validation` layout); val is then carved out of train.
+- Hidden files and folders (`.*`), `__MACOSX/`, `Thumbs.db` and `desktop.ini` are skipped
+  and counted; files outside the split folders are counted as skipped; a file directly
+  inside a split folder (no class folder) is a rejected row.
+- Every other file is handed to ingest whatever its extension: a non-image becomes a
+  rejected row there, never a silent drop.
+
+Zips are read member by member without extracting. A zip holding an absolute path, a
+`..` component or a symlink is refused whole (it was built to write outside its
+folder); entry count and total uncompressed size are bounded.
+
+`fer2013.csv` (columns emotion, pixels, Usage; also accepted as the only CSV of a
+folder or zip): Usage Training -> train, PublicTest -> val, PrivateTest -> test.
 """
 
 from __future__ import annotations
 
+import csv
+import functools
+import io
 import os
-from collections.abc import Iterator
+import re
+import stat
+import struct
+import threading
+import zipfile
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from ferflow.classes import canonical_class
-from ferflow.sources import Source, SourceItem
+import numpy as np
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
-SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "validation": "val", "test": "test"}
+from ferflow.classes import FER2013_CSV_LABELS, canonical_class
+from ferflow.preprocessing import ImageError
+from ferflow.sources import Source, SourceItem, SourceReject
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")  # what we expect; others are tried too
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+CSV_USAGE = {"training": "train", "publictest": "val", "privatetest": "test"}
+JUNK_NAMES = {"__macosx", "thumbs.db", "desktop.ini"}
+
+MAX_SEARCH_DEPTH = 4  # wrapper folders allowed above the split folders
+MAX_FILE_BYTES = 64 * 2**20  # one image file; bigger ones are rejected rows, not read
+MAX_ZIP_ENTRIES = 1_000_000
+MAX_ZIP_BYTES = 16 * 2**30  # total uncompressed size of a zip
 
 
 def split_of(name: str) -> str | None:
     return SPLIT_NAMES.get(name.lower())
 
 
-class FolderSource(Source):
-    kind = "folder"
+def is_junk(name: str) -> bool:
+    """Hidden files/folders and OS litter: skipped (and counted), never ingested."""
+    return name.startswith(".") or name.lower() in JUNK_NAMES
 
-    def __init__(self, root: Path, class_map: dict[str, str] | None = None):
-        self.root = root
-        self.class_map = class_map or {}
-        self.split_dirs = self._find_split_dirs(root)
 
-    @staticmethod
-    def _find_split_dirs(root: Path) -> dict[str, Path]:
-        found: dict[str, Path] = {}
-        for entry in sorted(root.iterdir()):
-            split = split_of(entry.name) if entry.is_dir() else None
-            if split:
-                if split in found:
-                    raise ValueError(f"{root}: both {found[split].name!r} and {entry.name!r} name the {split!r} split")
-                found[split] = entry
-        if not found:
-            raise ValueError(f"{root}: no train/ or test/ folder found (expected <root>/train/<class>/..., <root>/test/<class>/...)")
-        return found
+def _classify(part: str, junk: set[str], clean: set[str]) -> bool:
+    (junk if is_junk(part) else clean).add(part)
+    return part in junk
+
+
+@dataclass(frozen=True)
+class _File:
+    parts: tuple[str, ...]  # path components inside the container
+    read: Callable[[], bytes]
+    member: str = ""  # the zip member name, for zips
+
+    @property
+    def rel(self) -> str:
+        return "/".join(self.parts)
+
+
+# --- readers --------------------------------------------------------------------------
+
+
+def _read_file(path: str, limit: int) -> bytes:
+    with open(path, "rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise ImageError(f"file is over the limit of {limit} bytes")
+    return data
+
+
+_ZIP_HANDLES: dict[tuple[str, int], tuple[zipfile.ZipFile, threading.Lock]] = {}
+
+
+def _read_zip_member(zip_path: str, info: zipfile.ZipInfo, limit: int) -> bytes:
+    """One member's bytes, with its CRC checked.
+
+    Stored and deflated members (all real-world image zips) are read with `os.pread`
+    on a fresh descriptor: no shared file offset, so it is safe from threads and from
+    forked worker processes alike, and cheaper than ZipFile.open.
+    """
+    if info.flag_bits & 0x1:
+        raise ImageError("encrypted zip entry")
+    if info.file_size > limit:
+        raise ImageError(f"zip entry is {info.file_size} bytes, over the limit of {limit}")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or not hasattr(os, "pread"):
+        return _read_zip_member_slow(zip_path, info)
+    fd = os.open(zip_path, os.O_RDONLY)
+    try:
+        header = os.pread(fd, 30, info.header_offset)
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            raise ImageError("corrupt zip entry (bad local header)")
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        data = os.pread(fd, info.compress_size, info.header_offset + 30 + name_len + extra_len)
+    finally:
+        os.close(fd)
+    if len(data) != info.compress_size:
+        raise ImageError("truncated zip entry")
+    if info.compress_type == zipfile.ZIP_DEFLATED:
+        try:
+            # max_length: never inflate past the size the directory declares (zip bombs)
+            data = zlib.decompressobj(-15).decompress(data, info.file_size + 1)
+        except zlib.error as exc:
+            raise ImageError(f"corrupt zip entry ({exc})") from None
+    if len(data) != info.file_size or zlib.crc32(data) != info.CRC:
+        raise ImageError("corrupt zip entry (size or CRC mismatch)")
+    return data
+
+
+def _read_zip_member_slow(zip_path: str, info: zipfile.ZipInfo) -> bytes:
+    # One ZipFile per process (a forked child must not share the parent's file offset).
+    key = (zip_path, os.getpid())
+    if key not in _ZIP_HANDLES:
+        _ZIP_HANDLES[key] = (zipfile.ZipFile(zip_path), threading.Lock())
+    zf, lock = _ZIP_HANDLES[key]
+    try:
+        with lock:
+            return zf.read(info)
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as exc:
+        raise ImageError(f"corrupt zip entry ({exc})") from None
+
+
+# --- listing containers ---------------------------------------------------------------
+
+
+def _list_folder(root: Path, skipped: Counter[str]) -> list[_File]:
+    found: list[_File] = []
+    seen_dirs: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen_dirs:  # a symlink loop: list each folder once
+            dirnames[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        kept = [d for d in dirnames if not is_junk(d)]
+        for junk_dir in set(dirnames) - set(kept):  # count the files skipped, like for a zip
+            skipped["hidden_or_system"] += sum(len(names) for _, _, names in os.walk(os.path.join(dirpath, junk_dir)))
+        dirnames[:] = sorted(kept)
+        rel = Path(dirpath).relative_to(root).parts
+        for name in sorted(filenames):
+            if is_junk(name):
+                skipped["hidden_or_system"] += 1
+                continue
+            path = os.path.join(dirpath, name)
+            found.append(_File((*rel, name), functools.partial(_read_file, path, MAX_FILE_BYTES)))
+    return found
+
+
+def _zip_parts(zip_path: Path, info: zipfile.ZipInfo) -> tuple[str, ...]:
+    """The member's path components; raises ValueError for entries that escape the folder."""
+    name = info.filename.replace("\\", "/")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        raise ValueError(f"{zip_path}: refused: entry {info.filename!r} has an absolute path")
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if ".." in parts:
+        raise ValueError(f"{zip_path}: refused: entry {info.filename!r} contains '..' (it would be written outside the folder)")
+    if stat.S_ISLNK(info.external_attr >> 16):
+        raise ValueError(f"{zip_path}: refused: entry {info.filename!r} is a symlink")
+    return parts
+
+
+def _list_zip(zip_path: Path, skipped: Counter[str], max_entries: int, max_bytes: int) -> list[_File]:
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            infos = zf.infolist()
+    except zipfile.BadZipFile as exc:
+        raise ValueError(f"data.source: {zip_path} is not a readable zip file ({exc})") from None
+    if len(infos) > max_entries:
+        raise ValueError(f"{zip_path}: refused: {len(infos)} entries, over the limit of {max_entries}")
+    total = sum(i.file_size for i in infos)
+    if total > max_bytes:
+        raise ValueError(f"{zip_path}: refused: {total} bytes uncompressed, over the limit of {max_bytes}")
+    found: list[_File] = []
+    junk: set[str] = set()
+    clean: set[str] = set()  # path components already checked: ~1 check per folder, not per file
+    for info in infos:
+        parts = _zip_parts(zip_path, info)  # every entry is checked, directories too
+        if info.is_dir() or not parts:
+            continue
+        if any(p in junk or (p not in clean and _classify(p, junk, clean)) for p in parts):
+            skipped["hidden_or_system"] += 1
+            continue
+        found.append(_File(parts, functools.partial(_read_zip_member, str(zip_path), info, MAX_FILE_BYTES), info.filename))
+    found.sort(key=lambda f: f.parts)
+    return found
+
+
+# --- layout ---------------------------------------------------------------------------
+
+
+class LayoutSource(Source):
+    """Split folders of class folders, inside a folder or a zip (see the module docstring)."""
+
+    def __init__(self, kind: str, path: Path, files: list[_File], skipped: Counter[str], class_map: Mapping[str, str] | None):
+        self.kind = kind
+        self.path = path
+        self._prefix = f"{path.name}:" if kind == "zip" else ""
+        self.class_map = dict(class_map or {})
+        self._skipped = skipped
+        self._rejected: list[SourceReject] = []
+        self.root = self._find_root(files)
+        self.split_dirs = self._split_dirs(files)
+        self._files = files
+        self._check_class_folders(files)
+
+    def _label(self, f: _File) -> str:
+        """How a file is named in the manifest and rejected.csv."""
+        return self._prefix + f.rel
+
+    def _find_root(self, files: list[_File]) -> tuple[str, ...]:
+        """The shallowest folder that holds split folders (train/, test/, val/...)."""
+        roots: set[tuple[str, ...]] = set()
+        for f in files:
+            for depth, part in enumerate(f.parts[: min(len(f.parts) - 1, MAX_SEARCH_DEPTH + 1)]):
+                if split_of(part):
+                    roots.add(f.parts[:depth])
+                    break
+        if not roots:
+            raise ValueError(
+                f"data.source: {self.path}: no train/ or test/ folder found (expected <root>/train/<class>/<image> and "
+                f"<root>/test/<class>/<image>, optionally <root>/val/..., at most {MAX_SEARCH_DEPTH} folders deep)"
+            )
+        shallowest = min(len(r) for r in roots)
+        top = sorted(r for r in roots if len(r) == shallowest)
+        if len(top) > 1:
+            shown = ", ".join("/".join(r) or "." for r in top)
+            raise ValueError(f"data.source: {self.path}: several data sets found ({shown}); point data.source at one of them")
+        return top[0]
+
+    def _split_dirs(self, files: list[_File]) -> dict[str, str]:
+        """split -> folder name; without test/, the val folder is the test split."""
+        n = len(self.root)
+        names = sorted({f.parts[n] for f in files if len(f.parts) > n + 1 and f.parts[:n] == self.root and split_of(f.parts[n])})
+        by_split: dict[str, str] = {}
+        for name in names:
+            split = split_of(name)
+            assert split is not None
+            if split in by_split:
+                raise ValueError(f"data.source: {self.path}: both {by_split[split]!r} and {name!r} name the {split!r} split")
+            by_split[split] = name
+        if "test" not in by_split and "val" in by_split:
+            by_split["test"] = by_split.pop("val")
+        return by_split
+
+    def _check_class_folders(self, files: list[_File]) -> None:
+        """Fail before any decoding when a class folder has an unknown name (all of them listed)."""
+        n = len(self.root)
+        problems: dict[str, str] = {}
+        for f in files:
+            if len(f.parts) > n + 2 and f.parts[:n] == self.root and f.parts[n] in self.split_dirs.values():
+                folder = "/".join(f.parts[: n + 2])
+                if folder not in problems:
+                    try:
+                        canonical_class(f.parts[n + 1], self.class_map)
+                        problems[folder] = ""
+                    except ValueError as exc:
+                        problems[folder] = str(exc)
+        bad = {k: v for k, v in problems.items() if v}
+        if bad:
+            first = next(iter(bad.values()))
+            raise ValueError(f"data.source: {self.path}: class folder(s) {', '.join(sorted(bad))}: {first}")
 
     def items(self) -> Iterator[SourceItem]:
-        for split, split_dir in self.split_dirs.items():
-            for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                class_name = canonical_class(class_dir.name, self.class_map)
-                for path in sorted(class_dir.iterdir()):
-                    if path.name.startswith(".") or not path.is_file():
-                        continue
-                    yield SourceItem(split, class_name, str(path.relative_to(self.root)), path.read_bytes)
+        self._rejected = []
+        n = len(self.root)
+        folder_split = {name: split for split, name in self.split_dirs.items()}
+        labels: dict[str, str] = {}  # class folder name -> canonical name, once per folder
+        outside = 0
+        for f in self._files:
+            split = folder_split.get(f.parts[n]) if len(f.parts) > n + 1 and f.parts[:n] == self.root else None
+            if split is None:
+                outside += 1  # README, LICENSE, a stray CSV...: not part of the data set
+                continue
+            if len(f.parts) == n + 2:
+                self._rejected.append(SourceReject(split, "", self._label(f), "not inside a class folder"))
+                continue
+            folder = f.parts[n + 1]
+            if folder not in labels:
+                labels[folder] = canonical_class(folder, self.class_map)
+            yield SourceItem(split, labels[folder], self._label(f), f.read)
+        self._skipped["outside_split_folders"] = outside
+
+    def rejected(self) -> list[SourceReject]:
+        return list(self._rejected)
+
+    def skipped(self) -> dict[str, int]:
+        return {k: v for k, v in self._skipped.items() if v}
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "path": str(self.root), "splits": sorted(self.split_dirs)}
+        return {
+            "kind": self.kind,
+            "path": str(self.path),
+            "root": "/".join(self.root),
+            "split_folders": dict(sorted(self.split_dirs.items())),
+        }
 
 
-def open_path_source(path: Path, data_params: dict[str, Any]) -> Source:
+class CsvSource(Source):
+    """The original fer2013.csv: one row per image, `pixels` = space-separated 0..255 values."""
+
+    kind = "csv"
+
+    def __init__(self, name: str, open_text: Callable[[], IO[str]], path: Path):
+        self.name = name
+        self.path = path
+        self._open = open_text
+        self._rejected: list[SourceReject] = []
+        with self._open() as fh:
+            self._columns = self._header(next(csv.reader(fh), []))
+
+    def _header(self, header: list[str]) -> dict[str, int]:
+        # Some re-exports write " Usage" / " pixels" with a leading space.
+        cols = {h.strip().lower(): i for i, h in enumerate(header)}
+        missing = [c for c in ("emotion", "pixels", "usage") if c not in cols]
+        if missing:
+            raise ValueError(
+                f"data.source: {self.name}: missing column(s) {', '.join(missing)}: a FER-2013 CSV needs emotion, pixels "
+                f"and Usage (got {', '.join(h.strip() for h in header) or 'no header'})"
+            )
+        return cols
+
+    def items(self) -> Iterator[SourceItem]:
+        self._rejected = []
+        e, p, u = self._columns["emotion"], self._columns["pixels"], self._columns["usage"]
+        width = max(e, p, u) + 1
+        with self._open() as fh:
+            reader = csv.reader(fh)
+            next(reader, None)
+            try:
+                for row in reader:
+                    origin = f"{self.name}:line{reader.line_num}"
+                    if not any(cell.strip() for cell in row):
+                        continue  # blank line (a trailing newline), not a data row
+                    split = CSV_USAGE.get(row[u].strip().lower(), "") if len(row) >= width else ""
+                    label = _csv_label(row[e]) if len(row) >= width else ""
+                    reason = _csv_row_problem(row, width, e, u, split, label)
+                    if reason:
+                        self._rejected.append(SourceReject(split, label, origin, reason))
+                        continue
+                    yield SourceItem(split, label, origin, functools.partial(parse_pixels, row[p]))
+            except csv.Error as exc:
+                raise ValueError(f"data.source: {self.name}: line {reader.line_num}: not valid CSV ({exc})") from None
+
+    def rejected(self) -> list[SourceReject]:
+        return list(self._rejected)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "path": str(self.path),
+            "name": self.name,
+            "usage_to_split": {"Training": "train", "PublicTest": "val", "PrivateTest": "test"},
+        }
+
+
+def _csv_label(cell: str) -> str:
+    code = cell.strip()
+    return FER2013_CSV_LABELS[int(code)] if code.isdigit() and int(code) < len(FER2013_CSV_LABELS) else ""
+
+
+def _csv_row_problem(row: list[str], width: int, e: int, u: int, split: str, label: str) -> str:
+    if len(row) < width:
+        return f"expected at least {width} columns, got {len(row)}"
+    if not label:
+        return f"emotion {row[e].strip()!r} is not a FER-2013 code 0..6"
+    if not split:
+        return f"Usage {row[u].strip()!r} is not Training, PublicTest or PrivateTest"
+    return ""
+
+
+def parse_pixels(text: str) -> np.ndarray:
+    """'0 12 255 ...' (a square number of values, each 0..255) -> uint8 (n, n); ImageError otherwise."""
+    try:
+        values = np.fromstring(text, dtype=np.int64, sep=" ")
+    except ValueError:
+        raise ImageError("pixels: not a list of space-separated integers") from None
+    side = int(round(len(values) ** 0.5))
+    if side == 0 or side * side != len(values):
+        raise ImageError(f"pixels: {len(values)} values, expected a square image (48x48 = 2304)")
+    if values.min() < 0 or values.max() > 255:
+        raise ImageError(f"pixels: values must be 0..255, got {values.min()}..{values.max()}")
+    return values.astype(np.uint8).reshape(side, side)
+
+
+# --- dispatch -------------------------------------------------------------------------
+
+
+def _lone_csv(files: list[_File]) -> _File | None:
+    """The only CSV of a container without split folders (e.g. a zip of fer2013.csv)."""
+    csvs = [f for f in files if f.parts[-1].lower().endswith(".csv")]
+    has_splits = any(split_of(p) for f in files for p in f.parts[:-1])
+    return csvs[0] if len(csvs) == 1 and not has_splits else None
+
+
+def open_path_source(
+    path: Path,
+    data_params: Mapping[str, Any],
+    max_zip_entries: int = MAX_ZIP_ENTRIES,
+    max_zip_bytes: int = MAX_ZIP_BYTES,
+) -> Source:
+    """The source for a folder, a .zip or a .csv path (see the module docstring)."""
+    class_map = data_params.get("class_map") or {}
     if not os.path.exists(path):
         raise FileNotFoundError(f"data.source: {path} does not exist (expected 'synthetic' or a folder, .zip or .csv)")
+    skipped: Counter[str] = Counter()
     if path.is_dir():
-        return FolderSource(path, data_params.get("class_map"))
-    raise ValueError(f"data.source: {path} is not a folder (zip and CSV sources: see the README)")
+        files = _list_folder(path, skipped)
+        lone = _lone_csv(files)
+        if lone is not None:
+            csv_path = path.joinpath(*lone.parts)
+            return CsvSource(csv_path.name, functools.partial(_open_csv_file, csv_path), csv_path)
+        return LayoutSource("folder", path, files, skipped, class_map)
+    suffix = path.suffix.lower()
+    if suffix == ".zip":
+        files = _list_zip(path, skipped, max_zip_entries, max_zip_bytes)
+        lone = _lone_csv(files)
+        if lone is not None:
+            return CsvSource(f"{path.name}:{lone.member}", functools.partial(_open_csv_member, path, lone.member), path)
+        return LayoutSource("zip", path, files, skipped, class_map)
+    if suffix == ".csv":
+        return CsvSource(path.name, functools.partial(_open_csv_file, path), path)
+    raise ValueError(f"data.source: {path} is not a folder, .zip or .csv (expected 'synthetic' or one of those)")
+
+
+def _open_csv_file(path: Path) -> IO[str]:
+    return open(path, newline="", encoding="utf-8-sig")
+
+
+def _open_csv_member(zip_path: Path, member: str) -> IO[str]:
+    zf = zipfile.ZipFile(zip_path)
+    try:
+        raw = zf.open(member)  # streamed: fer2013.csv is ~300 MB uncompressed
+    except BaseException:
+        zf.close()
+        raise
+    return _ZipText(zf, raw)
+
+
+class _ZipText(io.TextIOWrapper):
+    """A text stream over a zip member that closes the zip with it."""
+
+    def __init__(self, zf: zipfile.ZipFile, raw: IO[bytes]):
+        super().__init__(raw, encoding="utf-8-sig", newline="")
+        self._zf = zf
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._zf.close()

@@ -8,7 +8,11 @@ from `data.source`:
 - a path (relative to the repo root or absolute) to a folder, `.zip` or `.csv`.
 
 Items hand over either encoded bytes (decoded by ingest, so corrupt files become
-rejected rows) or ready uint8 pixels.
+rejected rows) or ready uint8 pixels. Files a source finds but cannot place (an image
+outside any class folder, a CSV row with an unknown emotion code) come back from
+`rejected()`; files it passes over on purpose (hidden files, `__MACOSX/`) are counted
+by `skipped()`. Both are read by ingest after `items()` is exhausted, so nothing is
+dropped silently.
 """
 
 from __future__ import annotations
@@ -34,6 +38,14 @@ class SourceItem:
     read: Callable[[], bytes | np.ndarray]  # encoded bytes, or uint8 pixels (H, W)
 
 
+@dataclass(frozen=True)
+class SourceReject:
+    split: str  # "" when not known
+    class_name: str  # "" when not known
+    origin: str
+    reason: str
+
+
 class Source:
     """Base class: `items()` yields SourceItems; `describe()` says what it is."""
 
@@ -41,6 +53,14 @@ class Source:
 
     def items(self) -> Iterator[SourceItem]:
         raise NotImplementedError
+
+    def rejected(self) -> list[SourceReject]:
+        """Files found while listing that cannot become items (valid after `items()`)."""
+        return []
+
+    def skipped(self) -> dict[str, int]:
+        """Entries passed over on purpose, by reason (valid after `items()`)."""
+        return {}
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind}

@@ -1,0 +1,239 @@
+"""Benchmark: ingest + index + extract vs the seed-000 loader, in images per second.
+
+    .venv/bin/python benchmarks/data_stages.py --source ../shared/data/fer2013.zip
+    .venv/bin/python benchmarks/data_stages.py            # synthetic JPEGs, same count as FER-2013
+
+Ours: `open_source` + `ingest` (decode, validate, hash, write PNGs), `build_index`
+(dedup, val carve, index.csv and both plots) and `extract_arrays` (the stage as it is
+in ferflow/arrays.py), each into a fresh output folder (DVC deletes a stage's outputs
+before running it, so there is no old tree to remove). The extract line after it times
+`normalize(read_ingested_pixels(paths))` + the same npz writes, checked to give the very
+same arrays: the drop-in ferflow/arrays.py can use instead of one Pillow open per PNG.
+
+Baseline (seed 000): os.listdir walk + `keras.utils.load_img(path, color_mode="grayscale",
+target_size=(48, 48))` + `img_to_array` per image into one numpy array. It runs in a child
+process (Keras/TensorFlow are imported before its timer starts and never into the process
+that forks ingest's workers). A zip is extracted to a temp folder first, outside the timing.
+
+Runs alternate ours/baseline `--repeat` times; the best run of each is reported (the
+machine is shared, the best run is the one least disturbed), with the median alongside.
+Scratch outputs go to benchmarks/out/ (git-ignored; same disk as data/, where the stages
+write) or --workdir, and are removed afterwards. File creation speed depends on the file
+system's state: on an ext4 without journal, a folder where many files were just deleted
+(a busy /tmp, or the last run's tree) creates new files up to 20x slower for up to 6
+minutes (ext4's `recently_deleted` inode scans): each run prints a file-creation probe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+FER2013_IMAGES = 32_298  # 28,709 train + 3,589 test
+FER2013_TEST_SHARE = 3_589 / 32_298
+
+BASELINE = r"""
+import json, os, sys, time
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import numpy as np
+from keras.utils import img_to_array, load_img
+
+root, splits = sys.argv[1], json.loads(sys.argv[2])
+start = time.perf_counter()
+xs, ys = [], []
+for split in splits:
+    for label in sorted(os.listdir(os.path.join(root, split))):
+        folder = os.path.join(root, split, label)
+        for name in os.listdir(folder):
+            img = load_img(os.path.join(folder, name), color_mode="grayscale", target_size=(48, 48))
+            xs.append(img_to_array(img))
+            ys.append(label)
+x = np.array(xs, dtype="float32")
+seconds = time.perf_counter() - start
+print(json.dumps({"images": len(xs), "seconds": seconds, "shape": list(x.shape)}))
+"""
+
+
+def make_synthetic_source(dest: Path, n_images: int) -> Path:
+    """FER-like JPEG folder (train/test per class, 48x48 gray) with `n_images` in all."""
+    from PIL import Image
+
+    from ferflow.classes import FER_CLASSES
+    from ferflow.synthetic import generate_split
+
+    per_class_test = max(1, round(n_images * FER2013_TEST_SHARE / len(FER_CLASSES)))
+    per_class_train = max(1, n_images // len(FER_CLASSES) - per_class_test)
+    for split, per_class in (("train", per_class_train), ("test", per_class_test)):
+        for label, index, pixels in generate_split(split, per_class, seed=1):
+            path = dest / split / label / f"{split}_{index:05d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            buf = io.BytesIO()
+            Image.fromarray(pixels, "L").save(buf, format="JPEG", quality=90)
+            path.write_bytes(buf.getvalue())
+    return dest
+
+
+def run_ours(source_path: Path, out: Path, classes: list[str]) -> dict[str, float]:
+    import numpy as np
+    import pandas as pd
+
+    from ferflow import files
+    from ferflow.arrays import SPLITS, extract_arrays
+    from ferflow.index import build_index
+    from ferflow.ingest import ingest, read_ingested_pixels
+    from ferflow.preprocessing import normalize
+    from ferflow.sources import open_source
+
+    t0 = time.perf_counter()
+    source = open_source({"source": str(source_path), "class_map": {}, "classes": classes}, root=REPO)
+    metrics = ingest(source, out / "ingested", out / "rejected.csv", out / "ingest.json", classes, max_reject_fraction=1.0)
+    t1 = time.perf_counter()
+    build_index(out / "ingested", out / "index.csv", out / "index.json", classes, 0.1, "drop_cross_split", 42, out / "plots")
+    t2 = time.perf_counter()
+    extract_arrays(out / "index.csv", out / "arrays", out / "label_map.json", classes)
+    t3 = time.perf_counter()
+    # the proposed extract: same inputs and npz outputs, PNGs read by read_ingested_pixels
+    index = pd.read_csv(out / "index.csv", keep_default_na=False)
+    with files.atomic_dir(out / "arrays_fast") as tmp:
+        for split in SPLITS:
+            rows = index[index["split"] == split]
+            x = normalize(read_ingested_pixels(rows["path"].tolist()))  # = prepare_batch on 48x48 uint8
+            np.savez(tmp / f"{split}.npz", x=x, y=rows["label_id"].to_numpy(dtype=np.int64))
+    t4 = time.perf_counter()
+    for split in SPLITS:  # the drop-in must give the very same arrays
+        with (
+            np.load(out / "arrays" / f"{split}.npz", allow_pickle=False) as a,
+            np.load(out / "arrays_fast" / f"{split}.npz", allow_pickle=False) as b,
+        ):
+            assert np.array_equal(a["x"], b["x"]) and np.array_equal(a["y"], b["y"]), split
+    return {
+        "images": metrics["total"] + metrics["rejected"],
+        "ingest": t1 - t0,
+        "index": t2 - t1,
+        "extract": t3 - t2,
+        "extract_fast": t4 - t3,
+        "rejected": metrics["rejected"],
+    }
+
+
+def create_probe(folder: Path, n: int = 2000) -> float:
+    """Microseconds to create one small file in `folder` right now (kept until the end:
+    deleting them would itself slow the next creations down)."""
+    folder.mkdir(parents=True)
+    start = time.perf_counter()
+    for i in range(n):
+        (folder / f"{i}.png").write_bytes(b"\0" * 2420)
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def run_baseline(root: Path, splits: list[str]) -> dict[str, float]:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, "-c", BASELINE, str(root), json.dumps(splits)], capture_output=True, text=True, env=env, check=False
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"baseline failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", help="FER-2013 zip or folder (default: synthetic JPEGs of the same size)")
+    p.add_argument("--synthetic-images", type=int, default=FER2013_IMAGES)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=REPO / "benchmarks" / "out",
+        help="scratch folder (default: benchmarks/out, git-ignored, next to data/ like the real outputs); emptied afterwards",
+    )
+    args = p.parse_args()
+
+    from ferflow.classes import FER_CLASSES
+    from ferflow.file_sources import open_path_source
+    from ferflow.ingest import cpu_count
+
+    classes = list(FER_CLASSES)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="ferflow-bench-", dir=args.workdir))
+    try:
+        if args.source:
+            source_path = Path(args.source).expanduser().resolve()
+            label = str(args.source)
+        else:
+            print(f"no --source: generating {args.synthetic_images} synthetic 48x48 JPEGs ...", flush=True)
+            source_path = make_synthetic_source(work / "synthetic", args.synthetic_images)
+            label = f"synthetic JPEG folder ({args.synthetic_images} images)"
+        # the baseline reads plain files: unzip first, outside the timing
+        base_dir = source_path
+        if source_path.suffix.lower() == ".zip":
+            base_dir = work / "unzipped"
+            with zipfile.ZipFile(source_path) as zf:
+                zf.extractall(base_dir)  # the benchmark's own input; ferflow never extracts
+        layout = open_path_source(base_dir, {})
+        desc = layout.describe()
+        base_root = base_dir.joinpath(*desc["root"].split("/")) if desc["root"] else base_dir
+        base_splits = sorted(desc["split_folders"].values())
+
+        # module imports are outside the timing on both sides (Keras in the baseline's child;
+        # here the plotting stack the index stage imports)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+        import seaborn  # noqa: F401
+
+        ours, base = [], []
+        for i in range(args.repeat):
+            out = work / f"run{i}"
+            probe = create_probe(work / f"probe{i}")
+            ours.append(run_ours(source_path, out, classes))
+            # big npz files go now; the 32k-file trees at the end, so deleting them (slow on
+            # ext4 with discard) never overlaps a timed run
+            shutil.rmtree(out / "arrays")
+            shutil.rmtree(out / "arrays_fast")
+            base.append(run_baseline(base_root, base_splits))
+            o, b = ours[-1], base[-1]
+            total = o["ingest"] + o["index"] + o["extract"]
+            print(
+                f"run {i + 1}: ours {total:.2f}s (ingest {o['ingest']:.2f} + index {o['index']:.2f} + extract {o['extract']:.2f}; "
+                f"fast extract {o['extract_fast']:.2f}), baseline {b['seconds']:.2f}s; file create probe {probe:.0f} us",
+                flush=True,
+            )
+        n = ours[0]["images"]
+        assert all(b["images"] == n for b in base), (n, [b["images"] for b in base])
+
+        def rate(seconds: list[float]) -> tuple[float, float]:
+            return n / min(seconds), n / statistics.median(seconds)
+
+        stage_totals = [o["ingest"] + o["index"] + o["extract"] for o in ours]
+        fast_totals = [o["ingest"] + o["index"] + o["extract_fast"] for o in ours]
+        base_s = [b["seconds"] for b in base]
+        (ob, om), (fb, fm), (bb, bm) = rate(stage_totals), rate(fast_totals), rate(base_s)
+        best = min(range(len(ours)), key=lambda i: fast_totals[i])
+        print(f"\nsource: {label}; {n} images; {cpu_count()} CPU(s) available; best of {args.repeat} (median in brackets)")
+        print(f"  baseline (listdir + keras load_img):      {bb:8.0f} img/s  ({bm:.0f})")
+        print(f"  ingest+index+extract (arrays.py as is):   {ob:8.0f} img/s  ({om:.0f})   ratio {ob / bb:.2f}x  ({om / bm:.2f}x)")
+        print(f"  ingest+index+extract (fast extract):      {fb:8.0f} img/s  ({fm:.0f})   ratio {fb / bb:.2f}x  ({fm / bm:.2f}x)")
+        o = ours[best]
+        print(
+            f"  stages of that run: ingest {o['ingest']:.2f}s ({n / o['ingest']:.0f} img/s), index+plots {o['index']:.2f}s, extract {o['extract']:.2f}s, fast extract {o['extract_fast']:.2f}s"
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

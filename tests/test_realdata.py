@@ -1,0 +1,54 @@
+"""Optional: ingest + index the real FER-2013 zip (Kaggle layout). Needs FER2013_ZIP=<path>.
+
+FER2013_ZIP=../shared/data/fer2013.zip .venv/bin/pytest tests/test_realdata.py -s
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ferflow.classes import FER_CLASSES
+from ferflow.index import build_index
+from ferflow.ingest import ingest
+from ferflow.sources import open_source
+
+ZIP = os.environ.get("FER2013_ZIP", "")
+pytestmark = [
+    pytest.mark.realdata,
+    pytest.mark.skipif(not ZIP, reason="FER2013_ZIP is not set (path to the real FER-2013 zip, Kaggle layout)"),
+]
+
+# The official counts (angry..surprise); the zip holds Training as train/ and PublicTest as test/.
+TRAIN = dict(zip(FER_CLASSES, (3995, 436, 4097, 7215, 4965, 4830, 3171)))
+TEST = dict(zip(FER_CLASSES, (467, 56, 496, 895, 607, 653, 415)))
+
+
+def test_real_fer2013_zip(tmp_path):
+    path = Path(ZIP).expanduser()
+    assert path.is_file(), f"FER2013_ZIP={ZIP}: not a file"
+    source = open_source({"source": str(path.resolve()), "class_map": {}})
+    ing = ingest(source, tmp_path / "ingested", tmp_path / "rejected.csv", tmp_path / "ingest.json", FER_CLASSES)
+    # before dedup: exactly the official counts, nothing rejected or skipped
+    assert ing["rejected"] == 0 and ing["skipped"] == {}
+    assert ing["counts"] == {"train": TRAIN, "test": TEST}
+    assert ing["split_totals"] == {"train": 28_709, "test": 3_589}
+    dup = ing["duplicates"]
+    leak = dup["cross_split"]["train_test"]
+    assert leak["distinct_images"] > 0 and leak["train_copies"] >= leak["distinct_images"]  # FER-2013 leaks
+
+    idx = build_index(
+        tmp_path / "ingested", tmp_path / "index.csv", tmp_path / "index.json", list(FER_CLASSES), 0.1, "drop_cross_split", 42
+    )
+    assert idx["dedup"]["dropped"] == leak["train_copies"]
+    assert idx["split_totals"]["train"] + idx["split_totals"]["val"] == 28_709 - leak["train_copies"]
+    assert idx["counts"]["test"] == TEST  # test is never touched
+    index = pd.read_csv(tmp_path / "index.csv", keep_default_na=False, dtype={"pixel_hash": str})
+    test_hashes = set(index.loc[index["split"] == "test", "pixel_hash"])
+    assert not index.loc[index["split"] != "test", "pixel_hash"].isin(test_hashes).any()
+    print("\ningest (before dedup):", json.dumps({k: ing[k] for k in ("split_totals", "duplicates")}))
+    print("index (after dedup):", json.dumps({k: idx[k] for k in ("split_totals", "counts", "dedup")}))

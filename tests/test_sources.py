@@ -1,0 +1,307 @@
+"""Data sources: folder layouts, zips (incl. unsafe ones) and fer2013.csv, on tiny generated files."""
+
+from __future__ import annotations
+
+import io
+import stat
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ferflow.classes import FER_CLASSES, canonical_class
+from ferflow.file_sources import CsvSource, LayoutSource, open_path_source, parse_pixels
+from ferflow.preprocessing import ImageError
+from ferflow.sources import open_source
+
+
+def png_bytes(seed: int, size: int = 48) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+def zip_tree(path: Path, files: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for rel, data in files.items():
+            zf.writestr(rel, data)
+    return path
+
+
+def listing(source) -> list[tuple[str, str, str, bytes]]:
+    return [(it.split, it.class_name, it.origin, it.read()) for it in source.items()]
+
+
+def open_path(path: Path, class_map: dict | None = None):
+    return open_path_source(path, {"class_map": class_map or {}})
+
+
+KAGGLE = {
+    "fer2013/train/angry/a1.jpg": png_bytes(1),
+    "fer2013/train/happy/h1.JPG": png_bytes(2),
+    "fer2013/test/angry/a2.png": png_bytes(3),
+    "fer2013/test/happy/h2.Png": png_bytes(4),
+}
+
+
+def test_kaggle_folder_under_a_wrapper_folder(tmp_path):
+    src = open_path(write_tree(tmp_path / "dl", KAGGLE))
+    assert isinstance(src, LayoutSource)
+    assert src.describe() == {
+        "kind": "folder",
+        "path": str(tmp_path / "dl"),
+        "root": "fer2013",
+        "split_folders": {"test": "test", "train": "train"},
+    }
+    assert listing(src) == [
+        ("test", "angry", "fer2013/test/angry/a2.png", KAGGLE["fer2013/test/angry/a2.png"]),
+        ("test", "happy", "fer2013/test/happy/h2.Png", KAGGLE["fer2013/test/happy/h2.Png"]),
+        ("train", "angry", "fer2013/train/angry/a1.jpg", KAGGLE["fer2013/train/angry/a1.jpg"]),
+        ("train", "happy", "fer2013/train/happy/h1.JPG", KAGGLE["fer2013/train/happy/h1.JPG"]),
+    ]
+    assert src.rejected() == [] and src.skipped() == {}
+
+
+def test_seed000_layout_maps_synonyms_any_case_and_validation_becomes_test(tmp_path):
+    names = ["Angry", "disgusted", "FEARFUL", "happiness", "Neutral", "sadness", "surprised"]
+    files = {
+        f"images/{split}/{name}/{i}.png": png_bytes(10 * i + j)
+        for i, name in enumerate(names)
+        for j, split in enumerate(["train", "validation"])
+    }
+    src = open_path(write_tree(tmp_path / "seed000", files))
+    assert src.describe()["split_folders"] == {"test": "validation", "train": "train"}
+    got = {(split, cls) for split, cls, _, _ in listing(src)}
+    assert got == {(s, c) for s in ("train", "test") for c in FER_CLASSES}
+
+
+def test_val_and_validation_folders(tmp_path):
+    files = {f"{s}/happy/x.png": png_bytes(i) for i, s in enumerate(["train", "Validation", "test"])}
+    src = open_path(write_tree(tmp_path / "a", files))
+    assert sorted((s, o) for s, _, o, _ in listing(src)) == [
+        ("test", "test/happy/x.png"),
+        ("train", "train/happy/x.png"),
+        ("val", "Validation/happy/x.png"),
+    ]
+    write_tree(tmp_path / "a", {"val/happy/y.png": png_bytes(9)})
+    with pytest.raises(ValueError, match=r"both 'Validation' and 'val' name the 'val' split"):
+        open_path(tmp_path / "a")
+
+
+def test_unknown_class_folder_is_an_error_naming_it_unless_mapped(tmp_path):
+    root = write_tree(
+        tmp_path / "d", {"train/joy/1.png": png_bytes(1), "train/sad/2.png": png_bytes(2), "test/joy/3.png": png_bytes(3)}
+    )
+    with pytest.raises(ValueError) as err:
+        open_path(root)
+    msg = str(err.value)
+    assert "test/joy, train/joy" in msg and "'joy'" in msg and "fearful" in msg and "surprised" in msg and "data.class_map" in msg
+    src = open_path(root, {"JOY": "happy"})
+    assert [(s, c) for s, c, _, _ in listing(src)] == [("test", "happy"), ("train", "happy"), ("train", "sad")]
+    with pytest.raises(ValueError, match="maps 'joy' to 'glee'"):
+        canonical_class("joy", {"joy": "glee"})
+
+
+def test_no_split_folder_and_ambiguous_roots_are_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"no train/ or test/ folder found"):
+        open_path(write_tree(tmp_path / "flat", {"happy/1.png": png_bytes(1)}))
+    with pytest.raises(ValueError, match=r"several data sets found \(a, b\)"):
+        open_path(write_tree(tmp_path / "two", {"a/train/happy/1.png": png_bytes(1), "b/train/happy/1.png": png_bytes(2)}))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        open_path(tmp_path / "missing")
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(ValueError, match=r"not a folder, \.zip or \.csv"):
+        open_path(tmp_path / "x.txt")
+
+
+def test_junk_is_skipped_and_counted_stray_files_are_rejected_or_counted(tmp_path):
+    files = {
+        **KAGGLE,
+        "fer2013/train/happy/.DS_Store": b"junk",
+        "fer2013/train/happy/Thumbs.db": b"junk",
+        "fer2013/.hidden/train/happy/x.png": png_bytes(5),
+        "fer2013/.hidden/train/happy/y.png": png_bytes(6),
+        "fer2013/README.txt": b"about",
+        "fer2013/train/loose.png": png_bytes(6),
+    }
+    src = open_path(write_tree(tmp_path / "d", files))
+    assert len(listing(src)) == 4
+    assert src.skipped() == {"hidden_or_system": 4, "outside_split_folders": 1}  # files, not folders
+    (rej,) = src.rejected()
+    assert (rej.split, rej.class_name, rej.origin, rej.reason) == (
+        "train",
+        "",
+        "fer2013/train/loose.png",
+        "not inside a class folder",
+    )
+
+
+def test_zip_reads_the_same_items_as_the_folder(tmp_path):
+    files = {
+        **KAGGLE,
+        "__MACOSX/fer2013/train/angry/._a1.jpg": b"\x00\x05\x16\x07",
+        "__MACOSX/fer2013/._train": b"\x00",
+        "fer2013/test/.DS_Store": b"x",
+    }
+    folder = open_path(write_tree(tmp_path / "d", files))
+    zipped = open_path(zip_tree(tmp_path / "fer2013.zip", files))
+    assert zipped.describe()["kind"] == "zip" and zipped.describe()["root"] == "fer2013"
+    assert [(s, c, "fer2013.zip:" + o, b) for s, c, o, b in listing(folder)] == listing(zipped)
+    assert zipped.skipped() == folder.skipped() == {"hidden_or_system": 3}
+
+
+def test_zip_stored_and_deflated_members_are_crc_checked(tmp_path):
+    path = tmp_path / "s.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("train/happy/a.png", png_bytes(1), compress_type=zipfile.ZIP_STORED)
+        zf.writestr("test/happy/b.png", png_bytes(2), compress_type=zipfile.ZIP_DEFLATED)
+    raw = bytearray(path.read_bytes())
+    at = raw.find(png_bytes(1)) + 100  # flip a byte inside the stored member's data
+    raw[at] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    by_origin = {it.origin: it for it in open_path(path).items()}
+    assert by_origin["s.zip:test/happy/b.png"].read() == png_bytes(2)
+    with pytest.raises(ImageError, match="CRC"):
+        by_origin["s.zip:train/happy/a.png"].read()
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("../evil.png", "contains '..'"),
+        ("train/../../evil.png", "contains '..'"),
+        ("/etc/evil.png", "absolute path"),
+        ("C:/evil.png", "absolute path"),
+    ],
+)
+def test_zip_slip_entries_refuse_the_whole_zip(tmp_path, name, why):
+    path = zip_tree(tmp_path / "evil.zip", {**KAGGLE, name: png_bytes(7)})
+    with pytest.raises(ValueError) as err:
+        open_path(path)
+    assert f"entry {name!r}" in str(err.value) and why in str(err.value) and "refused" in str(err.value)
+
+
+def test_zip_symlink_entry_is_refused(tmp_path):
+    path = tmp_path / "link.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for rel, data in KAGGLE.items():
+            zf.writestr(rel, data)
+        info = zipfile.ZipInfo("fer2013/train/happy/link.png")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(info, "/etc/passwd")
+    with pytest.raises(ValueError, match=r"entry 'fer2013/train/happy/link.png' is a symlink"):
+        open_path(path)
+
+
+def test_zip_entry_count_and_size_are_bounded(tmp_path):
+    path = zip_tree(tmp_path / "big.zip", KAGGLE)
+    with pytest.raises(ValueError, match=r"4 entries, over the limit of 3"):
+        open_path_source(path, {}, max_zip_entries=3)
+    total = sum(len(v) for v in KAGGLE.values())
+    with pytest.raises(ValueError, match=rf"{total} bytes uncompressed, over the limit of 100"):
+        open_path_source(path, {}, max_zip_bytes=100)
+    (tmp_path / "bad.zip").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a readable zip file"):
+        open_path(tmp_path / "bad.zip")
+
+
+def fer_csv_text(rows: list[tuple[str, str, str]], header: str = "emotion,pixels,Usage") -> str:
+    return header + "\n" + "".join(f"{e},{p},{u}\n" for e, p, u in rows)
+
+
+def pix(value: int, n: int = 48 * 48) -> str:
+    return " ".join([str(value)] * n)
+
+
+def test_fer2013_csv_usage_and_emotion_codes(tmp_path):
+    rows = [
+        ("0", pix(10), "Training"),
+        ("4", pix(20), "Training"),  # 4 is sad in fer2013.csv
+        ("6", pix(30), "PublicTest"),  # 6 is neutral
+        ("3", pix(40), "PrivateTest"),
+        ("7", pix(50), "Training"),  # no such code
+        ("1", pix(60), "Other"),
+        ("2", pix(70, 100), "Training"),  # 10x10: a square, accepted
+        ("2", pix(70, 99), "Training"),  # not a square: rejected at read time
+    ]
+    path = tmp_path / "fer2013.csv"
+    path.write_text(fer_csv_text(rows) + "\n")
+    src = open_path(path)
+    assert isinstance(src, CsvSource) and src.describe()["usage_to_split"] == {
+        "Training": "train",
+        "PublicTest": "val",
+        "PrivateTest": "test",
+    }
+    items = list(src.items())
+    assert [(it.split, it.class_name, it.origin) for it in items] == [
+        ("train", "angry", "fer2013.csv:line2"),
+        ("train", "sad", "fer2013.csv:line3"),
+        ("val", "neutral", "fer2013.csv:line4"),
+        ("test", "happy", "fer2013.csv:line5"),
+        ("train", "fear", "fer2013.csv:line8"),
+        ("train", "fear", "fer2013.csv:line9"),
+    ]
+    first = items[0].read()
+    assert first.dtype == np.uint8 and first.shape == (48, 48) and (first == 10).all()
+    assert items[4].read().shape == (10, 10)
+    with pytest.raises(ImageError, match="99 values, expected a square"):
+        items[5].read()
+    assert [(r.split, r.class_name, r.origin, r.reason) for r in src.rejected()] == [
+        ("train", "", "fer2013.csv:line6", "emotion '7' is not a FER-2013 code 0..6"),
+        ("", "disgust", "fer2013.csv:line7", "Usage 'Other' is not Training, PublicTest or PrivateTest"),
+    ]
+
+
+def test_csv_header_variants_errors_and_zipped_csv(tmp_path):
+    spaced = tmp_path / "icml_face_data.csv"
+    spaced.write_text(
+        fer_csv_text([("3", pix(1), "Training")], header="emotion, Usage, pixels").replace(
+            f"3,{pix(1)},Training", f"3,Training,{pix(1)}"
+        )
+    )
+    assert [(it.split, it.class_name) for it in open_path(spaced).items()] == [("train", "happy")]
+    bad = tmp_path / "labels.csv"
+    bad.write_text("label,image\n1,x\n")
+    with pytest.raises(ValueError, match=r"labels.csv: missing column\(s\) emotion, pixels, usage"):
+        open_path(bad)
+    zipped = zip_tree(
+        tmp_path / "fer.zip", {"data/fer2013.csv": fer_csv_text([("5", pix(9), "PrivateTest")]).encode(), "data/README": b"x"}
+    )
+    src = open_path(zipped)
+    assert isinstance(src, CsvSource)
+    (item,) = src.items()
+    assert (item.split, item.class_name, item.origin) == ("test", "surprise", "fer.zip:data/fer2013.csv:line2")
+    assert (item.read() == 9).all()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("1 2 x 4", "space-separated integers"),
+        ("1 2 3 300", "values must be 0..255"),
+        ("1 -2 3 4", "values must be 0..255"),
+        ("", "0 values"),
+    ],
+)
+def test_parse_pixels_rejects_bad_rows(text, message):
+    with pytest.raises(ImageError, match=message):
+        parse_pixels(text)
+
+
+def test_open_source_resolves_relative_paths_against_the_root(tmp_path):
+    write_tree(tmp_path / "data" / "fer", KAGGLE)
+    src = open_source({"source": "data/fer", "class_map": {}}, root=tmp_path)
+    assert src.describe()["path"] == str(tmp_path / "data" / "fer")
+    assert (
+        open_source({"source": str(tmp_path / "data" / "fer"), "class_map": {}}, root="/nonexistent").describe() == src.describe()
+    )
