@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from ferflow import files
+from ferflow.ingest import read_ingested_pixels
 from ferflow.preprocessing import prepare_batch
 
 SPLITS = ("train", "val", "test")
@@ -34,12 +34,8 @@ def extract_arrays(
     with files.atomic_dir(out_dir) as tmp:
         for split in SPLITS:
             rows = index[index["split"] == split]
-            images = []
-            for p in rows["path"]:
-                with Image.open(p) as img:
-                    img.load()
-                    images.append(img)
-            x = prepare_batch(images)
+            # the ingested PNGs are already 48x48 grayscale; prepare_batch takes them as-is
+            x = prepare_batch(read_ingested_pixels(rows["path"].tolist()))
             y = rows["label_id"].to_numpy(dtype=np.int64)
             np.savez(tmp / f"{split}.npz", x=x, y=y)
             summary[split] = int(len(y))

@@ -35,7 +35,7 @@ class ParamsError(ValueError):
 class Field:
     """One leaf of the schema."""
 
-    kind: str  # "int", "float", "bool", "str", "choice", "classes", "class_map"
+    kind: str  # "int", "float", "bool", "str", "choice", "classes", "class_map", "caps"
     default: Any
     allowed: str = ""  # human description of the allowed values
     check: Callable[[Any], bool] | None = None
@@ -86,7 +86,9 @@ SCHEMA = Section(
                 ),
                 "classes": Field("classes", list(FER_CLASSES), "a non-empty list of distinct names from " + ", ".join(FER_CLASSES)),
                 "class_map": Field("class_map", {}, "a mapping of folder name -> one of " + ", ".join(FER_CLASSES)),
-                "max_per_class": _int(None, 1, nullable=True),
+                "max_per_class": Field(
+                    "caps", None, "null, an integer >= 1, or a mapping of split (train/val/test) -> integer >= 1 or null", nullable=True
+                ),
                 "val_fraction": _float(0.1, "a number strictly between 0 and 1", lambda v: 0 < v < 1),
                 "dedup": _choice("drop_cross_split", DEDUP_POLICIES),
                 "max_reject_fraction": _float(0.01, "a number between 0 and 1", lambda v: 0 <= v <= 1),
@@ -168,7 +170,13 @@ def _type_ok(spec: Field, value: Any) -> bool:
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if spec.kind == "class_map":
         return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+    if spec.kind == "caps":
+        return _is_cap(value) or isinstance(value, dict)
     raise AssertionError(spec.kind)
+
+
+def _is_cap(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _value_ok(spec: Field, value: Any) -> bool:
@@ -180,6 +188,10 @@ def _value_ok(spec: Field, value: Any) -> bool:
         return bool(value) and len(set(value)) == len(value) and all(v in FER_CLASSES for v in value)
     if spec.kind == "class_map":
         return all(v in FER_CLASSES for v in value.values())
+    if spec.kind == "caps" and isinstance(value, dict):
+        return all(k in ("train", "val", "test") and (v is None or _is_cap(v)) for k, v in value.items())
+    if spec.kind == "caps":
+        return _is_cap(value)
     return spec.check is None or spec.check(value)
 
 
@@ -252,11 +264,11 @@ def load_section(section: str, path: str | os.PathLike[str] = "params.yaml") -> 
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'train': {'epochs': 3}} -> {'train.epochs': 3}; lists and class_map stay whole."""
+    """{'train': {'epochs': 3}} -> {'train.epochs': 3}; lists, class_map and max_per_class stay whole."""
     flat: dict[str, Any] = {}
     for key, value in params.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping) and key != "class_map":
+        if isinstance(value, Mapping) and key not in ("class_map", "max_per_class"):
             flat.update(flatten(value, dotted + "."))
         else:
             flat[dotted] = value

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_OVERRIDES, clone_repo, run, write_params
 
+from conftest import TINY_OVERRIDES, clone_repo, run, write_params
 from ferflow import leaderboard
 from ferflow.params import flatten, load_params
 

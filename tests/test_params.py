@@ -28,6 +28,13 @@ def test_defaults_fill_missing_keys():
     assert params["train"]["augment"]["flip"] is False
 
 
+def test_max_per_class_takes_null_int_or_per_split_caps():
+    assert validate_params({"data": {"max_per_class": 50}})["data"]["max_per_class"] == 50
+    caps = {"train": 1000, "test": 250, "val": None}
+    assert validate_params({"data": {"max_per_class": caps}})["data"]["max_per_class"] == caps
+    assert flatten(validate_params({"data": {"max_per_class": caps}}))["data.max_per_class"] == caps
+
+
 def test_int_is_accepted_for_float():
     assert validate_params({"train": {"learning_rate": 1}})["train"]["learning_rate"] == 1.0
 
@@ -56,6 +63,9 @@ def test_int_is_accepted_for_float():
         ({"data": {"dedup": "remove"}}, ["`data.dedup` = 'remove'", "keep, drop_cross_split"]),
         ({"data": {"class_map": {"joy": "glad"}}}, ["`data.class_map`"]),
         ({"train": 5}, ["`train` must be a mapping"]),
+        ({"data": {"max_per_class": 0}}, ["`data.max_per_class` = 0", "integer >= 1"]),
+        ({"data": {"max_per_class": {"training": 10}}}, ["`data.max_per_class`", "split (train/val/test)"]),
+        ({"data": {"max_per_class": {"test": -1}}}, ["`data.max_per_class` = {'test': -1}"]),
         ({"export": {"registered_model_name": "  "}}, ["`export.registered_model_name`", "non-empty"]),
         ({"evaluate": {"tta": "ten_crop"}}, ["`evaluate.tta` = 'ten_crop'", "none, flip"]),
     ],

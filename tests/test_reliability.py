@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY_OVERRIDES, write_params
 
+from conftest import REPO, TINY_OVERRIDES, write_params
 from ferflow.arrays import extract_arrays
 from ferflow.classes import FER_CLASSES
 from ferflow.index import build_index
