@@ -1,6 +1,7 @@
 """`ferflow` command line: models, leaderboard, predict, validate-params.
 
-Subcommands import their module only when called, so `ferflow --help` is instant.
+Heavy libraries (keras, mlflow) are imported only by the subcommand that runs, so
+`ferflow --help` is instant.
 """
 
 from __future__ import annotations
@@ -48,11 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("params", nargs="?", default="params.yaml")
     p.set_defaults(func=cmd_validate)
 
-    for name, module in (("leaderboard", "ferflow.leaderboard"), ("predict", "ferflow.predict")):
-        try:
-            mod = __import__(module, fromlist=["add_arguments"])
-        except ImportError:
-            continue
+    # these modules keep heavy imports (keras, mlflow) inside their functions
+    from ferflow import leaderboard, predict
+
+    for name, mod in (("leaderboard", leaderboard), ("predict", predict)):
         p = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0])
         mod.add_arguments(p)
         p.set_defaults(func=mod.run)
