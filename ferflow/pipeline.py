@@ -171,9 +171,9 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
             with tracking.resume_run(eval_run_id, flatten({"export": p, "serve": serve}), args.eval_metrics) as run_id:
                 result["mlflow_run_id"] = run_id
                 result |= register_and_promote(kwargs, p["registered_model_name"], eval_metrics["accuracy"], p["force_champion"])
-                lock = Path(tracking.find_root()) / "dvc.lock"
-                if Path("dvc.lock").exists() or lock.exists():
-                    mlflow.log_artifact(str(Path("dvc.lock") if Path("dvc.lock").exists() else lock))
+                # the lock of this working copy (DVC writes export's own entry after the stage)
+                if Path("dvc.lock").exists():
+                    mlflow.log_artifact("dvc.lock")
     finally:
         config_path.unlink(missing_ok=True)
     files.write_json(args.metrics, result)
