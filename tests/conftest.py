@@ -40,7 +40,9 @@ def write_params(path: Path, overrides: dict | None = None) -> dict:
 
 
 def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    # a git identity for DVC's experiment commits, on machines without a global one
+    identity = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER") for what, value in (("NAME", "ferflow-tests"), ("EMAIL", "tests@ferflow.invalid"))}
+    full_env = {**identity, **os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
     full_env.pop("MLFLOW_TRACKING_URI", None) if not (env and "MLFLOW_TRACKING_URI" in env) else None
     full_env.pop("DVC_ROOT", None)
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
