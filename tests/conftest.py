@@ -69,6 +69,20 @@ def clone_repo(dest: Path) -> Path:
     return dest
 
 
+def write_tiny_model(work: Path) -> tuple[Path, Path]:
+    """An untrained, seeded ferflow_tiny model and the 7-class label map in `work`."""
+    import keras
+
+    from ferflow import files
+    from ferflow.classes import FER_CLASSES
+    from ferflow.models import build_model
+
+    keras.utils.set_random_seed(0)
+    build_model("ferflow_tiny", len(FER_CLASSES)).save(work / "model.keras")
+    files.write_json(work / "label_map.json", {"classes": list(FER_CLASSES)})
+    return work / "model.keras", work / "label_map.json"
+
+
 @pytest.fixture
 def tiny_params(tmp_path: Path) -> Path:
     path = tmp_path / "params.yaml"

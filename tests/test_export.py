@@ -13,6 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import write_tiny_model
 from ferflow import files
 from ferflow.classes import FER_CLASSES
 from ferflow.export import encode_png, export_model, model_kwargs, register_and_promote, should_promote
@@ -24,14 +25,8 @@ PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    import keras
-
-    from ferflow.models import build_model
-
     work = tmp_path_factory.mktemp("export-inputs")
-    keras.utils.set_random_seed(0)
-    build_model("ferflow_tiny", len(FER_CLASSES)).save(work / "model.keras")
-    files.write_json(work / "label_map.json", {"classes": list(FER_CLASSES)})
+    write_tiny_model(work)
     files.write_json(work / "serve.json", SERVE)
     face = generate_face(np.random.default_rng(0), "happy")
     return {"dir": work, "keras": work / "model.keras", "labels": work / "label_map.json", "serve": work / "serve.json", "face": face}

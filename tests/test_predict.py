@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ferflow import files
+from conftest import write_tiny_model
 from ferflow.classes import FER_CLASSES
 from ferflow.cli import build_parser, main
 from ferflow.faces import synthetic_photo
@@ -22,18 +22,13 @@ PHOTO_SIZE = (800, 600)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import keras
-
     from ferflow.export import export_model
-    from ferflow.models import build_model
 
     work = tmp_path_factory.mktemp("predict-model")
-    keras.utils.set_random_seed(0)
-    build_model("ferflow_tiny", len(FER_CLASSES)).save(work / "model.keras")
-    files.write_json(work / "label_map.json", {"classes": list(FER_CLASSES)})
+    model, labels = write_tiny_model(work)
     serve = {"detect_face": True, "tta": "none", "max_image_bytes": 2_000_000, "max_image_pixels": 4_000_000}
     face = generate_face(np.random.default_rng(0), "sad")
-    return export_model(work / "model.keras", work / "label_map.json", serve, face, work / "export")
+    return export_model(model, labels, serve, face, work / "export")
 
 
 @pytest.fixture(scope="module")
