@@ -19,6 +19,7 @@ import keras
 import numpy as np
 
 from ferflow import files
+from ferflow.augmentation import build_augmentation
 from ferflow.models import build_model
 
 log = logging.getLogger("ferflow")
@@ -54,22 +55,6 @@ def set_determinism(seed: int, deterministic: bool) -> None:
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
-
-
-def build_augmentation(aug: dict[str, Any], seed: int) -> list[keras.layers.Layer]:
-    """In-graph augmentation layers (active only in training), in a readable order."""
-    out: list[keras.layers.Layer] = []
-    if aug["flip"]:
-        out.append(keras.layers.RandomFlip("horizontal", seed=seed))
-    if aug["rotation"] > 0:
-        out.append(keras.layers.RandomRotation(aug["rotation"], fill_mode="reflect", seed=seed + 1))
-    if aug["zoom"] > 0:
-        out.append(keras.layers.RandomZoom(aug["zoom"], fill_mode="reflect", seed=seed + 2))
-    if aug["shift"] > 0:
-        out.append(keras.layers.RandomTranslation(aug["shift"], aug["shift"], fill_mode="reflect", seed=seed + 3))
-    if aug["erasing"] > 0:
-        out.append(keras.layers.RandomErasing(factor=aug["erasing"], scale=(0.02, 0.2), fill_value=0.5, seed=seed + 4))
-    return out
 
 
 def make_optimizer(p: dict[str, Any]) -> keras.optimizers.Optimizer:
