@@ -1,4 +1,4 @@
-"""`ferflow` command line: models, leaderboard, predict, validate-params.
+"""`ferflow` command line: models, preset, leaderboard, predict, validate-params.
 
 Heavy libraries (keras, mlflow) are imported only by the subcommand that runs, so
 `ferflow --help` is instant.
@@ -36,6 +36,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preset(args: argparse.Namespace) -> int:
+    from ferflow.params import ParamsError
+    from ferflow.presets import describe_preset, preset_names, preset_overrides
+
+    if not args.name:
+        for name in preset_names():
+            print(f"{name:<12}{describe_preset(name)}")
+        return 0
+    try:
+        overrides = preset_overrides(args.name)
+    except ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(" ".join(f"-S {o}" for o in overrides))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate-params", help="check params.yaml against the schema")
     p.add_argument("params", nargs="?", default="params.yaml")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("preset", help="print a training recipe as `dvc exp run -S` flags (no name: list them)")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_preset)
 
     # these modules keep heavy imports (keras, mlflow) inside their functions
     from ferflow import leaderboard, predict

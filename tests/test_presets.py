@@ -1,0 +1,84 @@
+"""Presets: named recipes that validate against the schema and travel as `dvc exp run -S` flags."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import BIN, TINY_OVERRIDES, clone_repo, run, write_params
+from ferflow.params import ParamsError, default_params, flatten
+from ferflow.presets import load_preset, preset_names, preset_overrides
+from test_pipeline_e2e import mlflow_runs, ran_stages
+
+
+def test_the_documented_presets_exist():
+    assert {"cpu-quick", "full"} <= set(preset_names())
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_overrides_are_shell_words_that_parse_back_to_the_preset(name):
+    preset = flatten(load_preset(name))
+    overrides = preset_overrides(name)
+    assert len(overrides) == len(preset)
+    defaults = flatten(default_params())
+    for override in overrides:
+        assert not any(ch.isspace() for ch in override), override  # survives $(...) word splitting
+        key, _, text = override.partition("=")
+        assert key in defaults, key
+        assert yaml.safe_load(text) == preset[key], override
+
+
+def test_cpu_quick_is_the_recipe_the_readme_reports():
+    flat = flatten(load_preset("cpu-quick"))
+    assert flat["train.arch"] == "ferflow_vgg" and flat["train.width"] == 0.5 and flat["train.epochs"] == 24
+    assert flat["train.optimizer"] == "sgd" and flat["train.lr_schedule"] == "cosine" and flat["evaluate.tta"] == "flip"
+
+
+def test_unknown_preset_names_the_known_ones(tmp_path):
+    (tmp_path / "a.yaml").write_text("train: {epochs: 3}\n")
+    with pytest.raises(ParamsError, match=r"unknown preset 'b': expected one of a"):
+        load_preset("b", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("train: {epochz: 3}\n", "unknown key `train.epochz`. Did you mean 'epochs'?"),
+        ("train: {optimizer: lion}\n", "`train.optimizer` = 'lion' is not allowed"),
+        ("train: [1, 2]\n", "`train` must be a mapping"),
+        ("", "expected a mapping of params sections"),
+        ("train: {epochs: 3\n", "not valid YAML"),
+    ],
+)
+def test_a_broken_preset_fails_naming_the_file_and_key(tmp_path, text, expected):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ParamsError) as err:
+        load_preset("bad", tmp_path)
+    assert expected in str(err.value) and "bad.yaml" in str(err.value)
+
+
+def test_cli_prints_flags_and_lists_presets():
+    out = subprocess.run([BIN / "ferflow", "preset", "cpu-quick"], capture_output=True, text=True, check=True).stdout
+    assert out.split() == [w for o in preset_overrides("cpu-quick") for w in ("-S", o)]
+    listing = subprocess.run([BIN / "ferflow", "preset"], capture_output=True, text=True, check=True).stdout
+    assert listing.startswith("cpu-quick") and "full" in listing
+    bad = subprocess.run([BIN / "ferflow", "preset", "fast"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown preset 'fast'" in bad.stderr
+
+
+@pytest.mark.slow
+def test_dvc_exp_run_takes_a_preset(tmp_path):
+    # the README's command shape: the preset's flags, then the user's own (here: a 1-epoch budget)
+    repo = clone_repo(tmp_path / "repo")
+    write_params(repo / "params.yaml", TINY_OVERRIDES)
+    run(["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci", "commit", "-qam", "tiny params"], repo)
+    flags = [w for o in preset_overrides("cpu-quick") for w in ("-S", o)]
+    out = run(["dvc", "exp", "run", "-n", "quick", *flags, "-S", "train.epochs=1"], repo)
+    assert ran_stages(out.stdout) == ["ingest", "index", "extract", "train", "evaluate", "export"]
+    (only,) = mlflow_runs(repo)
+    assert only["status"] == "FINISHED" and only["name"] == "quick"
+    for key, value in flatten(load_preset("cpu-quick")).items():
+        expected = "1" if key == "train.epochs" else str(value)
+        assert only["params"][key].lower() == expected.lower(), key
