@@ -6,11 +6,11 @@ import subprocess
 
 import pytest
 import yaml
+from test_pipeline_e2e import mlflow_runs, ran_stages
 
 from conftest import BIN, TINY_OVERRIDES, clone_repo, run, write_params
 from ferflow.params import ParamsError, default_params, flatten
 from ferflow.presets import load_preset, preset_names, preset_overrides
-from test_pipeline_e2e import mlflow_runs, ran_stages
 
 
 def test_the_documented_presets_exist():
