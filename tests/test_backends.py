@@ -49,9 +49,10 @@ def test_one_training_step_under_another_backend_loads_in_tensorflow(backend, tm
 
 
 def test_training_path_has_no_tensorflow_imports_outside_backend_guards():
-    """models.py and the fit loop import no tf.*; training.py touches TF only inside
+    """models.py, augmentation.py and the fit loop import no tf.*; training.py touches TF only inside
     `keras.backend.backend() == "tensorflow"` branches."""
-    assert "tensorflow" not in (REPO / "ferflow" / "models.py").read_text()
+    for module in ("models.py", "augmentation.py"):
+        assert "tensorflow" not in (REPO / "ferflow" / module).read_text(), module
     source = (REPO / "ferflow" / "training.py").read_text()
     for line_no, line in enumerate(source.splitlines(), 1):
         if "import tensorflow" in line:
