@@ -47,8 +47,12 @@ class EpochTimer(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self._t)
 
 
+def per_class_count(n: int) -> int:
+    return max(1, n // 7)
+
+
 def data(n: int) -> tuple[np.ndarray, np.ndarray]:
-    per_class = max(1, n // 7)
+    per_class = per_class_count(n)
     pixels, labels = [], []
     for class_name, _, p in generate_split("train", per_class, seed=0):
         pixels.append(p)
@@ -133,7 +137,7 @@ def main() -> None:
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             samples[variant].append(json.loads(out.strip().splitlines()[-1])["images_per_s"])
     a, b, c = (max(samples[v]) for v in "abc")
-    n = (max(1, args.images // 7)) * 7
+    n = per_class_count(args.images) * 7  # what data() generates
     result = {
         "arch": args.arch,
         "width": args.width,
