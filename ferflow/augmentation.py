@@ -25,7 +25,9 @@ class RandomAffine(keras.layers.Layer):
     Borders are filled by reflection, as in Keras' own layers, so no black wedges appear.
     """
 
-    def __init__(self, flip: bool = False, rotation: float = 0.0, zoom: float = 0.0, shift: float = 0.0, seed: int | None = None, **kwargs):
+    def __init__(
+        self, flip: bool = False, rotation: float = 0.0, zoom: float = 0.0, shift: float = 0.0, seed: int | None = None, **kwargs
+    ):
         super().__init__(**kwargs)
         self.flip, self.rotation, self.zoom, self.shift, self.seed = bool(flip), float(rotation), float(zoom), float(shift), seed
         self.seed_generator = keras.random.SeedGenerator(seed)
@@ -62,7 +64,14 @@ class RandomAffine(keras.layers.Layer):
         return input_shape
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "flip": self.flip, "rotation": self.rotation, "zoom": self.zoom, "shift": self.shift, "seed": self.seed}
+        return {
+            **super().get_config(),
+            "flip": self.flip,
+            "rotation": self.rotation,
+            "zoom": self.zoom,
+            "shift": self.shift,
+            "seed": self.seed,
+        }
 
 
 def build_augmentation(aug: dict[str, Any], seed: int) -> list[keras.layers.Layer]:

@@ -11,13 +11,47 @@ import pandas as pd
 
 from ferflow import files
 
+# Views of `tencrop` for a model without a crop layer: shifts of this many pixels (reflect
+# padding), about what augment.shift 0.1 trains on.
+TENCROP_DEFAULT_SHIFT = 4
+
+
+def shifted(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Faces (N, H, W, C) moved by (dy, dx) pixels, the uncovered border filled by reflection."""
+    pad = max(abs(dy), abs(dx))
+    if pad == 0:
+        return x
+    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    h, w = x.shape[1:3]
+    return padded[:, pad - dy : pad - dy + h, pad - dx : pad - dx + w, :]
+
+
+def tta_views(x: np.ndarray, tta: str, margin: int = 0) -> list[np.ndarray]:
+    """The batches whose predictions `tta` averages.
+
+    none: the faces. flip: and their mirror images. tencrop: the centre and the four corner
+    crops, each also mirrored: for a net with a centre-crop layer `margin` pixels in from
+    the edge, moving the face by +-margin puts each corner crop under that window exactly
+    (no padded pixel reaches it); without a crop layer the shift is TENCROP_DEFAULT_SHIFT."""
+    if tta == "none":
+        return [x]
+    if tta == "flip":
+        return [x, x[:, :, ::-1, :]]
+    if tta != "tencrop":
+        raise ValueError(f"tta {tta!r}: expected one of none, flip, tencrop")
+    m = margin or TENCROP_DEFAULT_SHIFT
+    crops = [x] + [shifted(x, dy, dx) for dy in (-m, m) for dx in (-m, m)]
+    return crops + [c[:, :, ::-1, :] for c in crops]
+
 
 def predict_proba(model, x: np.ndarray, tta: str = "none", batch_size: int = 256) -> np.ndarray:
-    """Class probabilities; `tta="flip"` averages with the horizontally mirrored faces."""
-    probs = np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float64)
-    if tta == "flip":
-        probs = (probs + np.asarray(model.predict(x[:, :, ::-1, :], batch_size=batch_size, verbose=0), dtype=np.float64)) / 2
-    return probs
+    """Class probabilities averaged over the test-time views of `tta` (see `tta_views`)."""
+    from ferflow.models import crop_margin
+
+    margin = crop_margin(model) if tta == "tencrop" else 0
+    views = tta_views(x, tta, margin)
+    total = sum(np.asarray(model.predict(v, batch_size=batch_size, verbose=0), dtype=np.float64) for v in views)
+    return total / len(views)
 
 
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
@@ -115,7 +149,9 @@ def evaluate(
         preds[f"p_{c}"] = probs[:, i].round(5)
     with files.atomic_path(predictions_csv) as tmp:
         preds.to_csv(tmp, index=False)
-    report = classification_report(y_test, y_pred, labels=list(range(len(classes))), target_names=classes, digits=4, zero_division=0)
+    report = classification_report(
+        y_test, y_pred, labels=list(range(len(classes))), target_names=classes, digits=4, zero_division=0
+    )
     files.write_text(out_dir / "classification_report.txt", report)
     plot_confusion(y_test, y_pred, classes, out_dir / "confusion_matrix.png")
     plot_curves(history_csv, out_dir / "training_curves.png")

@@ -81,7 +81,9 @@ def collect(tracking_uri: str, experiment: str, sort: str = "accuracy", limit: i
     try:
         found = client.get_experiment_by_name(experiment)
     except Exception as exc:  # mlflow raises many types for an unreachable store
-        raise LeaderboardError(f"MLflow store {tracking_uri!r} is not reachable ({type(exc).__name__}: {str(exc)[:300]})") from None
+        raise LeaderboardError(
+            f"MLflow store {tracking_uri!r} is not reachable ({type(exc).__name__}: {str(exc)[:300]})"
+        ) from None
     if found is None:
         raise LeaderboardError(f"no experiment {experiment!r} in {tracking_uri}")
 
@@ -158,7 +160,10 @@ def format_table(rows: list[Row]) -> str:
     ]
     widths = [max(len(cells[c]) for cells in [header, *body]) for c in range(len(header))]
     left = {1, 2, 8}  # text columns; numbers are right-aligned
-    lines = ["  ".join(cell.ljust(w) if c in left else cell.rjust(w) for c, (cell, w) in enumerate(zip(cells, widths))) for cells in [header, *body]]
+    lines = [
+        "  ".join(cell.ljust(w) if c in left else cell.rjust(w) for c, (cell, w) in enumerate(zip(cells, widths)))
+        for cells in [header, *body]
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(line.rstrip() for line in lines)
 
@@ -211,11 +216,17 @@ def plot(rows: list[Row], out: str | os.PathLike[str], title: str = "ferflow lea
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db)")
-    parser.add_argument("--experiment", default=tracking.EXPERIMENT_NAME, help=f"MLflow experiment (default: {tracking.EXPERIMENT_NAME})")
+    parser.add_argument(
+        "--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db)"
+    )
+    parser.add_argument(
+        "--experiment", default=tracking.EXPERIMENT_NAME, help=f"MLflow experiment (default: {tracking.EXPERIMENT_NAME})"
+    )
     parser.add_argument("--sort", choices=list(SORT_KEYS), default="accuracy", help="order, best first (default: accuracy)")
     parser.add_argument("--limit", type=int, default=20, help="show at most this many runs (0: all; default 20)")
-    parser.add_argument("--png", default=DEFAULT_PNG, help=f"write the accuracy vs. training time plot here (default: {DEFAULT_PNG}; '' to skip)")
+    parser.add_argument(
+        "--png", default=DEFAULT_PNG, help=f"write the accuracy vs. training time plot here (default: {DEFAULT_PNG}; '' to skip)"
+    )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
 
 

@@ -5,7 +5,10 @@ Each seed builder follows the architecture of the project it is named after
 padding and dropout rates as the seed states them, and Keras' (or, for the PyTorch seed
 004, PyTorch's) defaults where the seed leaves something out. `width` multiplies every
 conv/dense width and `dropout_scale` every dropout rate, so variants are a param away.
-All models take (48, 48, 1) float32 in [0, 1] and end in a float32 softmax.
+All models take (48, 48, 1) float32 in [0, 1] and end in a float32 softmax. With
+`crop_size` below 48 the net's first layer keeps the central crop_size x crop_size square:
+with random shifts in the augmentation that is random-crop training (less compute per
+image), and test-time `tencrop` shifts the face so that this window sees each corner.
 """
 
 from __future__ import annotations
@@ -26,12 +29,29 @@ class ArchConfig:
     num_classes: int
     width: float = 1.0
     dropout_scale: float = 1.0
+    crop_size: int = INPUT_SHAPE[0]
 
     def units(self, n: int) -> int:
         return max(1, round(n * self.width))
 
     def rate(self, r: float) -> float:
         return min(r * self.dropout_scale, 0.95)
+
+
+def _face_input(cfg: ArchConfig):
+    """The (48, 48, 1) input and the tensor the body starts from: the input, or its centre crop."""
+    inputs = keras.Input(INPUT_SHAPE, name="face")
+    if cfg.crop_size >= INPUT_SHAPE[0]:
+        return inputs, inputs
+    return inputs, layers.CenterCrop(cfg.crop_size, cfg.crop_size, name="face_crop")(inputs)
+
+
+def crop_margin(model: keras.Model) -> int:
+    """Pixels between the input's edge and the model's centre crop (0 without a crop layer)."""
+    for layer in model.layers:
+        if layer.name == "face_crop":
+            return (INPUT_SHAPE[0] - int(layer.height)) // 2
+    return 0
 
 
 def _head(x, cfg: ArchConfig):
@@ -41,8 +61,7 @@ def _head(x, cfg: ArchConfig):
 
 def build_seed000(cfg: ArchConfig) -> keras.Model:
     """Seed 000: four valid 3x3 convs 128-256-512-512, each + MaxPool + Dropout 0.4."""
-    inputs = keras.Input(INPUT_SHAPE, name="face")
-    x = inputs
+    inputs, x = _face_input(cfg)
     for filters in (128, 256, 512, 512):
         x = layers.Conv2D(cfg.units(filters), 3, activation="relu")(x)
         x = layers.MaxPooling2D(2)(x)
@@ -57,8 +76,7 @@ def build_seed000(cfg: ArchConfig) -> keras.Model:
 
 def build_seed001(cfg: ArchConfig) -> keras.Model:
     """Seed 001: three blocks Conv 32/64/128 + BN + MaxPool + Dropout 0.25; Dense 256 + BN + Dropout 0.5."""
-    inputs = keras.Input(INPUT_SHAPE, name="face")
-    x = inputs
+    inputs, x = _face_input(cfg)
     for filters in (32, 64, 128):
         # The seed names no padding: Keras' default (valid), 48 -> 46/23 -> 21/10 -> 8/4.
         x = layers.Conv2D(cfg.units(filters), 3, activation="relu")(x)
@@ -74,8 +92,8 @@ def build_seed001(cfg: ArchConfig) -> keras.Model:
 
 def build_seed003(cfg: ArchConfig) -> keras.Model:
     """Seed 003: Conv 256, Conv 512, BN, pool, dropout 0.4; then 384, 192, 384 blocks; Dense 256."""
-    inputs = keras.Input(INPUT_SHAPE, name="face")
-    x = layers.Conv2D(cfg.units(256), 3, padding="same", activation="relu")(inputs)
+    inputs, x = _face_input(cfg)
+    x = layers.Conv2D(cfg.units(256), 3, padding="same", activation="relu")(x)
     x = layers.Conv2D(cfg.units(512), 3, padding="same", activation="relu")(x)
     x = layers.BatchNormalization()(x)
     x = layers.MaxPooling2D(2)(x)
@@ -113,8 +131,7 @@ def build_seed004(cfg: ArchConfig) -> keras.Model:
     """Seed 004: three VGG blocks of two Conv 64/128/256 + BN + ReLU, pool, Dropout 0.25; FC 512, 256."""
     # A PyTorch seed: padding=1 convs (48 -> 24 -> 12 -> 6, FC 9216 -> 512 as the seed
     # draws it), nn.Conv2d/nn.Linear biases and nn.BatchNorm2d defaults kept.
-    inputs = keras.Input(INPUT_SHAPE, name="face")
-    x = inputs
+    inputs, x = _face_input(cfg)
     for filters in (64, 128, 256):
         x = _conv_bn_relu(x, cfg.units(filters), use_bias=True, bn=TORCH_BN)
         x = _conv_bn_relu(x, cfg.units(filters), use_bias=True, bn=TORCH_BN)
@@ -132,8 +149,7 @@ def build_ferflow_vgg(cfg: ArchConfig) -> keras.Model:
 
     Max-pool after each stage, global average pooling and one BN'd dense layer. GAP instead
     of a big Flatten->Dense keeps parameters low and works with random crops."""
-    inputs = keras.Input(INPUT_SHAPE, name="face")
-    x = inputs
+    inputs, x = _face_input(cfg)
     for filters in (64, 128, 256, 512):
         x = _conv_bn_relu(x, cfg.units(filters))
         x = _conv_bn_relu(x, cfg.units(filters))
@@ -147,8 +163,7 @@ def build_ferflow_vgg(cfg: ArchConfig) -> keras.Model:
 
 def build_ferflow_tiny(cfg: ArchConfig) -> keras.Model:
     """A tiny net (16-32-64 filters, GAP) for tests and fast smoke runs."""
-    inputs = keras.Input(INPUT_SHAPE, name="face")
-    x = inputs
+    inputs, x = _face_input(cfg)
     for filters in (16, 32, 64):
         x = _conv_bn_relu(x, cfg.units(filters))
         x = layers.MaxPooling2D(2)(x)
@@ -168,10 +183,18 @@ REGISTRY: dict[str, Callable[[ArchConfig], keras.Model]] = {
 assert tuple(REGISTRY) == ARCH_NAMES, "params.ARCH_NAMES must list the registry"
 
 
-def build_model(arch: str, num_classes: int, width: float = 1.0, dropout_scale: float = 1.0) -> keras.Model:
+def build_model(
+    arch: str, num_classes: int, width: float = 1.0, dropout_scale: float = 1.0, crop_size: int = INPUT_SHAPE[0]
+) -> keras.Model:
     if arch not in REGISTRY:
         raise ValueError(f"unknown arch {arch!r}: expected one of {', '.join(REGISTRY)}")
-    return REGISTRY[arch](ArchConfig(num_classes, width, dropout_scale))
+    try:
+        return REGISTRY[arch](ArchConfig(num_classes, width, dropout_scale, crop_size))
+    except ValueError as err:
+        if crop_size >= INPUT_SHAPE[0]:
+            raise
+        # valid convs and pools shrink the map: a small crop can leave nothing for later layers
+        raise ValueError(f"train.crop_size {crop_size} is too small for arch {arch!r}: {err}") from err
 
 
 def flops_per_image(model: keras.Model) -> int:

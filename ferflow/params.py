@@ -24,7 +24,7 @@ OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
 LR_SCHEDULES: tuple[str, ...] = ("plateau", "cosine", "constant")
 PRECISIONS: tuple[str, ...] = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 DEDUP_POLICIES: tuple[str, ...] = ("keep", "drop_cross_split")
-TTA_MODES: tuple[str, ...] = ("none", "flip")
+TTA_MODES: tuple[str, ...] = ("none", "flip", "tencrop")
 
 
 class ParamsError(ValueError):
@@ -84,10 +84,15 @@ SCHEMA = Section(
                         "test_per_class": _int(100, 1),
                     }
                 ),
-                "classes": Field("classes", list(FER_CLASSES), "a non-empty list of distinct names from " + ", ".join(FER_CLASSES)),
+                "classes": Field(
+                    "classes", list(FER_CLASSES), "a non-empty list of distinct names from " + ", ".join(FER_CLASSES)
+                ),
                 "class_map": Field("class_map", {}, "a mapping of folder name -> one of " + ", ".join(FER_CLASSES)),
                 "max_per_class": Field(
-                    "caps", None, "null, an integer >= 1, or a mapping of split (train/val/test) -> integer >= 1 or null", nullable=True
+                    "caps",
+                    None,
+                    "null, an integer >= 1, or a mapping of split (train/val/test) -> integer >= 1 or null",
+                    nullable=True,
                 ),
                 "val_fraction": _float(0.1, "a number strictly between 0 and 1", lambda v: 0 < v < 1),
                 "dedup": _choice("drop_cross_split", DEDUP_POLICIES),
@@ -99,7 +104,11 @@ SCHEMA = Section(
             {
                 "arch": _choice("seed001", ARCH_NAMES),
                 "width": _float(1.0, "a number > 0 (multiplies every conv/dense width)", lambda v: v > 0),
-                "dropout_scale": _float(1.0, "a number >= 0 (multiplies every dropout rate; result must stay < 1)", lambda v: 0 <= v),
+                "dropout_scale": _float(
+                    1.0, "a number >= 0 (multiplies every dropout rate; result must stay < 1)", lambda v: 0 <= v
+                ),
+                # < 48: the net sees the centre crop (random crops with augment.shift; TTA tencrop)
+                "crop_size": _int(48, 16, 48),
                 "epochs": _int(25, 1),
                 "batch_size": _int(64, 1),
                 "optimizer": _choice("adam", OPTIMIZERS),
@@ -209,8 +218,7 @@ def _validate(section: Section, raw: Any, prefix: str, source: str) -> dict[str,
     for key in raw:
         if key not in section.fields:
             raise ParamsError(
-                f"{source}: unknown key `{prefix}{key}`.{_did_you_mean(str(key), known)} "
-                f"Known keys here: {', '.join(known)}"
+                f"{source}: unknown key `{prefix}{key}`.{_did_you_mean(str(key), known)} Known keys here: {', '.join(known)}"
             )
     out: dict[str, Any] = {}
     for key, spec in section.fields.items():

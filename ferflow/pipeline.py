@@ -63,7 +63,11 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
             "device": tracking.device_name(),
         }
         run_id = tracking.start_training_run(
-            tracking.run_name(p["arch"]), tags, args.run_file, Path(args.work_dir) / "mlflow_run.json", can_resume(args.work_dir, p)
+            tracking.run_name(p["arch"]),
+            tags,
+            args.run_file,
+            Path(args.work_dir) / "mlflow_run.json",
+            can_resume(args.work_dir, p),
         )
         guard = tracking.run_status_guard(run_id)
     else:
@@ -86,7 +90,8 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
                 log.warning(
                     "MLflow tracking failed (%s). The model is saved at %s; rerun `dvc repro` when the "
                     "tracking server is back, or unset MLFLOW_TRACKING_URI to use the local store.",
-                    summary["tracking_error"], args.model,
+                    summary["tracking_error"],
+                    args.model,
                 )
         else:
             files.write_json(args.run_file, {"run_id": None, "complete": True})
@@ -178,4 +183,3 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
         config_path.unlink(missing_ok=True)
     files.write_json(args.metrics, result)
     return result
-

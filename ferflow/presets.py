@@ -27,7 +27,9 @@ def load_preset(name: str, presets_dir: Path = PRESETS_DIR) -> dict[str, Any]:
     """The preset's own keys (nested), after checking that defaults + preset are valid params."""
     path = presets_dir / f"{name}.yaml"
     if not path.is_file():
-        raise ParamsError(f"unknown preset {name!r}: expected one of {', '.join(preset_names(presets_dir)) or '(none)'} (files in {presets_dir})")
+        raise ParamsError(
+            f"unknown preset {name!r}: expected one of {', '.join(preset_names(presets_dir)) or '(none)'} (files in {presets_dir})"
+        )
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

@@ -54,11 +54,11 @@ from PIL import Image
 
 from ferflow.evaluation import predict_proba
 from ferflow.faces import Box, FaceDetector, centre_square
+from ferflow.params import TTA_MODES
 from ferflow.preprocessing import IMAGE_SIZE, ImageError, decode_image, normalize, prepare_batch
 
 INPUT_COLUMN = "image"
 PIXEL_RANGES = ("auto", "0-255", "0-1")
-TTA_MODES = ("none", "flip")
 BOX_COLUMNS = ("face_x", "face_y", "face_w", "face_h")
 INFER_BATCH = 256  # images per model call; bounds activation memory for large requests
 PARALLEL_MIN = 8  # decode + detect in a thread pool from this many images per request
@@ -159,7 +159,9 @@ def image_bytes(value: Any, row: int, max_bytes: int) -> bytes:
     """Encoded image bytes from raw bytes or base64 text, size-checked."""
     data = decode_base64(value, row, max_bytes) if isinstance(value, str) else bytes(value)
     if len(data) > max_bytes:
-        raise RequestError(f"row {row}: column 'image' is {len(data)} bytes, over the limit of {max_bytes} (serve.max_image_bytes)")
+        raise RequestError(
+            f"row {row}: column 'image' is {len(data)} bytes, over the limit of {max_bytes} (serve.max_image_bytes)"
+        )
     return data
 
 
@@ -211,7 +213,7 @@ def pixels_to_batch(array: Any, pixel_range: str = "auto") -> np.ndarray:
         kind = "floats" if array.dtype.kind == "f" else "integers"
         raise RequestError(
             f"pixel values span {amin:g}..{amax:g}, outside {scale} for {kind} (pixel_range={pixel_range!r}); "
-            "send integers 0..255 or floats 0..1, or set params {\"pixel_range\": \"0-255\"} or \"0-1\""
+            'send integers 0..255 or floats 0..1, or set params {"pixel_range": "0-255"} or "0-1"'
         )
     if scale == "0-255":
         return normalize(np.rint(array).astype(np.uint8))
@@ -225,8 +227,8 @@ def _column_values(model_input: Any) -> list[Any] | np.ndarray:
             # MLflow's schema step drops unknown columns, so often there are none left to name
             got = f" (got columns {[str(c) for c in model_input.columns]})" if len(model_input.columns) else ""
             raise RequestError(
-                f"missing column 'image'{got}: expected rows like {{\"image\": \"<base64 PNG/JPEG>\"}} "
-                "or a pixel tensor as \"inputs\"/\"instances\""
+                f'missing column \'image\'{got}: expected rows like {{"image": "<base64 PNG/JPEG>"}} '
+                'or a pixel tensor as "inputs"/"instances"'
             )
         if len(model_input) == 0:
             raise RequestError("empty request: column 'image' has no rows")
@@ -261,6 +263,10 @@ class KerasPredictor:
 
     def __init__(self, model: Any) -> None:
         self.model = model
+
+    @property
+    def layers(self) -> list[Any]:
+        return self.model.layers  # `models.crop_margin` reads the crop layer for tta=tencrop
 
     def predict(self, x: np.ndarray, batch_size: int = INFER_BATCH, verbose: int = 0) -> np.ndarray:
         n_classes = int(self.model.output_shape[-1])

@@ -59,7 +59,9 @@ def _draw(rng: np.random.Generator, expr: Expression) -> Image.Image:
     d = ImageDraw.Draw(img)
     cx, cy = CANVAS / 2, CANVAS / 2
     skin = int(np.clip(bg + rng.choice([-1, 1]) * rng.integers(40, 90), 20, 235))
-    feature = int(np.clip(skin - rng.integers(70, 130), 0, 255)) if skin > 110 else int(np.clip(skin + rng.integers(70, 120), 0, 255))
+    feature = (
+        int(np.clip(skin - rng.integers(70, 130), 0, 255)) if skin > 110 else int(np.clip(skin + rng.integers(70, 120), 0, 255))
+    )
     face_w, face_h = rng.uniform(30, 38), rng.uniform(38, 46)
     d.ellipse([cx - face_w, cy - face_h, cx + face_w, cy + face_h], fill=skin)
 

@@ -221,7 +221,12 @@ def start_training_run(
                 if client.get_run(previous).info.status == "RUNNING":
                     client.set_terminated(previous, status="KILLED")
         run = mlflow.start_run(run_name=name, tags=tags)
-    record = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": mlflow.get_tracking_uri(), "complete": False}
+    record = {
+        "run_id": run.info.run_id,
+        "experiment_id": run.info.experiment_id,
+        "tracking_uri": mlflow.get_tracking_uri(),
+        "complete": False,
+    }
     files.write_json(resume_file, record)
     files.write_json(run_file, record)
     return run.info.run_id

@@ -124,7 +124,9 @@ class EpochLogger(keras.callbacks.Callback):
             self.tracking_error = f"{type(exc).__name__}: {str(exc)[:200]}"
             log.warning(
                 "MLflow logging failed at epoch %d (%s); training continues, history stays in %s",
-                row["epoch"], self.tracking_error, self.history_csvs[0],
+                row["epoch"],
+                self.tracking_error,
+                self.history_csvs[0],
             )
 
 
@@ -217,14 +219,16 @@ def fit_model(
     work_dir = Path(work_dir)
     history_csv = Path(history_csv)
     set_determinism(p["seed"], p["deterministic"])
-    probe = build_model(p["arch"], num_classes, p["width"], p["dropout_scale"])
+    probe = build_model(p["arch"], num_classes, p["width"], p["dropout_scale"], p["crop_size"])
     precision = detect_precision(p["mixed_precision"], probe.count_params())
     del probe
     keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(p["seed"])  # same init whatever the probe consumed
-    model = build_model(p["arch"], num_classes, p["width"], p["dropout_scale"])
+    model = build_model(p["arch"], num_classes, p["width"], p["dropout_scale"], p["crop_size"])
     augmentation = build_augmentation(p["augment"], p["seed"])
-    trainer = keras.Sequential([keras.Input(model.input_shape[1:]), *augmentation, model], name="trainer") if augmentation else model
+    trainer = (
+        keras.Sequential([keras.Input(model.input_shape[1:]), *augmentation, model], name="trainer") if augmentation else model
+    )
 
     steps_per_epoch = int(np.ceil(len(x_train) / p["batch_size"]))
     opt_params = {**p, "_cosine_steps": max(1, steps_per_epoch * p["epochs"])}
@@ -243,7 +247,9 @@ def fit_model(
     work_dir.mkdir(parents=True, exist_ok=True)
     files.write_json(work_dir / "train_params.json", _resume_key(p))
     previous_rows = read_history(work_dir / "history.csv") if resumed else []
-    checkpoint = keras.callbacks.ModelCheckpoint(str(best_weights), monitor="val_loss", save_best_only=True, save_weights_only=True)
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        str(best_weights), monitor="val_loss", save_best_only=True, save_weights_only=True
+    )
     early = keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=p["early_stopping_patience"], start_from_epoch=p["early_stopping_start_epoch"]
     )

@@ -37,7 +37,13 @@ fit_model(p, x, y, x[:8], y[:8], 7, sys.argv[1] + "/model.keras", sys.argv[1] + 
 @pytest.mark.parametrize("backend", OTHER_BACKENDS)
 def test_one_training_step_under_another_backend_loads_in_tensorflow(backend, tmp_path):
     env = {**os.environ, "KERAS_BACKEND": backend}
-    proc = subprocess.run([sys.executable, "-c", TRAIN_ONE_STEP, str(tmp_path), str(REPO), backend], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", TRAIN_ONE_STEP, str(tmp_path), str(REPO), backend],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     import keras
 

@@ -185,7 +185,9 @@ def test_temp_experiment_restored_from_run_cache_is_findable_in_mlflow(project):
     # the experiment's own results are the producer's (same model, same test set)
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     (exp,) = [e for e in shown[1]["experiments"] if e["name"] == name]
-    assert exp["revs"][0]["data"]["metrics"]["metrics/eval.json"]["data"]["accuracy"] == pytest.approx(producer.data.metrics["test_accuracy"])
+    assert exp["revs"][0]["data"]["metrics"]["metrics/eval.json"]["data"]["accuracy"] == pytest.approx(
+        producer.data.metrics["test_accuracy"]
+    )
     assert not [p for p in (project / ".dvc/tmp/exps").glob("tmp*") if p.is_dir()]
 
 

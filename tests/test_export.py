@@ -29,7 +29,13 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     write_tiny_model(work)
     files.write_json(work / "serve.json", SERVE)
     face = generate_face(np.random.default_rng(0), "happy")
-    return {"dir": work, "keras": work / "model.keras", "labels": work / "label_map.json", "serve": work / "serve.json", "face": face}
+    return {
+        "dir": work,
+        "keras": work / "model.keras",
+        "labels": work / "label_map.json",
+        "serve": work / "serve.json",
+        "face": face,
+    }
 
 
 @pytest.fixture(scope="module")

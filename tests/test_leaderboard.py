@@ -28,7 +28,9 @@ def store(tmp_path_factory) -> str:
     client = mlflow.MlflowClient(uri)
     exp_id = client.create_experiment("ferflow", artifact_location=(root / "mlartifacts").as_uri())
     for i, (name, (arch, acc, f1, params, seconds, epochs, status)) in enumerate(RUNS.items()):
-        run = client.create_run(exp_id, run_name=name, start_time=1_700_000_000_000 + i * 1000, tags={"arch": arch, "dvc.exp.name": name})
+        run = client.create_run(
+            exp_id, run_name=name, start_time=1_700_000_000_000 + i * 1000, tags={"arch": arch, "dvc.exp.name": name}
+        )
         for step in range(1, epochs + 1):
             client.log_metric(run.info.run_id, "loss", 2.0 / step, step=step)
         metrics = {"test_accuracy": acc, "test_macro_f1": f1, "params_count": params, "train_time_s": seconds}

@@ -59,7 +59,9 @@ SEED_SIGNATURES = {
     + [t for n in (384, 192, 384) for t in (f"conv{n}/3x3/same/relu", "bn", "pool2", "drop0.4")]
     + ["flatten", "dense256/relu", "bn", "drop0.3", "dense7/softmax"],
     # 004: three VGG blocks of two Conv + BN + ReLU, MaxPool, Dropout 0.25; FC 512, 256 with BN + ReLU + Dropout 0.5
-    "seed004": _vgg_block(64) + _vgg_block(128) + _vgg_block(256)
+    "seed004": _vgg_block(64)
+    + _vgg_block(128)
+    + _vgg_block(256)
     + ["flatten", "dense512/linear", "bn", "relu", "drop0.5", "dense256/linear", "bn", "relu", "drop0.5", "dense7/softmax"],
 }
 

@@ -50,7 +50,15 @@ def mlflow_runs(repo: Path) -> list[dict]:
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("ferflow")
     return [
-        {"id": r.info.run_id, "name": r.info.run_name, "status": r.info.status, "params": r.data.params, "metrics": r.data.metrics, "tags": r.data.tags, "artifact_uri": r.info.artifact_uri}
+        {
+            "id": r.info.run_id,
+            "name": r.info.run_name,
+            "status": r.info.status,
+            "params": r.data.params,
+            "metrics": r.data.metrics,
+            "tags": r.data.tags,
+            "artifact_uri": r.info.artifact_uri,
+        }
         for r in client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
     ]
 
@@ -83,7 +91,13 @@ def test_fresh_clone_repro_then_noop_then_experiment(tmp_path):
     assert abs(r["metrics"]["test_accuracy"] - evaluation["accuracy"]) < 1e-9
     artifacts = Path(r["artifact_uri"].removeprefix("file://"))
     assert artifacts.is_relative_to(repo / "mlartifacts")
-    for rel in ("evaluation/confusion_matrix.png", "evaluation/training_curves.png", "params.yaml", "model_summary.txt", "dvc.lock"):
+    for rel in (
+        "evaluation/confusion_matrix.png",
+        "evaluation/training_curves.png",
+        "params.yaml",
+        "model_summary.txt",
+        "dvc.lock",
+    ):
         assert (artifacts / rel).exists(), rel
     export = json.loads((repo / "metrics/export.json").read_text())
     assert export["registered_model"] == "ferflow-emotion" and export["version"] == 1

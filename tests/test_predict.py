@@ -119,7 +119,9 @@ def test_annotate_writes_a_png_of_the_original_size(capsys, model_dir: Path, ima
     assert tuple(annotated[y + h // 2, x]) == (40, 220, 60)  # the box's left edge, in green
     assert np.array_equal(annotated[-50:, -50:], original[-50:, -50:])  # away from box and label: untouched
     # several images: --annotate is a directory, one PNG each, original sizes
-    rc, _, _ = run_cli(capsys, str(images["crop_png"]), str(images["noface"]), "--model", str(model_dir), "--annotate", str(tmp_path / "many"))
+    rc, _, _ = run_cli(
+        capsys, str(images["crop_png"]), str(images["noface"]), "--model", str(model_dir), "--annotate", str(tmp_path / "many")
+    )
     assert rc == 0
     assert Image.open(tmp_path / "many" / "happy.annotated.png").size == (48, 48)
     assert Image.open(tmp_path / "many" / "wall.annotated.png").size == (320, 240)
@@ -147,6 +149,9 @@ def test_progress_bar_and_helpers() -> None:
     silent = io.StringIO()
     Progress(3, stream=silent, enabled=False).update(3)
     assert silent.getvalue() == ""
-    assert annotation_paths([Path("a/x.png"), Path("b/x.png")], "out") == [Path("out/x.annotated.png"), Path("out/x-1.annotated.png")]
+    assert annotation_paths([Path("a/x.png"), Path("b/x.png")], "out") == [
+        Path("out/x.annotated.png"),
+        Path("out/x-1.annotated.png"),
+    ]
     table = format_table([{"file": "f.png", "error": "not an image"}])
     assert table.splitlines()[1].split()[:3] == ["f.png", "-", "ERROR"]

@@ -32,8 +32,9 @@ def test_overrides_are_shell_words_that_parse_back_to_the_preset(name):
 
 def test_cpu_quick_is_the_recipe_the_readme_reports():
     flat = flatten(load_preset("cpu-quick"))
-    assert flat["train.arch"] == "ferflow_vgg" and flat["train.width"] == 0.5 and flat["train.epochs"] == 25
-    assert flat["train.optimizer"] == "adam" and flat["train.lr_schedule"] == "cosine" and flat["evaluate.tta"] == "flip"
+    assert flat["train.arch"] == "ferflow_vgg" and flat["train.width"] == 0.5 and flat["train.epochs"] == 32
+    assert flat["train.crop_size"] == 40 and flat["evaluate.tta"] == "tencrop"
+    assert flat["train.optimizer"] == "adam" and flat["train.lr_schedule"] == "cosine"
 
 
 def test_unknown_preset_names_the_known_ones(tmp_path):

@@ -28,7 +28,13 @@ TRAIN_ARGS = ["--arrays", "arrays", "--label-map", "label_map.json", "--index", 
 def workdir(tmp_path_factory) -> Path:
     """Arrays big enough that one epoch takes a noticeable time (so a kill lands mid-run)."""
     root = tmp_path_factory.mktemp("reliability")
-    ingest(SyntheticSource(120, 4, seed=5, classes=list(FER_CLASSES)), root / "ingested", root / "rejected.csv", root / "ingest.json", FER_CLASSES)
+    ingest(
+        SyntheticSource(120, 4, seed=5, classes=list(FER_CLASSES)),
+        root / "ingested",
+        root / "rejected.csv",
+        root / "ingest.json",
+        FER_CLASSES,
+    )
     build_index(root / "ingested", root / "index.csv", root / "index.json", list(FER_CLASSES), 0.1, "keep", 5)
     extract_arrays(root / "index.csv", root / "arrays", root / "label_map.json", list(FER_CLASSES))
     return root
@@ -49,7 +55,13 @@ def _train_cmd(params: Path, out: Path) -> list[str]:
 
 def _resume_params(path: Path) -> Path:
     overrides = {
-        "train": {**TINY_OVERRIDES["train"], "epochs": 4, "batch_size": 16, "early_stopping_patience": 10, "mixed_precision": "float32"}
+        "train": {
+            **TINY_OVERRIDES["train"],
+            "epochs": 4,
+            "batch_size": 16,
+            "early_stopping_patience": 10,
+            "mixed_precision": "float32",
+        }
     }
     write_params(path, overrides)
     return path
@@ -69,7 +81,9 @@ def test_sigkill_mid_training_then_rerun_resumes_from_last_epoch(workdir, tmp_pa
     params = _resume_params(tmp_path / "params.yaml")
     killed = resumed = tmp_path / "killed"
     clean = tmp_path / "straight"
-    proc = subprocess.Popen(_train_cmd(params, killed), cwd=workdir, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        _train_cmd(params, killed), cwd=workdir, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.time() + 240
     while _history_rows(killed / "work" / "history.csv") < 2:
         assert proc.poll() is None, proc.stdout.read()
@@ -121,7 +135,14 @@ def test_unreachable_tracking_server_fails_before_the_first_epoch(workdir, tmp_p
     params = tmp_path / "params.yaml"
     write_params(params, TINY_OVERRIDES)
     uri = f"http://127.0.0.1:{_closed_port()}"
-    proc = subprocess.run(_train_cmd(params, tmp_path / "out"), cwd=workdir, env=_env(tmp_path, MLFLOW_TRACKING_URI=uri), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        _train_cmd(params, tmp_path / "out"),
+        cwd=workdir,
+        env=_env(tmp_path, MLFLOW_TRACKING_URI=uri),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert f"MLflow tracking store '{uri}' is not reachable" in proc.stderr
     assert "unset MLFLOW_TRACKING_URI" in proc.stderr
@@ -143,7 +164,9 @@ def test_sigterm_marks_the_run_killed_and_leaves_a_resumable_backup(workdir, tmp
 
     params = _resume_params(tmp_path / "params.yaml")
     out = tmp_path / "out"
-    proc = subprocess.Popen(_train_cmd(params, out), cwd=workdir, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        _train_cmd(params, out), cwd=workdir, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     _wait_for_epochs(out / "work" / "history.csv", 1, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) != 0
@@ -180,7 +203,12 @@ def test_tracking_server_lost_mid_run_keeps_the_trained_model(workdir, tmp_path)
         out = tmp_path / "out"
         uri = f"http://127.0.0.1:{port}"
         proc = subprocess.Popen(
-            _train_cmd(params, out), cwd=workdir, env=_env(tmp_path, MLFLOW_TRACKING_URI=uri), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            _train_cmd(params, out),
+            cwd=workdir,
+            env=_env(tmp_path, MLFLOW_TRACKING_URI=uri),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         _wait_for_epochs(out / "work" / "history.csv", 1, proc)
         os.killpg(server.pid, signal.SIGKILL)

@@ -227,7 +227,9 @@ def test_png_and_jpeg_faces_match_the_keras_model(server: str, served_model: dic
         expected = direct(served_model["keras"], prepare_batch([decode_image(b) for b in blobs]))
         np.testing.assert_allclose(probs_of(rows), expected, atol=1e-5)
     split = predictions(server, {"dataframe_split": {"columns": ["image"], "data": [[b64(b)] for b in pngs]}})
-    np.testing.assert_allclose(probs_of(split), probs_of(predictions(server, {"dataframe_records": [{"image": b64(b)} for b in pngs]})))
+    np.testing.assert_allclose(
+        probs_of(split), probs_of(predictions(server, {"dataframe_records": [{"image": b64(b)} for b in pngs]}))
+    )
 
 
 def test_large_rgb_photo_is_cropped_to_the_face(server: str, served_model: dict) -> None:
@@ -267,7 +269,16 @@ def test_photo_without_a_face_is_classified_whole(server: str, served_model: dic
         lambda x: {"inputs": {"image": x.tolist()}},
         lambda x: {"inputs": (x / 255.0).round().astype(int).tolist(), "params": {"pixel_range": "0-1"}},
     ],
-    ids=["inputs-N48x48", "inputs-N48x48x1", "inputs-N2304", "inputs-float", "instances", "instances-records", "inputs-named", "pixel-range"],
+    ids=[
+        "inputs-N48x48",
+        "inputs-N48x48x1",
+        "inputs-N2304",
+        "inputs-float",
+        "instances",
+        "instances-records",
+        "inputs-named",
+        "pixel-range",
+    ],
 )
 def test_pixel_tensors(server: str, served_model: dict, make) -> None:
     x = faces(5)
@@ -298,13 +309,19 @@ def _bad_requests() -> dict[str, tuple[object, str]]:
         "not-base64": ({"dataframe_records": [{"image": "this is *not* base64!"}]}, "column 'image' is not valid base64"),
         "not-an-image": ({"dataframe_records": [{"image": b64(b"hello, I am plain text")}]}, "not an image"),
         "empty-image": ({"dataframe_records": [{"image": ""}]}, "empty file (0 bytes)"),
-        "one-pixel": ({"dataframe_records": [{"image": b64(encode(np.zeros((1, 1), np.uint8)))}]}, "1x1 pixels, below the minimum"),
+        "one-pixel": (
+            {"dataframe_records": [{"image": b64(encode(np.zeros((1, 1), np.uint8)))}]},
+            "1x1 pixels, below the minimum",
+        ),
         "decompression-bomb": ({"dataframe_records": [{"image": b64(png_header_only(100_000, 100_000))}]}, "decompression bomb"),
         "too-many-pixels": (
             {"dataframe_records": [{"image": b64(encode(np.zeros((1000, 1100), np.uint8)))}]},
             "1100x1000 = 1100000 pixels, over the limit of 1000000",
         ),
-        "too-many-bytes": ({"dataframe_records": [{"image": b64(encode(noise))}]}, "over the limit of 400000 (serve.max_image_bytes)"),
+        "too-many-bytes": (
+            {"dataframe_records": [{"image": b64(encode(noise))}]},
+            "over the limit of 400000 (serve.max_image_bytes)",
+        ),
         "truncated": ({"dataframe_records": [{"image": b64(png[: len(png) // 2])}]}, "corrupt or truncated"),
         "second-row-bad": ({"dataframe_records": [{"image": good}, {"image": b64(b"GIF89a-nope")}]}, "row 1: column 'image'"),
         "null": ({"dataframe_records": [{"image": None}]}, "row 0: column 'image' is empty (null)"),
@@ -313,7 +330,10 @@ def _bad_requests() -> dict[str, tuple[object, str]]:
         "tensor-ragged": ({"inputs": [[1, 2, 3], [4]]}, "ragged"),
         "tensor-float-over-1": ({"inputs": np.full((1, 48, 48), 200.5).tolist()}, "outside 0-1 for floats"),
         "missing-column": ({"dataframe_records": [{"img": good}]}, "missing column 'image'"),
-        "mixed-kinds": ({"dataframe_records": [{"image": good}, {"image": np.zeros((48, 48), int).tolist()}]}, "mixes encoded images"),
+        "mixed-kinds": (
+            {"dataframe_records": [{"image": good}, {"image": np.zeros((48, 48), int).tolist()}]},
+            "mixes encoded images",
+        ),
         "bad-param": ({"dataframe_records": [{"image": good}], "params": {"tta": "mirror"}}, "param 'tta' = 'mirror'"),
         "not-json": ("{not json", "valid JSON"),
     }

@@ -40,7 +40,9 @@ def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("stages")
     source = SyntheticSource(20, 6, seed=3, classes=list(FER_CLASSES))
     ingest(source, root / "ingested", root / "rejected.csv", root / "ingest.json", FER_CLASSES)
-    build_index(root / "ingested", root / "index.csv", root / "index.json", list(FER_CLASSES), 0.2, "drop_cross_split", 3, root / "plots")
+    build_index(
+        root / "ingested", root / "index.csv", root / "index.json", list(FER_CLASSES), 0.2, "drop_cross_split", 3, root / "plots"
+    )
     extract_arrays(root / "index.csv", root / "arrays", root / "label_map.json", list(FER_CLASSES))
     return root
 
@@ -140,7 +142,9 @@ def test_train_evaluate_export_share_one_mlflow_run(data_dir, tiny_params, tmp_p
     assert train["epochs_run"] == 2 and train["arch"] == "ferflow_tiny"
     history = pd.read_csv(tmp_path / "history.csv")
     assert list(history["epoch"]) == [1, 2]
-    assert {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_time_s", "images_per_s"} <= set(history.columns)
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_time_s", "images_per_s"} <= set(
+        history.columns
+    )
     assert not (tmp_path / "work").exists()  # finished training leaves nothing to resume
 
     ns.metrics, ns.predictions, ns.plots = str(tmp_path / "eval.json"), str(tmp_path / "pred.csv"), str(tmp_path / "plots")
@@ -180,7 +184,9 @@ def test_training_is_deterministic_on_cpu(data_dir, tmp_path):
     xv, yv = load_split(data_dir / "arrays", "val")
     preds = []
     for run in ("a", "b"):
-        model, _ = fit_model(p, xt, yt, xv, yv, 7, tmp_path / f"{run}.keras", tmp_path / f"{run}.csv", tmp_path / f"w{run}", verbose=0)
+        model, _ = fit_model(
+            p, xt, yt, xv, yv, 7, tmp_path / f"{run}.keras", tmp_path / f"{run}.csv", tmp_path / f"w{run}", verbose=0
+        )
         preds.append(model.predict(xv, verbose=0))
     np.testing.assert_array_equal(preds[0], preds[1])
 
