@@ -18,6 +18,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from ferflow.params import TTA_MODES
+
 # Only light imports here: `ferflow --help` imports this module to list the subcommand.
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
@@ -43,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     parser.add_argument("--no-detect-face", action="store_true", help="classify whole images (skip the Haar face detector)")
-    parser.add_argument("--tta", choices=("none", "flip"), default=None, help="test-time augmentation (default: the model's)")
+    parser.add_argument("--tta", choices=TTA_MODES, default=None, help="test-time augmentation (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
 
 

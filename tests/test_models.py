@@ -10,7 +10,7 @@ import pytest
 from keras import layers
 
 from ferflow import cli
-from ferflow.models import REGISTRY, build_model, describe_models, flops_per_image
+from ferflow.models import REGISTRY, build_model, crop_margin, describe_models, flops_per_image
 from ferflow.params import ARCH_NAMES
 
 
@@ -160,3 +160,22 @@ def test_describe_models_and_cli_list_every_arch(capsys):
     assert cli.main(["models"]) == 0
     table = capsys.readouterr().out
     assert all(name in table for name in REGISTRY) and "4,232,199" in table
+
+
+def test_crop_size_puts_a_centre_crop_in_front_of_the_body():
+    model = build_model("ferflow_vgg", 7, width=0.25, crop_size=40)
+    assert model.input_shape == (None, 48, 48, 1)  # callers still feed 48x48 faces
+    crop = model.get_layer("face_crop")
+    assert crop.output.shape == (None, 40, 40, 1) and crop_margin(model) == 4
+    x = np.random.default_rng(0).random((2, 48, 48, 1), dtype=np.float32)
+    np.testing.assert_array_equal(np.asarray(crop(x)), x[:, 4:44, 4:44, :])
+    uncropped = build_model("ferflow_vgg", 7, width=0.25)
+    assert crop_margin(uncropped) == 0 and "face_crop" not in [layer.name for layer in uncropped.layers]
+    # the crop the cpu-quick preset uses suits every arch but seed000 (four valid convs and pools)
+    for arch in set(ARCH_NAMES) - {"seed000"}:
+        assert build_model(arch, 7, width=0.25, crop_size=40).output_shape == (None, 7)
+
+
+def test_a_crop_too_small_for_the_arch_names_param_and_arch():
+    with pytest.raises(ValueError, match=r"train.crop_size 40 is too small for arch 'seed000'"):
+        build_model("seed000", 7, crop_size=40)

@@ -67,7 +67,8 @@ def test_int_is_accepted_for_float():
         ({"data": {"max_per_class": {"training": 10}}}, ["`data.max_per_class`", "split (train/val/test)"]),
         ({"data": {"max_per_class": {"test": -1}}}, ["`data.max_per_class` = {'test': -1}"]),
         ({"export": {"registered_model_name": "  "}}, ["`export.registered_model_name`", "non-empty"]),
-        ({"evaluate": {"tta": "ten_crop"}}, ["`evaluate.tta` = 'ten_crop'", "none, flip"]),
+        ({"evaluate": {"tta": "ten_crop"}}, ["`evaluate.tta` = 'ten_crop'", "none, flip, tencrop"]),
+        ({"train": {"crop_size": 50}}, ["`train.crop_size` = 50", "<= 48"]),
     ],
 )
 def test_bad_params_are_named_with_value_and_allowed(raw, expected):

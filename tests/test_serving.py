@@ -19,6 +19,7 @@ from PIL import Image
 
 from ferflow import files
 from ferflow.classes import FER_CLASSES
+from ferflow.evaluation import predict_proba
 from ferflow.faces import DETECT_MIN_SIDE, Box, FaceDetector, centre_square, square_with_margin, synthetic_photo
 from ferflow.preprocessing import decode_image, normalize, prepare_batch, to_grayscale
 from ferflow.serving import RequestError, ServeConfig, decode_base64, local_server, pixels_to_batch
@@ -299,6 +300,8 @@ def test_tensor_and_png_of_the_same_face_agree_and_tta_averages_flips(server: st
     flipped = predictions(server, {"inputs": x.tolist(), "params": {"tta": "flip"}})
     np.testing.assert_allclose(probs_of(flipped), direct(served_model["keras"], normalize(x), tta="flip"), atol=1e-5)
     assert not np.allclose(probs_of(flipped), probs_of(from_tensor), atol=1e-6)  # the param did something
+    tencrop = predictions(server, {"inputs": x.tolist(), "params": {"tta": "tencrop"}})
+    np.testing.assert_allclose(probs_of(tencrop), predict_proba(served_model["keras"], normalize(x), "tencrop"), atol=1e-5)
 
 
 def _bad_requests() -> dict[str, tuple[object, str]]:
