@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ferflow import files
+from ferflow.params import TTA_MODES
 
 # Views of `tencrop` for a model without a crop layer: shifts of this many pixels (reflect
 # padding), about what augment.shift 0.1 trains on.
@@ -38,7 +39,7 @@ def tta_views(x: np.ndarray, tta: str, margin: int = 0) -> list[np.ndarray]:
     if tta == "flip":
         return [x, x[:, :, ::-1, :]]
     if tta != "tencrop":
-        raise ValueError(f"tta {tta!r}: expected one of none, flip, tencrop")
+        raise ValueError(f"tta {tta!r}: expected one of {', '.join(TTA_MODES)}")
     m = margin or TENCROP_DEFAULT_SHIFT
     crops = [x] + [shifted(x, dy, dx) for dy in (-m, m) for dx in (-m, m)]
     return crops + [c[:, :, ::-1, :] for c in crops]
