@@ -38,6 +38,8 @@ from ferflow.preprocessing import normalize  # noqa: E402
 from ferflow.synthetic import generate_split  # noqa: E402
 
 SEED003_AUGMENT = {"flip": True, "rotation": 10 / 360, "zoom": 0.1, "shift": 0.0, "erasing": 0.0}
+# The same augmentation as seed 003 asks ImageDataGenerator for it.
+SEED003_GENERATOR = {"rotation_range": 10, "zoom_range": 0.1, "horizontal_flip": True}
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -99,28 +101,19 @@ def measure(variant: str, arch: str, width: float, n_images: int, batch_size: in
         model.compile(**compile_args)
         return timed_fit(model, {"x": x, "y": y, "batch_size": batch_size, "shuffle": True}, n, epochs)
     if variant in ("b", "b_mem"):
-        import tensorflow as tf  # the legacy generator only exists in tf.keras
+        from tensorflow.keras.preprocessing.image import ImageDataGenerator  # legacy: only in tf.keras
 
         model.compile(**compile_args)
+        steps = {"steps_per_epoch": int(np.ceil(n / batch_size))}
         if variant == "b_mem":
-            gen = tf.keras.preprocessing.image.ImageDataGenerator(rotation_range=10, zoom_range=0.1, horizontal_flip=True)
-            flow = gen.flow(x, y, batch_size=batch_size, shuffle=True, seed=0)
-            return timed_fit(model, {"x": flow, "steps_per_epoch": int(np.ceil(n / batch_size))}, n, epochs)
+            flow = ImageDataGenerator(**SEED003_GENERATOR).flow(x, y, batch_size=batch_size, shuffle=True, seed=0)
+            return timed_fit(model, {"x": flow, **steps}, n, epochs)
         with tempfile.TemporaryDirectory() as tmp:
             write_jpeg_folder(Path(tmp), x, y)
-            gen = tf.keras.preprocessing.image.ImageDataGenerator(
-                rescale=1 / 255.0, rotation_range=10, zoom_range=0.1, horizontal_flip=True
+            flow = ImageDataGenerator(rescale=1 / 255.0, **SEED003_GENERATOR).flow_from_directory(
+                tmp, target_size=(48, 48), color_mode="grayscale", batch_size=batch_size, shuffle=True, seed=0
             )
-            flow = gen.flow_from_directory(
-                tmp,
-                target_size=(48, 48),
-                color_mode="grayscale",
-                batch_size=batch_size,
-                class_mode="categorical",
-                shuffle=True,
-                seed=0,
-            )
-            return timed_fit(model, {"x": flow, "steps_per_epoch": int(np.ceil(n / batch_size))}, n, epochs)
+            return timed_fit(model, {"x": flow, **steps}, n, epochs)
     trainer = keras.Sequential([keras.Input((48, 48, 1)), *build_augmentation(SEED003_AUGMENT, 0), model])
     trainer.compile(**compile_args)
     return timed_fit(trainer, {"x": x, "y": y, "batch_size": batch_size, "shuffle": True}, n, epochs)
