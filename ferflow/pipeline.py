@@ -83,7 +83,8 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
         summary["mlflow_run_id"] = run_id
         if use_mlflow:
             try:
-                _log_training_run(args, model, summary)
+                with tracking.interrupts_held():
+                    _log_training_run(args, model, summary)
             except Exception as exc:  # the model is on disk; a lost server must not undo that
                 summary["tracking_error"] = summary["tracking_error"] or f"{type(exc).__name__}: {str(exc)[:200]}"
             if summary["tracking_error"]:
@@ -144,12 +145,13 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
 
     with tracking.resume_run(train_run_id, flatten({"evaluate": p}), args.run_file) as run_id:
         metrics = work(run_id)
-        mlflow.log_metrics({f"test_{k}": metrics[k] for k in ("accuracy", "loss", "macro_f1")})
-        mlflow.log_metrics({f"test_f1_{c}": v["f1"] for c, v in metrics["per_class"].items()})
-        for name in ("confusion_matrix.png", "training_curves.png", "classification_report.txt", "per_class.json"):
-            mlflow.log_artifact(str(Path(args.plots) / name), "evaluation")
-        mlflow.log_artifact(args.predictions, "evaluation")
-        mlflow.log_artifact(args.metrics, "evaluation")
+        with tracking.interrupts_held():
+            mlflow.log_metrics({f"test_{k}": metrics[k] for k in ("accuracy", "loss", "macro_f1")})
+            mlflow.log_metrics({f"test_f1_{c}": v["f1"] for c, v in metrics["per_class"].items()})
+            for name in ("confusion_matrix.png", "training_curves.png", "classification_report.txt", "per_class.json"):
+                mlflow.log_artifact(str(Path(args.plots) / name), "evaluation")
+            mlflow.log_artifact(args.predictions, "evaluation")
+            mlflow.log_artifact(args.metrics, "evaluation")
     return metrics
 
 
@@ -175,10 +177,13 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
 
             with tracking.resume_run(eval_run_id, flatten({"export": p, "serve": serve}), args.eval_metrics) as run_id:
                 result["mlflow_run_id"] = run_id
-                result |= register_and_promote(kwargs, p["registered_model_name"], eval_metrics["accuracy"], p["force_champion"])
-                # the lock of this working copy (DVC writes export's own entry after the stage)
-                if Path("dvc.lock").exists():
-                    mlflow.log_artifact("dvc.lock")
+                with tracking.interrupts_held():
+                    result |= register_and_promote(
+                        kwargs, p["registered_model_name"], eval_metrics["accuracy"], p["force_champion"]
+                    )
+                    # the lock of this working copy (DVC writes export's own entry after the stage)
+                    if Path("dvc.lock").exists():
+                        mlflow.log_artifact("dvc.lock")
     finally:
         config_path.unlink(missing_ok=True)
     files.write_json(args.metrics, result)

@@ -13,10 +13,12 @@ success, FAILED when it raises, KILLED on SIGINT/SIGTERM: never left RUNNING.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Any
 from ferflow import files
 
 EXPERIMENT_NAME = "ferflow"
+log = logging.getLogger(__name__)
 
 
 class TrackingError(RuntimeError):
@@ -165,15 +168,51 @@ class _Interrupted(BaseException):
     pass
 
 
+class _Hold:
+    depth = 0  # nesting of `interrupts_held` sections in the main thread
+    pending: BaseException | None = None
+
+
+class _HoldableInterrupt:
+    """SIGINT/SIGTERM handler: raise `exception`, or inside `interrupts_held` keep it for
+    the section's end. A second signal raises at once, so a hung upload cannot swallow it."""
+
+    def __init__(self, exception: type[BaseException]):
+        self.exception = exception
+
+    def __call__(self, signum, frame) -> None:  # noqa: ARG002
+        if _Hold.depth > 0 and _Hold.pending is None:
+            _Hold.pending = self.exception(f"signal {signum}, raised after the MLflow write it arrived in")
+            return
+        raise self.exception(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Wrap MLflow writes made inside `run_status_guard`: a SIGINT/SIGTERM arriving there
+    is raised when the section ends. Raised mid-write, it would leave the sqlite store's
+    write lock held, the final KILLED update would fail and the run would stay RUNNING."""
+    _Hold.depth += 1
+    try:
+        yield
+    finally:
+        _Hold.depth -= 1
+        if _Hold.depth == 0 and _Hold.pending is not None:
+            held, _Hold.pending = _Hold.pending, None
+            raise held
+
+
 @contextlib.contextmanager
 def run_status_guard(run_id: str) -> Iterator[None]:
-    """Inside: SIGTERM raises like Ctrl-C. On exit: FINISHED, FAILED or KILLED, never RUNNING."""
-    import mlflow
+    """Inside: SIGTERM raises like Ctrl-C. On exit: FINISHED, FAILED or KILLED, never RUNNING.
 
-    def on_term(signum, frame):  # noqa: ARG001
-        raise _Interrupted(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    SIGINT and SIGTERM arriving inside `interrupts_held` sections (the MLflow writes)
+    are raised when the section ends, so the final status update finds the store unlocked.
+    """
+    previous = {}
+    if _main_thread():
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _HoldableInterrupt(_Interrupted))
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _HoldableInterrupt(KeyboardInterrupt))
     status = "FINISHED"
     try:
         yield
@@ -184,18 +223,27 @@ def run_status_guard(run_id: str) -> Iterator[None]:
         status = "FAILED"
         raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-        with contextlib.suppress(Exception):
-            mlflow.MlflowClient().set_terminated(run_id, status=status)
-        with contextlib.suppress(Exception):
-            while mlflow.active_run() is not None:
-                mlflow.end_run(status=status)
+        try:
+            with interrupts_held():
+                _end_run(run_id, status)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def _end_run(run_id: str, status: str) -> None:
+    import mlflow
+
+    try:
+        mlflow.MlflowClient().set_terminated(run_id, status=status)
+    except Exception as exc:  # the run's own error matters more; say what was not recorded
+        log.warning("could not mark MLflow run %s %s: %s", run_id, status, str(exc)[:200])
+    with contextlib.suppress(Exception):
+        while mlflow.active_run() is not None:
+            mlflow.end_run(status=status)
 
 
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
@@ -289,11 +337,13 @@ def resume_run(run_id: str, stage_params: dict[str, Any], source: str) -> Iterat
     if changed:
         run_id = _fork_run(run, values, changed)
     with run_status_guard(run_id):
-        mlflow.start_run(run_id=run_id)
-        note_experiment(run_id)
-        log_params_flat(values)
+        with interrupts_held():
+            mlflow.start_run(run_id=run_id)
+            note_experiment(run_id)
+            log_params_flat(values)
         yield run_id
-        mlflow.end_run("FINISHED")
+        with interrupts_held():
+            mlflow.end_run("FINISHED")
 
 
 def _fork_run(run, values: dict[str, str], changed: list[str]) -> str:
@@ -319,7 +369,8 @@ def log_params_flat(params: dict[str, Any]) -> None:
     differ are handled by forking in `resume_run`)."""
     import mlflow
 
-    existing = mlflow.MlflowClient().get_run(mlflow.active_run().info.run_id).data.params
-    todo = {k: str(v)[:6000] for k, v in params.items() if k not in existing}
-    if todo:
-        mlflow.log_params(todo)
+    with interrupts_held():
+        existing = mlflow.MlflowClient().get_run(mlflow.active_run().info.run_id).data.params
+        todo = {k: str(v)[:6000] for k, v in params.items() if k not in existing}
+        if todo:
+            mlflow.log_params(todo)

@@ -18,7 +18,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from ferflow import files
+from ferflow import files, tracking
 from ferflow.augmentation import build_augmentation
 from ferflow.models import build_model
 
@@ -118,7 +118,8 @@ class EpochLogger(keras.callbacks.Callback):
         import mlflow
 
         try:
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+            with tracking.interrupts_held():
+                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
         except Exception as exc:  # mlflow raises several types for a lost server
             self.log_to_mlflow = False
             self.tracking_error = f"{type(exc).__name__}: {str(exc)[:200]}"

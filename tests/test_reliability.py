@@ -221,3 +221,74 @@ def test_tracking_server_lost_mid_run_keeps_the_trained_model(workdir, tmp_path)
     assert (out / "model.keras").stat().st_size > 0
     summary = json.loads((out / "train.json").read_text())
     assert summary["epochs_run"] == 4 and summary["tracking_error"]
+
+
+@pytest.fixture
+def sqlite_run(tmp_path):
+    """A RUNNING run in a fresh sqlite store; the global tracking URI is restored after."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = mlflow.MlflowClient().create_run("0").info.run_id
+    yield run_id
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(before)
+
+
+@pytest.fixture
+def signal_inside_metric_insert():
+    """Send this process SIGTERM from inside SQLAlchemy after MLflow's metric INSERT ran and
+    before its commit: the moment that left the store locked and the run RUNNING in CI."""
+    import sqlalchemy
+
+    sent = []
+
+    def on_execute(conn, cursor, statement, *args):  # noqa: ARG001
+        if statement.lstrip().upper().startswith("INSERT INTO METRICS") and not sent:
+            sent.append(statement)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "after_cursor_execute", on_execute)
+    yield sent
+    sqlalchemy.event.remove(sqlalchemy.engine.Engine, "after_cursor_execute", on_execute)
+
+
+def test_sigterm_during_a_metric_write_is_raised_after_it_and_the_run_is_killed(sqlite_run, signal_inside_metric_insert):
+    import mlflow
+
+    from ferflow import tracking
+
+    mlflow.start_run(run_id=sqlite_run)
+    after_write = []
+    with pytest.raises(BaseException, match="signal 15") as raised:
+        with tracking.run_status_guard(sqlite_run):
+            with tracking.interrupts_held():
+                mlflow.log_metrics({"val_accuracy": 0.5, "val_loss": 1.0}, step=1)
+                after_write.append(True)  # the section runs to its end before the signal is raised
+    assert signal_inside_metric_insert, "the SIGTERM was never sent"
+    run = mlflow.MlflowClient().get_run(sqlite_run)
+    assert run.info.status == "KILLED"
+    assert type(raised.value).__name__ == "_Interrupted" and after_write == [True]
+    assert run.data.metrics == {"val_accuracy": 0.5, "val_loss": 1.0}
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the guard put the old handler back
+
+
+def test_a_second_signal_inside_a_held_section_raises_at_once(sqlite_run):
+    from ferflow import tracking
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.run_status_guard(sqlite_run):
+            with tracking.interrupts_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                reached.append("after first")  # held: execution goes on
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+                reached.append("after second")
+    import mlflow
+
+    assert reached == ["after first"]
+    assert mlflow.MlflowClient().get_run(sqlite_run).info.status == "KILLED"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
