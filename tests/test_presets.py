@@ -35,6 +35,7 @@ def test_cpu_quick_is_the_recipe_the_readme_reports():
     assert flat["train.arch"] == "ferflow_vgg" and flat["train.width"] == 0.5 and flat["train.epochs"] == 25
     assert "train.crop_size" not in flat and flat["evaluate.tta"] == "tencrop"
     assert flat["train.optimizer"] == "adam" and flat["train.lr_schedule"] == "cosine"
+    assert flat["train.dropout_scale"] == 0.0  # the dropout-off runs the README's preset rows report
 
 
 def test_unknown_preset_names_the_known_ones(tmp_path):
