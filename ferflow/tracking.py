@@ -341,9 +341,7 @@ def resume_run(run_id: str, stage_params: dict[str, Any], source: str) -> Iterat
             mlflow.start_run(run_id=run_id)
             note_experiment(run_id)
             log_params_flat(values)
-        yield run_id
-        with interrupts_held():
-            mlflow.end_run("FINISHED")
+        yield run_id  # the guard ends the run FINISHED (or FAILED/KILLED)
 
 
 def _fork_run(run, values: dict[str, str], changed: list[str]) -> str:
