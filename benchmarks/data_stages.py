@@ -4,11 +4,10 @@
     .venv/bin/python benchmarks/data_stages.py            # synthetic JPEGs, same count as FER-2013
 
 Ours: `open_source` + `ingest` (decode, validate, hash, write PNGs), `build_index`
-(dedup, val carve, index.csv and both plots) and `extract_arrays` (the stage as it is
-in ferflow/arrays.py), each into a fresh output folder (DVC deletes a stage's outputs
-before running it, so there is no old tree to remove). The extract line after it times
-`normalize(read_ingested_pixels(paths))` + the same npz writes, checked to give the very
-same arrays: the drop-in ferflow/arrays.py can use instead of one Pillow open per PNG.
+(dedup, val carve, index.csv and both plots) and `extract_arrays` (ferflow/arrays.py:
+the ingested PNGs read back by `read_ingested_pixels`, float32 npz files), each into a
+fresh output folder (DVC deletes a stage's outputs before running it, so there is no old
+tree to remove).
 
 Baseline (seed 000): os.listdir walk + `keras.utils.load_img(path, color_mode="grayscale",
 target_size=(48, 48))` + `img_to_array` per image into one numpy array. It runs in a child
@@ -86,14 +85,9 @@ def make_synthetic_source(dest: Path, n_images: int) -> Path:
 
 
 def run_ours(source_path: Path, out: Path, classes: list[str]) -> dict[str, float]:
-    import numpy as np
-    import pandas as pd
-
-    from ferflow import files
-    from ferflow.arrays import SPLITS, extract_arrays
+    from ferflow.arrays import extract_arrays
     from ferflow.index import build_index
-    from ferflow.ingest import ingest, read_ingested_pixels
-    from ferflow.preprocessing import normalize
+    from ferflow.ingest import ingest
     from ferflow.sources import open_source
 
     t0 = time.perf_counter()
@@ -104,26 +98,11 @@ def run_ours(source_path: Path, out: Path, classes: list[str]) -> dict[str, floa
     t2 = time.perf_counter()
     extract_arrays(out / "index.csv", out / "arrays", out / "label_map.json", classes)
     t3 = time.perf_counter()
-    # the proposed extract: same inputs and npz outputs, PNGs read by read_ingested_pixels
-    index = pd.read_csv(out / "index.csv", keep_default_na=False)
-    with files.atomic_dir(out / "arrays_fast") as tmp:
-        for split in SPLITS:
-            rows = index[index["split"] == split]
-            x = normalize(read_ingested_pixels(rows["path"].tolist()))  # = prepare_batch on 48x48 uint8
-            np.savez(tmp / f"{split}.npz", x=x, y=rows["label_id"].to_numpy(dtype=np.int64))
-    t4 = time.perf_counter()
-    for split in SPLITS:  # the drop-in must give the very same arrays
-        with (
-            np.load(out / "arrays" / f"{split}.npz", allow_pickle=False) as a,
-            np.load(out / "arrays_fast" / f"{split}.npz", allow_pickle=False) as b,
-        ):
-            assert np.array_equal(a["x"], b["x"]) and np.array_equal(a["y"], b["y"]), split
     return {
         "images": metrics["total"] + metrics["rejected"],
         "ingest": t1 - t0,
         "index": t2 - t1,
         "extract": t3 - t2,
-        "extract_fast": t4 - t3,
         "rejected": metrics["rejected"],
     }
 
@@ -203,13 +182,12 @@ def main() -> None:
             # big npz files go now; the 32k-file trees at the end, so deleting them (slow on
             # ext4 with discard) never overlaps a timed run
             shutil.rmtree(out / "arrays")
-            shutil.rmtree(out / "arrays_fast")
             base.append(run_baseline(base_root, base_splits))
             o, b = ours[-1], base[-1]
             total = o["ingest"] + o["index"] + o["extract"]
             print(
-                f"run {i + 1}: ours {total:.2f}s (ingest {o['ingest']:.2f} + index {o['index']:.2f} + extract {o['extract']:.2f}; "
-                f"fast extract {o['extract_fast']:.2f}), baseline {b['seconds']:.2f}s; file create probe {probe:.0f} us",
+                f"run {i + 1}: ours {total:.2f}s (ingest {o['ingest']:.2f} + index {o['index']:.2f} + extract {o['extract']:.2f}), "
+                f"baseline {b['seconds']:.2f}s; file create probe {probe:.0f} us",
                 flush=True,
             )
         n = ours[0]["images"]
@@ -219,17 +197,17 @@ def main() -> None:
             return n / min(seconds), n / statistics.median(seconds)
 
         stage_totals = [o["ingest"] + o["index"] + o["extract"] for o in ours]
-        fast_totals = [o["ingest"] + o["index"] + o["extract_fast"] for o in ours]
         base_s = [b["seconds"] for b in base]
-        (ob, om), (fb, fm), (bb, bm) = rate(stage_totals), rate(fast_totals), rate(base_s)
-        best = min(range(len(ours)), key=lambda i: fast_totals[i])
+        (ob, om), (bb, bm) = rate(stage_totals), rate(base_s)
+        best = min(range(len(ours)), key=lambda i: stage_totals[i])
         print(f"\nsource: {label}; {n} images; {cpu_count()} CPU(s) available; best of {args.repeat} (median in brackets)")
-        print(f"  baseline (listdir + keras load_img):      {bb:8.0f} img/s  ({bm:.0f})")
-        print(f"  ingest+index+extract (arrays.py as is):   {ob:8.0f} img/s  ({om:.0f})   ratio {ob / bb:.2f}x  ({om / bm:.2f}x)")
-        print(f"  ingest+index+extract (fast extract):      {fb:8.0f} img/s  ({fm:.0f})   ratio {fb / bb:.2f}x  ({fm / bm:.2f}x)")
+        print(f"  baseline (listdir + keras load_img):  {bb:8.0f} img/s  ({bm:.0f})")
+        print(
+            f"  ingest + index + extract:             {ob:8.0f} img/s  ({om:.0f})   ratio {ob / bb:.2f}x  ({om / bm:.2f}x), target >= 2x"
+        )
         o = ours[best]
         print(
-            f"  stages of that run: ingest {o['ingest']:.2f}s ({n / o['ingest']:.0f} img/s), index+plots {o['index']:.2f}s, extract {o['extract']:.2f}s, fast extract {o['extract_fast']:.2f}s"
+            f"  stages of that run: ingest {o['ingest']:.2f}s ({n / o['ingest']:.0f} img/s), index+plots {o['index']:.2f}s, extract {o['extract']:.2f}s"
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
