@@ -174,7 +174,7 @@ def main() -> None:
         import matplotlib.pyplot  # noqa: F401
         import seaborn  # noqa: F401
 
-        ours, base = [], []
+        ours, base, stage_totals = [], [], []
         for i in range(args.repeat):
             out = work / f"run{i}"
             probe = create_probe(work / f"probe{i}")
@@ -184,7 +184,7 @@ def main() -> None:
             shutil.rmtree(out / "arrays")
             base.append(run_baseline(base_root, base_splits))
             o, b = ours[-1], base[-1]
-            total = o["ingest"] + o["index"] + o["extract"]
+            stage_totals.append(total := o["ingest"] + o["index"] + o["extract"])
             print(
                 f"run {i + 1}: ours {total:.2f}s (ingest {o['ingest']:.2f} + index {o['index']:.2f} + extract {o['extract']:.2f}), "
                 f"baseline {b['seconds']:.2f}s; file create probe {probe:.0f} us",
@@ -196,7 +196,6 @@ def main() -> None:
         def rate(seconds: list[float]) -> tuple[float, float]:
             return n / min(seconds), n / statistics.median(seconds)
 
-        stage_totals = [o["ingest"] + o["index"] + o["extract"] for o in ours]
         base_s = [b["seconds"] for b in base]
         (ob, om), (bb, bm) = rate(stage_totals), rate(base_s)
         best = min(range(len(ours)), key=lambda i: stage_totals[i])
