@@ -109,7 +109,7 @@ SCHEMA = Section(
                 ),
                 # < 48: the net sees the centre crop (random crops with augment.shift; TTA tencrop)
                 "crop_size": _int(48, 16, 48),
-                "epochs": _int(25, 1),
+                "epochs": _int(15, 1),
                 "batch_size": _int(64, 1),
                 "optimizer": _choice("adam", OPTIMIZERS),
                 "learning_rate": _float(0.001, "a number > 0", lambda v: v > 0),

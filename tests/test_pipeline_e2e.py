@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 
 from conftest import TINY_OVERRIDES, clone_repo, run, write_params
+from ferflow.params import flatten
+from ferflow.presets import load_preset, preset_overrides
 
 STAGES = ("ingest", "index", "extract", "train", "evaluate", "export")
 OUTPUTS = (
@@ -106,14 +108,19 @@ def test_fresh_clone_repro_then_noop_then_experiment(tmp_path):
     second = run(["dvc", "repro"], repo)
     assert ran_stages(second.stdout) == []
 
-    # an experiment reruns only what depends on the changed param, into the same store
-    exp = run(["dvc", "exp", "run", "-S", "train.epochs=1"], repo)
+    # an experiment the README's way (a preset's flags, then the user's own: a 1-epoch budget)
+    # reruns only the stages whose params changed, into the same store
+    flags = [w for o in preset_overrides("cpu-quick") for w in ("-S", o)]
+    exp = run(["dvc", "exp", "run", "-n", "quick", *flags, "-S", "train.epochs=1"], repo)
     assert ran_stages(exp.stdout) == ["train", "evaluate", "export"]
     runs = mlflow_runs(repo)
     assert len(runs) == 2
     newest = runs[-1]
-    assert newest["status"] == "FINISHED" and newest["params"]["train.epochs"] == "1"
+    assert newest["status"] == "FINISHED" and newest["name"] == "quick"
     assert newest["tags"]["dvc.exp.name"] == newest["name"]
+    for key, value in flatten(load_preset("cpu-quick")).items():
+        expected = "1" if key == "train.epochs" else str(value)
+        assert newest["params"][key].lower() == expected.lower(), key
     assert "dvc.exp.baseline.rev" in newest["tags"]
     with sqlite3.connect(repo / "mlflow.db") as db:
         versions = db.execute("select count(*) from model_versions").fetchone()[0]

@@ -6,9 +6,8 @@ import subprocess
 
 import pytest
 import yaml
-from test_pipeline_e2e import mlflow_runs, ran_stages
 
-from conftest import BIN, TINY_OVERRIDES, clone_repo, run, write_params
+from conftest import BIN
 from ferflow.params import ParamsError, default_params, flatten
 from ferflow.presets import load_preset, preset_names, preset_overrides
 
@@ -68,19 +67,3 @@ def test_cli_prints_flags_and_lists_presets():
     assert listing.startswith("cpu-quick") and "full" in listing
     bad = subprocess.run([BIN / "ferflow", "preset", "fast"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown preset 'fast'" in bad.stderr
-
-
-@pytest.mark.slow
-def test_dvc_exp_run_takes_a_preset(tmp_path):
-    # the README's command shape: the preset's flags, then the user's own (here: a 1-epoch budget)
-    repo = clone_repo(tmp_path / "repo")
-    write_params(repo / "params.yaml", TINY_OVERRIDES)
-    run(["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci", "commit", "-qam", "tiny params"], repo)
-    flags = [w for o in preset_overrides("cpu-quick") for w in ("-S", o)]
-    out = run(["dvc", "exp", "run", "-n", "quick", *flags, "-S", "train.epochs=1"], repo)
-    assert ran_stages(out.stdout) == ["ingest", "index", "extract", "train", "evaluate", "export"]
-    (only,) = mlflow_runs(repo)
-    assert only["status"] == "FINISHED" and only["name"] == "quick"
-    for key, value in flatten(load_preset("cpu-quick")).items():
-        expected = "1" if key == "train.epochs" else str(value)
-        assert only["params"][key].lower() == expected.lower(), key
