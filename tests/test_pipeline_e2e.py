@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_OVERRIDES, clone_repo, run, write_params
+from conftest import BIN, TINY_OVERRIDES, clone_repo, run, write_params
 from ferflow.params import flatten
-from ferflow.presets import load_preset, preset_overrides
+from ferflow.presets import load_preset
 
 STAGES = ("ingest", "index", "extract", "train", "evaluate", "export")
 OUTPUTS = (
@@ -110,7 +110,7 @@ def test_fresh_clone_repro_then_noop_then_experiment(tmp_path):
 
     # an experiment the README's way (a preset's flags, then the user's own: a 1-epoch budget)
     # reruns only the stages whose params changed, into the same store
-    flags = [w for o in preset_overrides("cpu-quick") for w in ("-S", o)]
+    flags = run([str(BIN / "ferflow"), "preset", "cpu-quick"], repo).stdout.split()  # what $(...) passes on
     exp = run(["dvc", "exp", "run", "-n", "quick", *flags, "-S", "train.epochs=1"], repo)
     assert ran_stages(exp.stdout) == ["train", "evaluate", "export"]
     runs = mlflow_runs(repo)
