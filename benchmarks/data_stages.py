@@ -26,6 +26,7 @@ minutes (ext4's `recently_deleted` inode scans): each run prints a file-creation
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import json
 import os
@@ -90,14 +91,16 @@ def run_ours(source_path: Path, out: Path, classes: list[str]) -> dict[str, floa
     from ferflow.ingest import ingest
     from ferflow.sources import open_source
 
+    gc.disable()  # as the stage scripts run them: stage.run(..., collect_garbage=False)
     t0 = time.perf_counter()
     source = open_source({"source": str(source_path), "class_map": {}, "classes": classes}, root=REPO)
     metrics = ingest(source, out / "ingested", out / "rejected.csv", out / "ingest.json", classes, max_reject_fraction=1.0)
     t1 = time.perf_counter()
     build_index(out / "ingested", out / "index.csv", out / "index.json", classes, 0.1, "drop_cross_split", 42, out / "plots")
     t2 = time.perf_counter()
-    extract_arrays(out / "index.csv", out / "arrays", out / "label_map.json", classes)
+    extract_arrays(out / "index.csv", out / "ingested", out / "arrays", out / "label_map.json", classes)
     t3 = time.perf_counter()
+    gc.enable()
     return {
         "images": metrics["total"] + metrics["rejected"],
         "ingest": t1 - t0,

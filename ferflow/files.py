@@ -8,9 +8,11 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+import numpy as np
 
 
 def _fsync_dir(path: Path) -> None:
@@ -80,3 +82,23 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_npy(fh: IO[bytes], dtype: Any, shape: tuple[int, ...], blocks: Iterable[np.ndarray]) -> None:
+    """Write one .npy array to an open binary file from consecutive row blocks.
+
+    The result is what `np.save` writes for the whole array, without ever holding it
+    in memory: an array of faces is written as it is gathered or normalised.
+    """
+    dtype = np.dtype(dtype)
+    np.lib.format.write_array_header_1_0(
+        fh, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    )
+    rows = 0
+    for block in blocks:
+        if block.dtype != dtype or block.shape[1:] != shape[1:]:
+            raise ValueError(f"block of {block.dtype} {block.shape} does not fit an array of {dtype} {shape}")
+        fh.write(np.ascontiguousarray(block).data)
+        rows += len(block)
+    if rows != shape[0]:
+        raise ValueError(f"wrote {rows} rows, the header says {shape[0]}")

@@ -1,7 +1,7 @@
-"""Index: the ingested tree's manifest -> `data/index.csv`, one row per image.
+"""Index: the ingest manifest -> `data/index.csv`, one row per image.
 
-Columns: path, label, label_id, split (train/val/test), pixel_hash, orig_width,
-orig_height, origin. `data.dedup` decides what happens to train/val images whose
+Columns: id, row (the face's row in data/ingested/faces.npy), label, label_id, split
+(train/val/test), pixel_hash, orig_width, orig_height, origin (where the source had it). `data.dedup` decides what happens to train/val images whose
 pixels also appear in test; then, when the source has no val split, a stratified,
 seeded `val` is carved out of the remaining train (never out of test).
 """
@@ -17,17 +17,23 @@ import numpy as np
 import pandas as pd
 
 from ferflow import files
-from ferflow.ingest import MANIFEST_NAME, duplicate_stats
+from ferflow.ingest import MANIFEST_FIELDS, MANIFEST_NAME, duplicate_stats, load_faces
 from ferflow.plots import write_data_plots
 
-INDEX_COLUMNS = ("path", "label", "label_id", "split", "pixel_hash", "orig_width", "orig_height", "origin")
+INDEX_COLUMNS = ("id", "row", "label", "label_id", "split", "pixel_hash", "orig_width", "orig_height", "origin")
 
 
 def read_manifest(ingested_dir: str | os.PathLike[str]) -> pd.DataFrame:
     path = Path(ingested_dir) / MANIFEST_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path}: manifest not found (run the ingest stage first)")
-    return pd.read_csv(path, dtype={"pixel_hash": str, "id": str, "origin": str}, keep_default_na=False)
+    df = pd.read_csv(path, dtype={"pixel_hash": str, "id": str, "origin": str}, keep_default_na=False)
+    missing = sorted(set(MANIFEST_FIELDS) - set(df.columns))
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing} (written by an older ferflow? rerun the ingest stage)")
+    if not df["row"].equals(pd.Series(range(len(df)), dtype=df["row"].dtype)):
+        raise ValueError(f"{path}: column row must be 0..{len(df) - 1} in order")
+    return df
 
 
 def carve_validation(df: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
@@ -90,6 +96,7 @@ def build_index(
 ) -> dict[str, Any]:
     ingested_dir = Path(ingested_dir)
     df = read_manifest(ingested_dir)
+    faces = load_faces(ingested_dir, expected_rows=len(df))
     unknown = sorted(set(df["label"]) - set(classes))
     if unknown:
         raise ValueError(f"{ingested_dir / MANIFEST_NAME}: labels {unknown} are not in data.classes {classes}")
@@ -104,9 +111,8 @@ def build_index(
         raise ValueError(
             f"index: no image left in {', '.join(empty)} after data.dedup={dedup!r} (see metrics/ingest.json duplicates)"
         )
-    # vectorised: per-row Path objects cost ~10 us each, a second on FER-2013
-    df = df.assign(path=str(ingested_dir) + os.sep + df["file"], label_id=df["label"].map({c: i for i, c in enumerate(classes)}))
-    index = df[list(INDEX_COLUMNS)].sort_values(["split", "label_id", "path"], kind="stable").reset_index(drop=True)
+    df = df.assign(label_id=df["label"].map({c: i for i, c in enumerate(classes)}))
+    index = df[list(INDEX_COLUMNS)].sort_values(["split", "label_id", "row"], kind="stable").reset_index(drop=True)
     with files.atomic_path(index_csv) as tmp:
         index.to_csv(tmp, index=False)
     counts = {
@@ -121,7 +127,7 @@ def build_index(
         "data_hash": dataset_hash(index),
     }
     if plots_dir is not None:
-        write_data_plots(index, classes, plots_dir)
+        write_data_plots(index, faces, classes, plots_dir)
     files.write_json(metrics_json, metrics)
     return metrics
 

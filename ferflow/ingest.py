@@ -1,16 +1,20 @@
-"""Ingest: any source -> canonical tree `<out>/<split>/<class>/<id>.png` + manifest.
+"""Ingest: any source -> `<out>/faces.npy` (uint8 (N, 48, 48)) + `<out>/manifest.csv`.
 
 Every image is decoded once, with the shared preprocessing (8-bit grayscale, centre
-square crop, 48x48), hashed, and written as an 8-bit grayscale PNG. Images that cannot
-be used become rows of the rejected CSV with a reason; none is dropped silently.
-Pixel hashes are computed here (the only place every image is decoded) so duplicates
-are counted here and handled by the index stage.
+square crop, 48x48), hashed, and stored as row `row` of faces.npy; the manifest row
+says where it came from. Images that cannot be used become rows of the rejected CSV
+with a reason; none is dropped silently. Pixel hashes are computed here (the only
+place every image is decoded) so duplicates are counted here and handled by the
+index stage.
 
-Speed: decoding is Python-heavy inside Pillow, so on several cores the work runs in
-forked worker processes (each reads its source items, decodes, hashes and writes its
-PNGs; only small tuples travel back). The PNGs use a fixed, uncompressed layout:
-writing one costs a few microseconds, and `read_ingested_pixels` decodes exactly that
-layout without Pillow (anything else falls back to the shared preprocessing).
+Why one array and not a file per face: FER-2013 is 32k faces of 2.3 KB. Creating 32k
+files costs more than decoding them (and many times more right after a previous run's
+tree was deleted, which is what DVC does before it reruns a stage), DVC hashes and
+caches one file instead of 32k, and the later stages read the array with one call.
+
+Speed: decoding is Python-heavy, so on several cores the work runs in forked worker
+processes that write the faces straight into a shared memory slot per source item;
+only small tuples travel back.
 """
 
 from __future__ import annotations
@@ -18,14 +22,12 @@ from __future__ import annotations
 import csv
 import gc
 import hashlib
+import mmap
 import multiprocessing
 import os
 import re
-import struct
-import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +35,17 @@ import numpy as np
 from PIL import Image
 
 from ferflow import files
-from ferflow.preprocessing import DEFAULT_MAX_PIXELS, IMAGE_SIZE, ImageError, decode_image, to_face_pixels
+from ferflow.preprocessing import DEFAULT_MAX_PIXELS, IMAGE_SIZE, ImageError, decode_face, to_face_pixels
 from ferflow.sources import SPLITS, Source, SourceItem
 
 MANIFEST_NAME = "manifest.csv"
-MANIFEST_FIELDS = ("id", "split", "label", "file", "origin", "orig_width", "orig_height", "orig_mode", "pixel_hash")
+FACES_NAME = "faces.npy"
+MANIFEST_FIELDS = ("id", "split", "label", "row", "origin", "orig_width", "orig_height", "orig_mode", "pixel_hash")
 REJECTED_FIELDS = ("split", "label", "path", "reason")
 POOL_MIN_ITEMS = 512  # below this, forking workers costs more than it saves
 CHUNK = 256  # items per worker task
 READ_BUDGET = 32 * 2**20  # encoded bytes a worker holds before decoding them
+FACE_BYTES = IMAGE_SIZE * IMAGE_SIZE
 
 
 class IngestError(RuntimeError):
@@ -53,73 +57,17 @@ def pixel_hash(pixels: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes(), digest_size=16).hexdigest()
 
 
-# --- the canonical PNG ----------------------------------------------------------------
-
-
-def _chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-
-_PNG_HEAD = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", IMAGE_SIZE, IMAGE_SIZE, 8, 0, 0, 0, 0))
-_PNG_END = _chunk(b"IEND", b"")
-_ROW = IMAGE_SIZE + 1  # filter byte + pixels
-
-
-def encode_png(pixels: np.ndarray) -> bytes:
-    """uint8 (48, 48) -> PNG bytes: 8-bit grayscale, filter 0, stored (uncompressed) deflate.
-
-    A 48x48 face compresses to ~1.9 KB instead of 2.4 KB, but both fill one 4 KB disk
-    block, and skipping compression makes writing (and reading back) several times faster.
-    """
-    if pixels.dtype != np.uint8 or pixels.shape != (IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(f"expected uint8 pixels of shape (48, 48), got {pixels.dtype} {pixels.shape}")
-    rows = np.zeros((IMAGE_SIZE, _ROW), np.uint8)
-    rows[:, 1:] = pixels
-    return _PNG_HEAD + _chunk(b"IDAT", zlib.compress(rows.tobytes(), 0)) + _PNG_END
-
-
-def _layout() -> tuple[bytes, int]:
-    """The fixed bytes before the pixel rows of every `encode_png` file, and its length."""
-    sample = encode_png(np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8))
-    start = len(sample) - len(_PNG_END) - 4 - 4 - IMAGE_SIZE * _ROW  # minus IEND, CRC, adler32, rows
-    return sample[:start], len(sample)
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes -> uint8 (48, 48). Files in `encode_png`'s exact layout are read in place
-    (the stored deflate block holds the raw rows; the chunk CRC covers them); anything
-    else goes through the shared preprocessing (decode_image + to_face_pixels)."""
-    prefix, size = _LAYOUT
-    if len(data) == size and data.startswith(prefix) and data.endswith(_PNG_END):
-        idat_start, crc_at = len(_PNG_HEAD) + 4, size - len(_PNG_END) - 4
-        if zlib.crc32(data[idat_start:crc_at]) == struct.unpack_from(">I", data, crc_at)[0]:
-            rows = np.frombuffer(data, np.uint8, IMAGE_SIZE * _ROW, len(prefix)).reshape(IMAGE_SIZE, _ROW)
-            if not rows[:, 0].any():  # filter type 0 ("none") on every row
-                return rows[:, 1:]
-    return to_face_pixels(decode_image(data))
-
-
-def read_ingested_pixels(paths: Sequence[str | os.PathLike[str]], workers: int | None = None) -> np.ndarray:
-    """Ingested PNGs -> uint8 (N, 48, 48), read by threads (file reads and inflate release the GIL).
-
-    Meant for the extract stage: `prepare_batch(read_ingested_pixels(paths))`.
-    """
-    out = np.empty((len(paths), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-
-    def load(start: int) -> None:
-        # a chunk per task: one Future per image would cost more than reading the image
-        for i in range(start, min(start + CHUNK, len(paths))):
-            try:
-                out[i] = decode_png(_read(paths[i]))
-            except ImageError as exc:
-                raise ImageError(f"{paths[i]}: {exc}") from None
-
-    with ThreadPoolExecutor(max_workers=workers or min(4, cpu_count())) as pool:
-        list(pool.map(load, range(0, len(paths), CHUNK)))
-    return out
-
-
-_LAYOUT = _layout()
+def load_faces(ingested_dir: str | os.PathLike[str], expected_rows: int | None = None) -> np.ndarray:
+    """The ingested faces, memory-mapped read-only: uint8 (N, 48, 48), row i = manifest row i."""
+    path = Path(ingested_dir) / FACES_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found (run the ingest stage first)")
+    faces = np.load(path, mmap_mode="r", allow_pickle=False)
+    if faces.dtype != np.uint8 or faces.ndim != 3 or faces.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"{path}: expected uint8 (N, 48, 48), got {faces.dtype} {faces.shape}")
+    if expected_rows is not None and len(faces) != expected_rows:
+        raise ValueError(f"{path}: {len(faces)} faces but {MANIFEST_NAME} has {expected_rows} rows (rerun the ingest stage)")
+    return faces
 
 
 # --- decoding, in workers -------------------------------------------------------------
@@ -137,8 +85,7 @@ def _decode(raw: bytes | np.ndarray, max_pixels: int) -> tuple[np.ndarray, tuple
         if raw.dtype != np.uint8 or raw.ndim != 2:
             raise ImageError(f"pixels must be a 2-D uint8 array, got {raw.dtype} {raw.shape}")
         return to_face_pixels(Image.fromarray(raw, "L")), (raw.shape[1], raw.shape[0]), "L"
-    img = decode_image(raw, max_pixels=max_pixels)
-    return to_face_pixels(img), img.size, img.mode
+    return decode_face(raw, max_pixels=max_pixels)
 
 
 def _reason(exc: Exception) -> str:
@@ -153,68 +100,49 @@ def _reason(exc: Exception) -> str:
 _JOB: dict[str, Any] = {}
 
 
-def _work(task: list[tuple[int, str]]) -> list[tuple]:
-    """Read, decode, hash and write a batch: (index, hash, (w, h), mode) or (index, reason).
+def _work(task: list[int]) -> list[tuple]:
+    """Read, decode and hash a batch of items, each face into its slot of the shared
+    buffer; returns (index, hash, (w, h), mode) or (index, reason) per item.
 
-    Phase by phase (all reads, then all decodes, then all writes) rather than image by
-    image: interleaving them costs ~30% more CPU per image, as the system calls evict the
-    decoder's working set from the CPU caches. Reads are flushed to decoding every
-    READ_BUDGET bytes, so a folder of big photos cannot fill the memory.
+    Phase by phase (all reads, then all decodes) rather than image by image: interleaving
+    them costs more CPU per image, as the system calls evict the decoder's working set
+    from the CPU caches. Reads are flushed to decoding every READ_BUDGET bytes, so a
+    folder of big photos cannot fill the memory.
     """
     items: list[SourceItem] = _JOB["items"]
-    decoded: list[tuple] = []
-    pending: list[tuple] = []
+    slots: np.ndarray = _JOB["slots"]
+    results: list[tuple] = []
+    pending: list[tuple[int, bytes | np.ndarray]] = []
     held = 0
-    for n, (index, rel) in enumerate(task, 1):
+    for n, index in enumerate(task, 1):
         try:
             raw = items[index].read()
-            pending.append((index, rel, raw))
+            pending.append((index, raw))
             held += raw.nbytes if isinstance(raw, np.ndarray) else len(raw)
         except Exception as exc:  # one bad file must never stop the stage: it becomes a rejected row
-            decoded.append((index, _reason(exc)))
+            results.append((index, _reason(exc)))
         if held > READ_BUDGET or n == len(task):
-            for index, rel, raw in pending:
+            for index, raw in pending:
                 try:
-                    decoded.append((index, rel, *_decode(raw, _JOB["max_pixels"])))
+                    pixels, size, mode = _decode(raw, _JOB["max_pixels"])
                 except Exception as exc:  # as above
-                    decoded.append((index, _reason(exc)))
+                    results.append((index, _reason(exc)))
+                    continue
+                slots[index] = pixels
+                results.append((index, pixel_hash(pixels), size, mode))
             pending, held = [], 0
-    results: list[tuple] = []
-    for entry in decoded:
-        if len(entry) == 2:
-            results.append(entry)
-            continue
-        index, rel, pixels, size, mode = entry
-        _write(os.path.join(_JOB["out_dir"], rel), encode_png(pixels))  # a write error (disk full) does stop the stage
-        results.append((index, pixel_hash(pixels), size, mode))
     return results
 
 
-def _read(path: str | os.PathLike[str]) -> bytes:
-    # os-level calls: a third of the cost of open() for a 2.4 KB file
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        data = os.read(fd, size)
-    finally:
-        os.close(fd)
-    return data if len(data) == size else Path(path).read_bytes()  # a short read: the slow way
-
-
-def _write(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # ids are unique: never overwrite
-    try:
-        if os.write(fd, data) != len(data):
-            raise OSError(f"{path}: short write (disk full?)")
-    finally:
-        os.close(fd)
-
-
 class _Runner:
-    """Runs `_work` inline or on forked processes (one pool for all rounds)."""
+    """Runs `_work` inline or on forked processes (one pool for all rounds), with one
+    48x48 slot per item in memory shared with the workers (anonymous, MAP_SHARED; only
+    the pages of decoded items are ever touched)."""
 
-    def __init__(self, items: list[SourceItem], out_dir: Path, max_pixels: int, workers: int):
-        _JOB.update(items=items, out_dir=str(out_dir), max_pixels=max_pixels)
+    def __init__(self, items: list[SourceItem], max_pixels: int, workers: int):
+        self.buffer = mmap.mmap(-1, max(len(items), 1) * FACE_BYTES)
+        self.slots = np.frombuffer(self.buffer, np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
+        _JOB.update(items=items, slots=self.slots, max_pixels=max_pixels)
         self.pool = None
         if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
             # Freeze the inherited heap out of the children's GC: otherwise every collection
@@ -225,7 +153,7 @@ class _Runner:
             finally:
                 gc.unfreeze()
 
-    def run(self, chunks: Iterator[list[tuple[int, str]]]) -> Iterator[tuple]:
+    def run(self, chunks: Iterator[list[int]]) -> Iterator[tuple]:
         """Results as they come; `chunks` is consumed lazily (by the pool's feeder thread)."""
         mapped = self.pool.imap(_work, chunks) if self.pool else map(_work, chunks)
         for chunk in mapped:
@@ -236,6 +164,8 @@ class _Runner:
             self.pool.close()
             self.pool.join()
         _JOB.clear()
+        del self.slots
+        self.buffer.close()
 
 
 # --- the stage ------------------------------------------------------------------------
@@ -287,8 +217,8 @@ def ingest(
     `classes` selects classes (others are counted as skipped); `max_per_class` caps the
     accepted images per class and split - one number for every split, or per split as
     {train: 1000, test: 250} - a rejected image is replaced by the next one, the rest are
-    counted as skipped. Outputs are atomic: the tree is built in a temp
-    dir and renamed into place only when the data set passes its checks.
+    counted as skipped. Outputs are atomic: faces.npy and the manifest are written in
+    a temp dir that replaces `out_dir` only when the data set passes its checks.
     """
     classes = list(classes)
     wanted = set(classes)
@@ -314,13 +244,14 @@ def ingest(
     items = [it for key in sorted(groups, key=_group_order(classes)) for it in groups[key]]
     n_workers = workers if workers is not None else (min(4, cpu_count()) if len(items) >= POOL_MIN_ITEMS else 1)
 
-    accepted: list[dict[str, Any]] = []
     with files.atomic_dir(out_dir) as tmp:
-        for split, class_name in groups:
-            (tmp / split / class_name).mkdir(parents=True, exist_ok=True)
-        runner = _Runner(items, tmp, max_pixels, n_workers)
+        runner = _Runner(items, max_pixels, n_workers)
         try:
             accepted, more_rejected = _run_rounds(runner, items, caps)
+            accepted.sort(key=lambda a: (SPLITS.index(a["split"]), classes.index(a["label"]), a["id"]))
+            for row, a in enumerate(accepted):
+                a["row"] = row
+            _write_faces(tmp / FACES_NAME, runner.slots, [a["item"] for a in accepted])
         finally:
             runner.close()
         rejected += more_rejected
@@ -352,9 +283,15 @@ def ingest(
         )
         if problems:
             raise IngestError("ingest failed: " + "; ".join(problems))
-        accepted.sort(key=lambda a: (SPLITS.index(a["split"]), classes.index(a["label"]), a["file"]))
         _write_csv(tmp / MANIFEST_NAME, MANIFEST_FIELDS, accepted)
     return metrics
+
+
+def _write_faces(path: Path, slots: np.ndarray, order: list[int]) -> None:
+    """slots[order] as a .npy file, a block at a time (no second copy of the data set in memory)."""
+    shape = (len(order), IMAGE_SIZE, IMAGE_SIZE)
+    with open(path, "wb") as fh:
+        files.write_npy(fh, np.uint8, shape, (slots[order[i : i + 8192]] for i in range(0, len(order), 8192)))
 
 
 def _group_order(classes: list[str]):
@@ -390,17 +327,15 @@ def _run_rounds(
     used: set[str] = set()
     accepted: list[dict[str, Any]] = []
     rejected: list[dict[str, str]] = []
-    rel_of: dict[int, tuple[str, str]] = {}
+    id_of: dict[int, str] = {}
 
-    def tasks(picks: list[int]) -> Iterator[list[tuple[int, str]]]:
+    def tasks(picks: list[int]) -> Iterator[list[int]]:
         # ids are made here, chunk by chunk, while the workers already decode earlier chunks
         for start in range(0, len(picks), CHUNK):
-            batch = []
-            for i in picks[start : start + CHUNK]:
+            batch = picks[start : start + CHUNK]
+            for i in batch:
                 it = items[i]
-                image_id = _safe_id(f"{it.split}/{it.class_name}/{it.origin}", used)
-                rel_of[i] = (image_id, f"{it.split}/{it.class_name}/{image_id}.png")
-                batch.append((i, rel_of[i][1]))
+                id_of[i] = _safe_id(f"{it.split}/{it.class_name}/{it.origin}", used)
             yield batch
 
     while True:
@@ -418,11 +353,10 @@ def _run_rounds(
             if len(result) == 2:
                 rejected.append({"split": it.split, "label": it.class_name, "path": it.origin, "reason": result[1]})
                 continue
-            _, digest, (w, h), mode = result
+            index, digest, (w, h), mode = result
             got[(it.split, it.class_name)] += 1
-            image_id, rel = rel_of[result[0]]
             accepted.append(
-                {"id": image_id, "split": it.split, "label": it.class_name, "file": rel, "origin": it.origin,
+                {"id": id_of[index], "split": it.split, "label": it.class_name, "item": index, "origin": it.origin,
                  "orig_width": w, "orig_height": h, "orig_mode": mode, "pixel_hash": digest}
             )  # fmt: skip
         if all(caps[key[0]] is None for key in by_group):

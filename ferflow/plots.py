@@ -34,8 +34,11 @@ def plot_class_distribution(index: pd.DataFrame, classes: list[str], out: str | 
     plt.close(fig)
 
 
-def sample_grid(index: pd.DataFrame, classes: list[str], out: str | os.PathLike[str], per_class: int = 10, seed: int = 0) -> None:
-    """A PNG with one row of `per_class` random train faces per class, class name on the left."""
+def sample_grid(
+    index: pd.DataFrame, faces: np.ndarray, classes: list[str], out: str | os.PathLike[str], per_class: int = 10, seed: int = 0
+) -> None:
+    """A PNG with one row of `per_class` random train faces per class, class name on the left
+    (`faces`: the ingested uint8 (N, 48, 48) array that the index's `row` column points into)."""
     from PIL import ImageDraw
 
     size, label_w = 48, 70
@@ -44,18 +47,17 @@ def sample_grid(index: pd.DataFrame, classes: list[str], out: str | os.PathLike[
     rng = np.random.default_rng(seed)
     pool = index[index["split"] == "train"] if (index["split"] == "train").any() else index
     for row, label in enumerate(classes):
-        paths = pool.loc[pool["label"] == label, "path"].to_numpy()
-        chosen = rng.choice(paths, size=min(per_class, len(paths)), replace=False) if len(paths) else []
+        rows = pool.loc[pool["label"] == label, "row"].to_numpy()
+        chosen = rng.choice(rows, size=min(per_class, len(rows)), replace=False) if len(rows) else []
         draw.text((4, row * size + 18), label, fill=0)
-        for col, path in enumerate(chosen):
-            with Image.open(path) as img:
-                grid.paste(img.convert("L").resize((size, size)), (label_w + col * size, row * size))
+        for col, face_row in enumerate(chosen):
+            grid.paste(Image.fromarray(np.asarray(faces[face_row]), "L"), (label_w + col * size, row * size))
     with files.atomic_path(out) as tmp:
         grid.resize((grid.width * 2, grid.height * 2), Image.Resampling.NEAREST).save(tmp, format="PNG")
 
 
-def write_data_plots(index: pd.DataFrame, classes: list[str], out_dir: str | os.PathLike[str]) -> None:
+def write_data_plots(index: pd.DataFrame, faces: np.ndarray, classes: list[str], out_dir: str | os.PathLike[str]) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_class_distribution(index, classes, out_dir / "class_distribution.png")
-    sample_grid(index, classes, out_dir / "samples.png")
+    sample_grid(index, faces, classes, out_dir / "samples.png")

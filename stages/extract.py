@@ -1,4 +1,4 @@
-"""Stage 3 - extract: data/index.csv -> data/arrays/<split>.npz + data/label_map.json."""
+"""Stage 3 - extract: data/index.csv + data/ingested/faces.npy -> data/arrays/<split>.npz + data/label_map.json."""
 
 import sys
 from pathlib import Path
@@ -13,13 +13,14 @@ def main(args) -> None:
     from ferflow.params import load_section
 
     data = load_section("data", args.params)
-    summary = extract_arrays(args.index, args.out, args.label_map, data["classes"])
+    summary = extract_arrays(args.index, args.ingested, args.out, args.label_map, data["classes"])
     stage.log.info("arrays: %s", summary)
 
 
 if __name__ == "__main__":
     p = stage.parser(__doc__)
     p.add_argument("--index", default="data/index.csv")
+    p.add_argument("--ingested", default="data/ingested")
     p.add_argument("--out", default="data/arrays")
     p.add_argument("--label-map", default="data/label_map.json")
-    stage.run(main, p.parse_args(), "extract")
+    stage.run(main, p.parse_args(), "extract", collect_garbage=False)

@@ -32,4 +32,4 @@ if __name__ == "__main__":
     p.add_argument("--out", default="data/index.csv")
     p.add_argument("--metrics", default="metrics/index.json")
     p.add_argument("--plots", default="data/plots")
-    stage.run(main, p.parse_args(), "index")
+    stage.run(main, p.parse_args(), "index", collect_garbage=False)

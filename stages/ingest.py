@@ -1,4 +1,4 @@
-"""Stage 1 - ingest: `data.source` -> data/ingested/<split>/<class>/<id>.png, rejects, metrics."""
+"""Stage 1 - ingest: `data.source` -> data/ingested/{faces.npy, manifest.csv}, rejects, metrics."""
 
 import sys
 from pathlib import Path
@@ -33,4 +33,4 @@ if __name__ == "__main__":
     p.add_argument("--out", default="data/ingested")
     p.add_argument("--rejected", default="data/rejected.csv")
     p.add_argument("--metrics", default="metrics/ingest.json")
-    stage.run(main, p.parse_args(), "ingest")
+    stage.run(main, p.parse_args(), "ingest", collect_garbage=False)

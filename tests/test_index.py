@@ -156,7 +156,7 @@ def test_a_class_subset_flows_to_label_ids_plots_and_label_map(tmp_path):
         assert grid.size == ((70 + 10 * 48) * 2, 4 * 48 * 2)  # one row per chosen class
     with Image.open(tmp_path / "plots" / "class_distribution.png") as bars:
         assert bars.size[0] > 500
-    extract_arrays(tmp_path / "index.csv", tmp_path / "arrays", tmp_path / "label_map.json", chosen)
+    extract_arrays(tmp_path / "index.csv", tmp_path / "ingested", tmp_path / "arrays", tmp_path / "label_map.json", chosen)
     assert load_label_map(tmp_path / "label_map.json") == chosen
     x, y = load_split(tmp_path / "arrays", "test")
     assert x.shape == (8, 48, 48, 1) and sorted(set(y.tolist())) == [0, 1, 2, 3]

@@ -17,17 +17,8 @@ from PIL import Image
 
 from ferflow.classes import FER_CLASSES
 from ferflow.file_sources import open_path_source
-from ferflow.ingest import (
-    MANIFEST_NAME,
-    IngestError,
-    decode_png,
-    duplicate_stats,
-    encode_png,
-    ingest,
-    pixel_hash,
-    read_ingested_pixels,
-)
-from ferflow.preprocessing import decode_image, to_face_pixels
+from ferflow.ingest import FACES_NAME, MANIFEST_NAME, IngestError, duplicate_stats, ingest, load_faces, pixel_hash
+from ferflow.preprocessing import ImageError, decode_face, decode_image, to_face_pixels
 
 
 def noise(seed: int, size: tuple[int, int] = (48, 48)) -> np.ndarray:
@@ -72,10 +63,9 @@ def run_ingest(tmp_path: Path, source_path: Path, **kw) -> tuple[dict, pd.DataFr
 
 
 def stored_pixels(tmp_path: Path, manifest: pd.DataFrame, origin: str) -> np.ndarray:
-    (rel,) = manifest.loc[manifest["origin"] == origin, "file"]
-    with Image.open(tmp_path / "ingested" / rel) as img:
-        assert img.mode == "L" and img.size == (48, 48)
-        return np.asarray(img)
+    (row,) = manifest.loc[manifest["origin"] == origin, "row"]
+    faces = load_faces(tmp_path / "ingested", expected_rows=len(manifest))
+    return np.asarray(faces[int(row)])
 
 
 def test_every_mode_and_format_becomes_48x48_grayscale(tmp_path):
@@ -206,7 +196,7 @@ def test_class_subset_and_max_per_class_count_skips_and_replace_rejects(tmp_path
     assert metrics["classes"] == chosen
     assert metrics["counts"] == {"train": dict.fromkeys(chosen, 3), "test": dict.fromkeys(chosen, 3)}
     assert sorted(manifest["label"].unique()) == chosen
-    assert sorted(p.name for p in (tmp_path / "ingested" / "train").iterdir()) == chosen
+    assert len(load_faces(tmp_path / "ingested")) == len(manifest) == 4 * 3 * 2
 
     # The pick is a fixed pseudo-random order of origins; a reject is replaced by the next one.
     happy = sorted(
@@ -249,8 +239,7 @@ def test_zip_and_folder_and_worker_processes_give_identical_outputs(tmp_path):
     for name, source, workers in [("inline", tmp_path / "src", 1), ("pool", tmp_path / "src", 2), ("zip", zpath, 2)]:
         out = tmp_path / name
         metrics, manifest, rejected = run_ingest(out, source, workers=workers, max_reject_fraction=0.1)
-        blobs = {rel: (out / "ingested" / rel).read_bytes() for rel in manifest["file"]}
-        runs[name] = (metrics, manifest, rejected, blobs)
+        runs[name] = (metrics, manifest, rejected, (out / "ingested" / FACES_NAME).read_bytes())
     assert runs["inline"][1].equals(runs["pool"][1]) and runs["inline"][3] == runs["pool"][3]
     zip_manifest = runs["zip"][1].assign(origin=lambda d: d["origin"].str.removeprefix("fer.zip:"))
     assert zip_manifest.equals(runs["inline"][1]) and runs["zip"][3] == runs["inline"][3]
@@ -304,29 +293,35 @@ def test_duplicates_are_counted_within_and_across_splits(tmp_path):
     }
 
 
-def test_canonical_png_round_trips_and_reads_fast(tmp_path):
-    pixels = noise(42)
-    data = encode_png(pixels)
-    with Image.open(io.BytesIO(data)) as img:
-        assert img.mode == "L" and (np.asarray(img) == pixels).all()  # a valid PNG for every reader
-    assert (decode_png(data) == pixels).all()
-    pil_png = encode(Image.fromarray(pixels, "L"), "PNG", optimize=True)  # other encoders: shared path
-    assert (decode_png(pil_png) == pixels).all()
-    rgb = encode(Image.fromarray(np.dstack([noise(1, (60, 50))] * 3), "RGB"), "PNG")
-    assert (decode_png(rgb) == to_face_pixels(decode_image(rgb))).all()
-    broken = bytearray(data)
-    broken[100] ^= 0xFF  # CRC mismatch: not trusted, Pillow decides
-    with pytest.raises(Exception, match="CRC|broken|corrupt"):
-        decode_png(bytes(broken))
-    with pytest.raises(ValueError, match=r"expected uint8 pixels of shape \(48, 48\)"):
-        encode_png(noise(1, (10, 10)))
-    paths = []
-    for i in range(600):
-        paths.append(tmp_path / f"{i}.png")
-        paths[-1].write_bytes(encode_png(noise(i)) if i % 2 else pil_png)
-    got = read_ingested_pixels(paths, workers=2)
-    assert got.shape == (600, 48, 48) and got.dtype == np.uint8
-    assert all((got[i] == (noise(i) if i % 2 else pixels)).all() for i in range(600))
+def test_decode_face_takes_the_jpeg_shortcut_with_pillows_pixels(monkeypatch):
+    gray = [encode(Image.fromarray(noise(i), "L"), "JPEG", quality=q) for i, q in enumerate((50, 75, 95, 100))]
+    gray.append(encode(Image.fromarray(noise(9), "L"), "JPEG", progressive=True))
+    others = {
+        "color 48x48": encode(Image.fromarray(np.dstack([noise(1), noise(2), noise(3)]), "RGB"), "JPEG"),
+        "gray 60x50": encode(Image.fromarray(noise(4, (60, 50)), "L"), "JPEG"),
+        "png": png(5),
+    }
+    expected = [to_face_pixels(decode_image(data)) for data in gray]
+    expected_others = {k: (to_face_pixels(img := decode_image(d)), img.size, img.mode) for k, d in others.items()}
+
+    import ferflow.preprocessing
+
+    calls = []
+    monkeypatch.setattr(ferflow.preprocessing, "decode_image", lambda data, **kw: calls.append(data) or decode_image(data, **kw))
+    for data, want in zip(gray, expected):
+        pixels, size, mode = decode_face(data)
+        assert (pixels == want).all() and pixels.shape == (48, 48) and pixels.dtype == np.uint8
+        assert (size, mode) == ((48, 48), "L")
+    assert calls == []  # every 48x48 grayscale JPEG went through libjpeg-turbo
+    for name, data in others.items():
+        pixels, size, mode = decode_face(data)
+        want, want_size, want_mode = expected_others[name]
+        assert (pixels == want).all() and (size, mode) == (want_size, want_mode), name
+    assert len(calls) == 3  # ... and nothing else did
+    truncated = gray[0][: len(gray[0]) // 2]
+    with pytest.raises(ImageError, match="corrupt or truncated image"):  # refused by strict libjpeg, named by Pillow
+        decode_face(truncated)
+    assert calls[-1] == truncated
 
 
 def test_max_per_class_per_split_like_seed_004(tmp_path):

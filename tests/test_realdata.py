@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +15,8 @@ import pytest
 
 from ferflow.classes import FER_CLASSES
 from ferflow.index import build_index
-from ferflow.ingest import ingest
+from ferflow.ingest import MANIFEST_NAME, ingest, load_faces
+from ferflow.preprocessing import decode_image, to_face_pixels
 from ferflow.sources import open_source
 
 ZIP = os.environ.get("FER2013_ZIP", "")
@@ -40,6 +42,13 @@ def test_real_fer2013_zip(tmp_path):
     dup = ing["duplicates"]
     leak = dup["cross_split"]["train_test"]
     assert leak["distinct_images"] > 0 and leak["train_copies"] >= leak["distinct_images"]  # FER-2013 leaks
+    # the libjpeg-turbo shortcut stores exactly Pillow's pixels, for every image
+    manifest = pd.read_csv(tmp_path / "ingested" / MANIFEST_NAME, keep_default_na=False, dtype={"pixel_hash": str})
+    faces = load_faces(tmp_path / "ingested", expected_rows=len(manifest))
+    with zipfile.ZipFile(path) as zf:
+        for row, origin in zip(manifest["row"], manifest["origin"]):
+            pillow = to_face_pixels(decode_image(zf.read(origin.split(":", 1)[1])))
+            assert (faces[row] == pillow).all(), origin
 
     idx = build_index(
         tmp_path / "ingested", tmp_path / "index.csv", tmp_path / "index.json", list(FER_CLASSES), 0.1, "drop_cross_split", 42

@@ -36,7 +36,7 @@ def workdir(tmp_path_factory) -> Path:
         FER_CLASSES,
     )
     build_index(root / "ingested", root / "index.csv", root / "index.json", list(FER_CLASSES), 0.1, "keep", 5)
-    extract_arrays(root / "index.csv", root / "arrays", root / "label_map.json", list(FER_CLASSES))
+    extract_arrays(root / "index.csv", root / "ingested", root / "arrays", root / "label_map.json", list(FER_CLASSES))
     return root
 
 
@@ -230,6 +230,7 @@ def sqlite_run(tmp_path):
 
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment(experiment_id="0")  # an earlier test's set_experiment would not match the run's
     run_id = mlflow.MlflowClient().create_run("0").info.run_id
     yield run_id
     while mlflow.active_run() is not None:

@@ -14,7 +14,7 @@ from PIL import Image
 from ferflow.arrays import extract_arrays, load_label_map, load_split
 from ferflow.classes import FER_CLASSES
 from ferflow.index import build_index
-from ferflow.ingest import ingest
+from ferflow.ingest import ingest, pixel_hash
 from ferflow.params import load_params
 from ferflow.preprocessing import prepare_batch
 from ferflow.sources import SyntheticSource
@@ -43,28 +43,30 @@ def data_dir(tmp_path_factory) -> Path:
     build_index(
         root / "ingested", root / "index.csv", root / "index.json", list(FER_CLASSES), 0.2, "drop_cross_split", 3, root / "plots"
     )
-    extract_arrays(root / "index.csv", root / "arrays", root / "label_map.json", list(FER_CLASSES))
+    extract_arrays(root / "index.csv", root / "ingested", root / "arrays", root / "label_map.json", list(FER_CLASSES))
     return root
 
 
-def test_ingest_writes_canonical_tree_manifest_and_counts(data_dir):
+def test_ingest_writes_faces_manifest_and_counts(data_dir):
     metrics = json.loads((data_dir / "ingest.json").read_text())
     assert metrics["counts"]["train"] == dict.fromkeys(FER_CLASSES, 20)
     assert metrics["counts"]["test"] == dict.fromkeys(FER_CLASSES, 6)
     assert metrics["rejected"] == 0 and metrics["total"] == 7 * 26
-    pngs = sorted((data_dir / "ingested").glob("*/*/*.png"))
-    assert len(pngs) == 7 * 26
-    assert {p.parent.name for p in pngs} == set(FER_CLASSES)
-    with Image.open(pngs[0]) as img:
-        assert img.mode == "L" and img.size == (48, 48)
-    manifest = pd.read_csv(data_dir / "ingested" / "manifest.csv")
-    assert len(manifest) == 7 * 26 and manifest["pixel_hash"].str.len().eq(32).all()
+    assert sorted(p.name for p in (data_dir / "ingested").iterdir()) == ["faces.npy", "manifest.csv"]
+    faces = np.load(data_dir / "ingested" / "faces.npy", allow_pickle=False)
+    assert faces.dtype == np.uint8 and faces.shape == (7 * 26, 48, 48)
+    manifest = pd.read_csv(data_dir / "ingested" / "manifest.csv", dtype={"pixel_hash": str})
+    assert manifest["row"].tolist() == list(range(7 * 26))
+    # row i of faces.npy is the image of manifest row i, in split, class, id order
+    assert [pixel_hash(f) for f in faces] == manifest["pixel_hash"].tolist()
+    assert manifest["split"].tolist() == ["train"] * 140 + ["test"] * 42
+    assert manifest["label"].tolist()[:140] == [c for c in FER_CLASSES for _ in range(20)]
     assert pd.read_csv(data_dir / "rejected.csv").empty
 
 
 def test_index_carves_stratified_val_from_train_only(data_dir):
     index = pd.read_csv(data_dir / "index.csv")
-    assert {"path", "label", "label_id", "split", "pixel_hash", "orig_width", "orig_height"} <= set(index.columns)
+    assert list(index.columns) == ["id", "row", "label", "label_id", "split", "pixel_hash", "orig_width", "orig_height", "origin"]
     counts = index.groupby(["split", "label"]).size()
     for c in FER_CLASSES:
         assert counts[("val", c)] == 4  # 20% of 20, per class
@@ -81,7 +83,7 @@ def test_val_carve_is_seeded(tmp_path, data_dir):
     a, b = pd.read_csv(tmp_path / "a.csv"), pd.read_csv(data_dir / "index.csv")
     assert a.equals(b)  # same seed, same split
     c = pd.read_csv(tmp_path / "b.csv")
-    assert set(a.loc[a.split == "val", "path"]) != set(c.loc[c.split == "val", "path"])
+    assert set(a.loc[a.split == "val", "id"]) != set(c.loc[c.split == "val", "id"])
 
 
 def test_extract_arrays_use_the_serving_preprocessing(data_dir):
@@ -90,10 +92,42 @@ def test_extract_arrays_use_the_serving_preprocessing(data_dir):
     assert 0.0 <= x.min() and x.max() <= 1.0
     assert y.dtype == np.int64 and set(y) == set(range(7))
     index = pd.read_csv(data_dir / "index.csv")
-    first = index[index.split == "train"].iloc[0]
-    with Image.open(first["path"]) as img:
-        np.testing.assert_array_equal(x[0], prepare_batch([img])[0])
+    train = index[index.split == "train"]
+    faces = np.load(data_dir / "ingested" / "faces.npy")
+    np.testing.assert_array_equal(x, prepare_batch(faces[train["row"].to_numpy()]))
+    np.testing.assert_array_equal(y, train["label_id"].to_numpy())
+    first = faces[train["row"].iloc[0]]
+    np.testing.assert_array_equal(x[0], prepare_batch([Image.fromarray(first, "L")])[0])  # as a served PIL image
     assert load_label_map(data_dir / "label_map.json") == list(FER_CLASSES)
+
+
+def test_extract_writes_in_blocks_what_savez_would(tmp_path, data_dir, monkeypatch):
+    import ferflow.arrays
+
+    monkeypatch.setattr(ferflow.arrays, "BLOCK", 5)  # 112 train faces: 23 blocks, the last one short
+    extract_arrays(data_dir / "index.csv", data_dir / "ingested", tmp_path / "arrays", tmp_path / "lm.json", list(FER_CLASSES))
+    for split in ("train", "val", "test"):
+        with np.load(tmp_path / "arrays" / f"{split}.npz") as got, np.load(data_dir / "arrays" / f"{split}.npz") as ref:
+            assert sorted(got.files) == ["x", "y"]
+            np.testing.assert_array_equal(got["x"], ref["x"])
+            np.testing.assert_array_equal(got["y"], ref["y"])
+
+
+def test_extract_and_index_refuse_rows_that_do_not_match_the_faces(tmp_path, data_dir):
+    index = pd.read_csv(data_dir / "index.csv")
+    index.loc[3, "row"] = 10_000
+    index.to_csv(tmp_path / "index.csv", index=False)
+    with pytest.raises(ValueError, match=r"index.csv: row 10000 is not a row of .*faces.npy \(0..181\)"):
+        extract_arrays(
+            tmp_path / "index.csv", data_dir / "ingested", tmp_path / "arrays", tmp_path / "lm.json", list(FER_CLASSES)
+        )
+    assert not (tmp_path / "arrays").exists()
+    ingested = tmp_path / "ingested"
+    ingested.mkdir()
+    (ingested / "manifest.csv").write_bytes((data_dir / "ingested" / "manifest.csv").read_bytes())
+    np.save(ingested / "faces.npy", np.load(data_dir / "ingested" / "faces.npy")[:-1])
+    with pytest.raises(ValueError, match=r"faces.npy: 181 faces but manifest.csv has 182 rows"):
+        build_index(ingested, tmp_path / "i.csv", tmp_path / "i.json", list(FER_CLASSES), 0.2, "keep", 3)
 
 
 def test_load_split_refuses_pickled_or_malformed_arrays(tmp_path):
