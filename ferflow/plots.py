@@ -25,12 +25,14 @@ def plot_class_distribution(index: pd.DataFrame, classes: list[str], out: str | 
     sns.barplot(data=counts, x="label", y="images", hue="split", order=classes, hue_order=["train", "val", "test"], ax=ax)
     for container in ax.containers:
         ax.bar_label(container, fontsize=7)
+    ax.legend(title="split", loc="upper right")  # a fixed corner: "best" tries every spot (a quarter of the plot's time)
     total = len(index)
     ax.set_title(f"Class distribution per split ({total} images)")
     ax.set_xlabel("")
     fig.tight_layout()
     with files.atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110)
+        # a chart of flat colours: zlib level 1 is several times faster than the default 6, ~10% larger
+        fig.savefig(tmp, dpi=110, pil_kwargs={"compress_level": 1})
     plt.close(fig)
 
 
