@@ -41,7 +41,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 
@@ -67,11 +67,6 @@ def split_of(name: str) -> str | None:
 def is_junk(name: str) -> bool:
     """Hidden files/folders and OS litter: skipped (and counted), never ingested."""
     return name.startswith(".") or name.lower() in JUNK_NAMES
-
-
-def _classify(part: str, junk: set[str], clean: set[str]) -> bool:
-    (junk if is_junk(part) else clean).add(part)
-    return part in junk
 
 
 @dataclass(frozen=True)
@@ -116,7 +111,7 @@ class _OpenZip:
             os.close(self.fd)
 
 
-def _read_zip_member(zip_file: _OpenZip, info: zipfile.ZipInfo, limit: int) -> bytes:
+def _read_zip_member(zip_file: _OpenZip, info: _Member, limit: int) -> bytes:
     """One member's bytes, with its CRC checked. Stored and deflated members (all
     real-world image zips) are read with `os.pread`, cheaper than ZipFile.open."""
     if info.flag_bits & 0x1:
@@ -143,7 +138,7 @@ def _read_zip_member(zip_file: _OpenZip, info: zipfile.ZipInfo, limit: int) -> b
     return data
 
 
-def _read_zip_member_slow(zip_path: str, info: zipfile.ZipInfo) -> bytes:
+def _read_zip_member_slow(zip_path: str, info: _Member) -> bytes:
     # One ZipFile per process (a forked child must not share the parent's file offset).
     key = (zip_path, os.getpid())
     if key not in _ZIP_HANDLES:
@@ -151,7 +146,7 @@ def _read_zip_member_slow(zip_path: str, info: zipfile.ZipInfo) -> bytes:
     zf, lock = _ZIP_HANDLES[key]
     try:
         with lock:
-            return zf.read(info)
+            return zf.read(info.filename)
     except (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as exc:
         raise ImageError(f"corrupt zip entry ({exc})") from None
 
@@ -182,42 +177,122 @@ def _list_folder(root: Path, skipped: Counter[str]) -> list[_File]:
     return found
 
 
-def _zip_parts(zip_path: Path, info: zipfile.ZipInfo) -> tuple[str, ...]:
-    """The member's path components; raises ValueError for entries that escape the folder."""
-    name = info.filename.replace("\\", "/")
+class _Member(NamedTuple):
+    """What reading a zip member needs from its central directory entry (a ZipInfo's fields)."""
+
+    filename: str
+    flag_bits: int
+    compress_type: int
+    CRC: int
+    compress_size: int
+    file_size: int
+    external_attr: int
+    header_offset: int
+
+    @classmethod
+    def from_info(cls, i: zipfile.ZipInfo) -> _Member:
+        return cls(
+            i.filename, i.flag_bits, i.compress_type, i.CRC, i.compress_size, i.file_size, i.external_attr, i.header_offset
+        )
+
+
+_END_RECORD = struct.Struct("<4s4H2LH")
+_DIR_ENTRY = struct.Struct("<4s6H3L5H2L")
+_ZIP64_MARKS = (0xFFFF, 0xFFFFFFFF)
+
+
+def _zip_members(zip_path: Path) -> list[_Member]:
+    """The zip's entries, as `zipfile` lists them. A plain zip (no Zip64, no data before
+    it, one disk: every image zip seen so far) is parsed here, ~4x faster than ZipFile
+    (~50 ms for FER-2013's 32k entries instead of ~150-200 ms); anything else, and any
+    inconsistency, goes to `zipfile`, which handles it or raises BadZipFile."""
+    try:
+        members = _plain_zip_members(zip_path)
+    except (struct.error, UnicodeDecodeError, ValueError):
+        members = None
+    if members is None:
+        with zipfile.ZipFile(zip_path) as zf:
+            members = [_Member.from_info(i) for i in zf.infolist()]
+    return members
+
+
+def _plain_zip_members(zip_path: Path) -> list[_Member] | None:
+    with open(zip_path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        tail_start = max(0, size - _END_RECORD.size - 0xFFFF)  # the end record, then a comment of up to 64 KB
+        fh.seek(tail_start)
+        tail = fh.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or at >= 20 and tail[at - 20 : at - 16] == b"PK\x06\x07":  # no end record, or a Zip64 one
+            return None
+        _, disk, cd_disk, n_here, n_entries, cd_size, cd_offset, comment_len = _END_RECORD.unpack_from(tail, at)
+        plain = disk == cd_disk == 0 and n_here == n_entries and at + _END_RECORD.size + comment_len == len(tail)
+        if not plain or cd_offset + cd_size != tail_start + at or n_entries in _ZIP64_MARKS or cd_offset in _ZIP64_MARKS:
+            return None
+        fh.seek(cd_offset)
+        directory = fh.read(cd_size)
+    members = []
+    pos = 0
+    for _ in range(n_entries):
+        (sig, _, _, flags, method, _, _, crc, csize, usize, name_len, extra_len, comment_len, _, _, attr, offset) = (
+            _DIR_ENTRY.unpack_from(directory, pos)
+        )
+        if sig != b"PK\x01\x02" or csize in _ZIP64_MARKS or usize in _ZIP64_MARKS or offset in _ZIP64_MARKS:
+            return None
+        raw_name = directory[pos + _DIR_ENTRY.size : pos + _DIR_ENTRY.size + name_len]
+        name = raw_name.decode("utf-8" if flags & 0x800 else "cp437").split("\x00", 1)[0]  # as ZipInfo does
+        members.append(_Member(name, flags, method, crc, csize, usize, attr, offset))
+        pos += _DIR_ENTRY.size + name_len + extra_len + comment_len
+    return members if pos == cd_size else None
+
+
+def _zip_parts(zip_path: Path, name: str, filename: str) -> tuple[str, ...]:
+    """The components of `name` (entry `filename` or its folder); raises ValueError for
+    entries that escape the folder."""
+    name = name.replace("\\", "/")
     if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        raise ValueError(f"{zip_path}: refused: entry {info.filename!r} has an absolute path")
+        raise ValueError(f"{zip_path}: refused: entry {filename!r} has an absolute path")
     parts = tuple(p for p in name.split("/") if p not in ("", "."))
     if ".." in parts:
-        raise ValueError(f"{zip_path}: refused: entry {info.filename!r} contains '..' (it would be written outside the folder)")
-    if stat.S_ISLNK(info.external_attr >> 16):
-        raise ValueError(f"{zip_path}: refused: entry {info.filename!r} is a symlink")
+        raise ValueError(f"{zip_path}: refused: entry {filename!r} contains '..' (it would be written outside the folder)")
     return parts
 
 
 def _list_zip(zip_path: Path, skipped: Counter[str], max_entries: int, max_bytes: int) -> list[_File]:
     try:
-        with zipfile.ZipFile(zip_path) as zf:
-            infos = zf.infolist()
+        members = _zip_members(zip_path)
     except zipfile.BadZipFile as exc:
         raise ValueError(f"data.source: {zip_path} is not a readable zip file ({exc})") from None
-    if len(infos) > max_entries:
-        raise ValueError(f"{zip_path}: refused: {len(infos)} entries, over the limit of {max_entries}")
-    total = sum(i.file_size for i in infos)
+    if len(members) > max_entries:
+        raise ValueError(f"{zip_path}: refused: {len(members)} entries, over the limit of {max_entries}")
+    total = sum(m.file_size for m in members)
     if total > max_bytes:
         raise ValueError(f"{zip_path}: refused: {total} bytes uncompressed, over the limit of {max_bytes}")
     found: list[_File] = []
-    junk: set[str] = set()
-    clean: set[str] = set()  # path components already checked: ~1 check per folder, not per file
+    # Every entry is checked, directories too, but the path checks run once per folder:
+    # folder name -> its checked components, or None when it is (inside) a junk folder.
+    folders: dict[str, tuple[str, ...] | None] = {}
     opened = _OpenZip(str(zip_path))
-    for info in infos:
-        parts = _zip_parts(zip_path, info)  # every entry is checked, directories too
-        if info.is_dir() or not parts:
-            continue
-        if any(p in junk or (p not in clean and _classify(p, junk, clean)) for p in parts):
+    for m in members:
+        if stat.S_ISLNK(m.external_attr >> 16):
+            raise ValueError(f"{zip_path}: refused: entry {m.filename!r} is a symlink")
+        folder, _, base = m.filename.replace("\\", "/").rpartition("/")
+        if not folder or base in ("", ".", ".."):  # top-level entries and directories: the full check
+            parts = _zip_parts(zip_path, m.filename, m.filename)
+            if not parts or m.filename.endswith("/"):
+                continue  # a directory entry
+            junk = any(is_junk(p) for p in parts)
+        else:
+            if folder not in folders:
+                checked = _zip_parts(zip_path, folder, m.filename)
+                folders[folder] = None if any(is_junk(p) for p in checked) else checked
+            folder_parts = folders[folder]
+            junk = folder_parts is None or is_junk(base)
+            parts = () if junk else (*folder_parts, base)
+        if junk:
             skipped["hidden_or_system"] += 1
             continue
-        found.append(_File(parts, functools.partial(_read_zip_member, opened, info, MAX_FILE_BYTES), info.filename))
+        found.append(_File(parts, functools.partial(_read_zip_member, opened, m, MAX_FILE_BYTES), m.filename))
     found.sort(key=lambda f: f.parts)
     return found
 
@@ -235,22 +310,23 @@ class LayoutSource(Source):
         self.class_map = dict(class_map or {})
         self._skipped = skipped
         self._rejected: list[SourceReject] = []
-        self.root = self._find_root(files)
-        self.split_dirs = self._split_dirs(files)
+        folders = {f.parts[:-1] for f in files}  # the layout checks look at each folder once
+        self.root = self._find_root(folders)
+        self.split_dirs = self._split_dirs(folders)
         self._files = files
-        self._check_class_folders(files)
+        self._check_class_folders(folders)
 
     def _label(self, f: _File) -> str:
         """How a file is named in the manifest and rejected.csv."""
         return self._prefix + f.rel
 
-    def _find_root(self, files: list[_File]) -> tuple[str, ...]:
+    def _find_root(self, folders: set[tuple[str, ...]]) -> tuple[str, ...]:
         """The shallowest folder that holds split folders (train/, test/, val/...)."""
         roots: set[tuple[str, ...]] = set()
-        for f in files:
-            for depth, part in enumerate(f.parts[: min(len(f.parts) - 1, MAX_SEARCH_DEPTH + 1)]):
+        for folder in folders:
+            for depth, part in enumerate(folder[: MAX_SEARCH_DEPTH + 1]):
                 if split_of(part):
-                    roots.add(f.parts[:depth])
+                    roots.add(folder[:depth])
                     break
         if not roots:
             raise ValueError(
@@ -264,10 +340,10 @@ class LayoutSource(Source):
             raise ValueError(f"data.source: {self.path}: several data sets found ({shown}); point data.source at one of them")
         return top[0]
 
-    def _split_dirs(self, files: list[_File]) -> dict[str, str]:
+    def _split_dirs(self, folders: set[tuple[str, ...]]) -> dict[str, str]:
         """split -> folder name; without test/, the val folder is the test split."""
         n = len(self.root)
-        names = sorted({f.parts[n] for f in files if len(f.parts) > n + 1 and f.parts[:n] == self.root and split_of(f.parts[n])})
+        names = sorted({f[n] for f in folders if len(f) > n and f[:n] == self.root and split_of(f[n])})
         by_split: dict[str, str] = {}
         for name in names:
             split = split_of(name)
@@ -279,16 +355,16 @@ class LayoutSource(Source):
             by_split["test"] = by_split.pop("val")
         return by_split
 
-    def _check_class_folders(self, files: list[_File]) -> None:
+    def _check_class_folders(self, folders: set[tuple[str, ...]]) -> None:
         """Fail before any decoding when a class folder has an unknown name (all of them listed)."""
         n = len(self.root)
         problems: dict[str, str] = {}
-        for f in files:
-            if len(f.parts) > n + 2 and f.parts[:n] == self.root and f.parts[n] in self.split_dirs.values():
-                folder = "/".join(f.parts[: n + 2])
+        for f in folders:
+            if len(f) > n + 1 and f[:n] == self.root and f[n] in self.split_dirs.values():
+                folder = "/".join(f[: n + 2])
                 if folder not in problems:
                     try:
-                        canonical_class(f.parts[n + 1], self.class_map)
+                        canonical_class(f[n + 1], self.class_map)
                         problems[folder] = ""
                     except ValueError as exc:
                         problems[folder] = str(exc)
@@ -301,20 +377,22 @@ class LayoutSource(Source):
         self._rejected = []
         n = len(self.root)
         folder_split = {name: split for split, name in self.split_dirs.items()}
-        labels: dict[str, str] = {}  # class folder name -> canonical name, once per folder
+        # folder -> (split, canonical class); class "" for files right inside a split folder,
+        # split None outside the split folders. Worked out once per folder.
+        where: dict[tuple[str, ...], tuple[str | None, str]] = {}
         outside = 0
         for f in self._files:
-            split = folder_split.get(f.parts[n]) if len(f.parts) > n + 1 and f.parts[:n] == self.root else None
+            folder = f.parts[:-1]
+            if folder not in where:
+                split = folder_split.get(folder[n]) if len(folder) > n and folder[:n] == self.root else None
+                where[folder] = (split, canonical_class(folder[n + 1], self.class_map) if split and len(folder) > n + 1 else "")
+            split, label = where[folder]
             if split is None:
                 outside += 1  # README, LICENSE, a stray CSV...: not part of the data set
-                continue
-            if len(f.parts) == n + 2:
+            elif not label:
                 self._rejected.append(SourceReject(split, "", self._label(f), "not inside a class folder"))
-                continue
-            folder = f.parts[n + 1]
-            if folder not in labels:
-                labels[folder] = canonical_class(folder, self.class_map)
-            yield SourceItem(split, labels[folder], self._label(f), f.read)
+            else:
+                yield SourceItem(split, label, self._label(f), f.read)
         self._skipped["outside_split_folders"] = outside
 
     def rejected(self) -> list[SourceReject]:
@@ -425,7 +503,7 @@ def parse_pixels(text: str) -> np.ndarray:
 def _lone_csv(files: list[_File]) -> _File | None:
     """The only CSV of a container without split folders (e.g. a zip of fer2013.csv)."""
     csvs = [f for f in files if f.parts[-1].lower().endswith(".csv")]
-    has_splits = any(split_of(p) for f in files for p in f.parts[:-1])
+    has_splits = any(split_of(p) for folder in {f.parts[:-1] for f in files} for p in folder)
     return csvs[0] if len(csvs) == 1 and not has_splits else None
 
 

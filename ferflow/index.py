@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +48,23 @@ def carve_validation(df: pd.DataFrame, fraction: float, seed: int) -> pd.DataFra
     rng = np.random.default_rng(seed)
     train = df[df["split"] == "train"]
     chosen: set[str] = set()
-    for _, group in train.groupby("label", sort=True):
+    hashes_by_label: dict[str, list[str]] = defaultdict(list)
+    for label, h in zip(train["label"].tolist(), train["pixel_hash"].tolist()):  # plain lists: fast to loop over
+        hashes_by_label[label].append(h)
+    for label in sorted(hashes_by_label):
+        group = hashes_by_label[label]
         target = int(round(len(group) * fraction))
         target = min(max(target, 1), len(group) - 1) if len(group) >= 2 else 0
-        sizes = group["pixel_hash"].value_counts()
-        hashes = sorted(sizes.index)
-        moved = int(sizes[[h for h in hashes if h in chosen]].sum()) if chosen else 0
+        sizes = Counter(group)
+        hashes = sorted(sizes)
+        moved = sum(sizes[h] for h in hashes if h in chosen)
         for i in rng.permutation(len(hashes)):
             if moved >= target:
                 break
             h = hashes[i]
             if h not in chosen and moved + sizes[h] < len(group):
                 chosen.add(h)
-                moved += int(sizes[h])
+                moved += sizes[h]
     df.loc[(df["split"] == "train") & df["pixel_hash"].isin(chosen), "split"] = "val"
     return df
 

@@ -29,7 +29,8 @@ def plot_class_distribution(index: pd.DataFrame, classes: list[str], out: str | 
     total = len(index)
     ax.set_title(f"Class distribution per split ({total} images)")
     ax.set_xlabel("")
-    fig.tight_layout()
+    # fixed margins (room for 5-digit tick labels): tight_layout would draw the whole figure an extra time
+    fig.subplots_adjust(left=0.085, right=0.99, top=0.92, bottom=0.07)
     with files.atomic_path(out) as tmp:
         # a chart of flat colours: zlib level 1 is several times faster than the default 6, ~10% larger
         fig.savefig(tmp, dpi=110, pil_kwargs={"compress_level": 1})

@@ -115,13 +115,14 @@ def normalize(pixels: np.ndarray) -> np.ndarray:
         pixels = pixels[..., np.newaxis]
     if pixels.ndim != 4 or pixels.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 1):
         raise ValueError(f"expected pixels of shape (N, 48, 48[, 1]), got {pixels.shape}")
-    return pixels.astype(np.float32) / np.float32(255.0)
+    # one pass, one float32 array (astype + divide would write two); same values
+    return np.divide(pixels, np.float32(255.0), dtype=np.float32)
 
 
 def prepare_batch(images: Iterable[Image.Image | np.ndarray]) -> np.ndarray:
     """THE preprocessing function: images (PIL or uint8 arrays, any size/mode) -> model input."""
     if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE):
-        return normalize(images)  # a stack of ready 48x48 faces (the ingested PNGs): no per-image loop
+        return normalize(images)  # a stack of ready 48x48 faces (the ingested ones): no per-image loop
     faces = []
     for img in images:
         if isinstance(img, np.ndarray):

@@ -12,7 +12,15 @@ import pytest
 from PIL import Image
 
 from ferflow.classes import FER_CLASSES, canonical_class
-from ferflow.file_sources import CsvSource, LayoutSource, open_path_source, parse_pixels
+from ferflow.file_sources import (
+    CsvSource,
+    LayoutSource,
+    _Member,
+    _plain_zip_members,
+    _zip_members,
+    open_path_source,
+    parse_pixels,
+)
 from ferflow.preprocessing import ImageError
 from ferflow.sources import open_source
 
@@ -201,6 +209,45 @@ def test_zip_symlink_entry_is_refused(tmp_path):
         zf.writestr(info, "/etc/passwd")
     with pytest.raises(ValueError, match=r"entry 'fer2013/train/happy/link.png' is a symlink"):
         open_path(path)
+
+
+def zipfile_members(path: Path) -> list[_Member]:
+    with zipfile.ZipFile(path) as zf:
+        return [_Member.from_info(i) for i in zf.infolist()]
+
+
+def test_zip_directory_parser_agrees_with_zipfile_and_hands_it_what_it_does_not_parse(tmp_path, monkeypatch):
+    plain = tmp_path / "plain.zip"
+    with zipfile.ZipFile(plain, "w") as zf:
+        zf.writestr("fer2013/", b"")
+        zf.writestr("fer2013/train/happy/\u00e9t\u00e9.png", png_bytes(1), compress_type=zipfile.ZIP_DEFLATED)
+        zf.writestr("fer2013/test/happy/b.png", png_bytes(2), compress_type=zipfile.ZIP_STORED)
+        with zf.open("fer2013/test/happy/c.png", "w", force_zip64=True) as fh:  # Zip64 local header only
+            fh.write(png_bytes(3))
+        zf.comment = b"an archive comment"
+    parsed = _plain_zip_members(plain)
+    assert parsed is not None and len(parsed) == 4 and parsed == zipfile_members(plain)
+    assert parsed[1].filename == "fer2013/train/happy/\u00e9t\u00e9.png" and parsed[1].flag_bits & 0x800
+
+    # Data before the zip (a self-extracting archive) and a Zip64 end record: zipfile's job.
+    prefixed = tmp_path / "prefixed.zip"
+    prefixed.write_bytes(b"#!/bin/sh\nexit 0\n" + plain.read_bytes())
+    zip64 = tmp_path / "zip64.zip"
+    monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 1)  # what over 65,535 entries would do
+    zip_tree(zip64, KAGGLE)
+    monkeypatch.undo()
+    for path in (prefixed, zip64):
+        assert _plain_zip_members(path) is None
+        assert len(_zip_members(path)) in (4, len(KAGGLE)) and _zip_members(path) == zipfile_members(path)
+    items = {it.origin: it.read() for it in open_path(prefixed).items()}
+    assert items["prefixed.zip:fer2013/test/happy/b.png"] == png_bytes(2)
+    assert len(listing(open_path(zip64))) == len(KAGGLE)
+
+    # A zip cut short: the end record is gone, zipfile's error names the file.
+    cut = tmp_path / "cut.zip"
+    cut.write_bytes(plain.read_bytes()[:-30])
+    with pytest.raises(ValueError, match=r"cut\.zip is not a readable zip file"):
+        open_path(cut)
 
 
 def test_zip_entry_count_and_size_are_bounded(tmp_path):
