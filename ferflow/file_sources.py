@@ -58,6 +58,7 @@ MAX_SEARCH_DEPTH = 4  # wrapper folders allowed above the split folders
 MAX_FILE_BYTES = 64 * 2**20  # one image file; bigger ones are rejected rows, not read
 MAX_ZIP_ENTRIES = 1_000_000
 MAX_ZIP_BYTES = 16 * 2**30  # total uncompressed size of a zip
+LOCAL_HEADER_SLACK = 512  # bytes read past a member's local header for its name and extra field
 
 
 def split_of(name: str) -> str | None:
@@ -120,11 +121,17 @@ def _read_zip_member(zip_file: _OpenZip, info: _Member, limit: int) -> bytes:
         raise ImageError(f"zip entry is {info.file_size} bytes, over the limit of {limit}")
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or not hasattr(os, "pread"):
         return _read_zip_member_slow(zip_file.path, info)
-    header = os.pread(zip_file.fd, 30, info.header_offset)
-    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+    # One read for the local header, its name and extra field, and the data (the name and
+    # extra field are rarely over LOCAL_HEADER_SLACK bytes; if they are, a second read).
+    blob = os.pread(zip_file.fd, 30 + LOCAL_HEADER_SLACK + info.compress_size, info.header_offset)
+    if len(blob) < 30 or blob[:4] != b"PK\x03\x04":
         raise ImageError("corrupt zip entry (bad local header)")
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    data = os.pread(zip_file.fd, info.compress_size, info.header_offset + 30 + name_len + extra_len)
+    name_len, extra_len = struct.unpack_from("<HH", blob, 26)
+    start = 30 + name_len + extra_len
+    if start + info.compress_size <= len(blob):
+        data = blob[start : start + info.compress_size]
+    else:
+        data = os.pread(zip_file.fd, info.compress_size, info.header_offset + start)
     if len(data) != info.compress_size:
         raise ImageError("truncated zip entry")
     if info.compress_type == zipfile.ZIP_DEFLATED:

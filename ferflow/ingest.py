@@ -55,7 +55,7 @@ class IngestError(RuntimeError):
 
 def pixel_hash(pixels: np.ndarray) -> str:
     """Content hash of the 48x48 grayscale pixels: equal images, equal hash."""
-    return hashlib.blake2b(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes(), digest_size=16).hexdigest()
+    return hashlib.blake2b(np.ascontiguousarray(pixels, dtype=np.uint8).data, digest_size=16).hexdigest()
 
 
 def load_faces(ingested_dir: str | os.PathLike[str], expected_rows: int | None = None) -> np.ndarray:

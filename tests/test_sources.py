@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import stat
+import struct
 import zipfile
 from pathlib import Path
 
@@ -181,6 +182,19 @@ def test_zip_stored_and_deflated_members_are_crc_checked(tmp_path):
     assert by_origin["s.zip:test/happy/b.png"].read() == png_bytes(2)
     with pytest.raises(ImageError, match="CRC"):
         by_origin["s.zip:train/happy/a.png"].read()
+
+
+def test_zip_member_with_a_long_local_extra_field_is_read_whole(tmp_path):
+    path = tmp_path / "extra.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        info = zipfile.ZipInfo("train/happy/a.png")
+        info.extra = struct.pack("<HH", 0xCAFE, 2000) + bytes(2000)  # longer than the single read's slack
+        zf.writestr(info, png_bytes(1))
+        zf.writestr("test/happy/b.png", png_bytes(2))
+    assert {it.origin: it.read() for it in open_path(path).items()} == {
+        "extra.zip:train/happy/a.png": png_bytes(1),
+        "extra.zip:test/happy/b.png": png_bytes(2),
+    }
 
 
 @pytest.mark.parametrize(
