@@ -13,8 +13,8 @@ tree was deleted, which is what DVC does before it reruns a stage), DVC hashes a
 caches one file instead of 32k, and the later stages read the array with one call.
 
 Speed: decoding is Python-heavy, so on several cores the work runs in forked worker
-processes that write the faces straight into a shared memory slot per source item;
-only small tuples travel back.
+processes that write each face straight into its slot of faces.npy, memory-mapped and
+shared; only small tuples travel back.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import mmap
 import multiprocessing
 import os
 import re
+import struct
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from operator import itemgetter
@@ -136,13 +137,20 @@ def _work(task: list[int]) -> list[tuple]:
 
 
 class _Runner:
-    """Runs `_work` inline or on forked processes (one pool for all rounds), with one
-    48x48 slot per item in memory shared with the workers (anonymous, MAP_SHARED; only
-    the pages of decoded items are ever touched)."""
+    """Runs `_work` inline or on forked processes (one pool for all rounds).
 
-    def __init__(self, items: list[SourceItem], max_pixels: int, workers: int):
-        self.buffer = mmap.mmap(-1, max(len(items), 1) * FACE_BYTES)
-        self.slots = np.frombuffer(self.buffer, np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
+    Each item has a 48x48 slot in `path` (the future faces.npy), memory-mapped and shared
+    with the workers: a face goes straight from the decoder into the output file's page
+    cache, with no copy to gather afterwards (only the pages of decoded items are touched).
+    """
+
+    def __init__(self, path: Path, items: list[SourceItem], max_pixels: int, workers: int):
+        self.path = path
+        self.header_size = len(_npy_header((len(items), IMAGE_SIZE, IMAGE_SIZE)))
+        with open(path, "w+b") as fh:  # read+write: mmap needs both
+            fh.truncate(self.header_size + max(len(items), 1) * FACE_BYTES)  # sparse until written
+            self.buffer = mmap.mmap(fh.fileno(), 0)
+        self.slots = np.frombuffer(self.buffer, np.uint8, offset=self.header_size).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
         _JOB.update(items=items, slots=self.slots, max_pixels=max_pixels)
         self.pool = None
         if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
@@ -160,13 +168,42 @@ class _Runner:
         for chunk in mapped:
             yield from chunk
 
+    def finish(self, order: list[int], block: int = 4096) -> None:
+        """Make the file a .npy of slots[order]: the kept faces moved to the front in
+        `order`, the rest cut off. Without rejects or caps nothing moves."""
+        rows = np.asarray(order, np.int64)
+        if len(rows) > 1 and np.all(rows[1:] > rows[:-1]):
+            # increasing, so rows[i] >= i: moving forward block by block never overwrites
+            # a face that is still to be moved (fancy indexing copies the block first)
+            for start in range(0, len(rows), block):
+                src = rows[start : start + block]
+                if src[0] != start or src[-1] != start + len(src) - 1:
+                    self.slots[start : start + len(src)] = self.slots[src]
+        elif len(rows):
+            self.slots[: len(rows)] = self.slots[rows]
+        self.buffer[: self.header_size] = _npy_header((len(rows), IMAGE_SIZE, IMAGE_SIZE), self.header_size)
+        self.close()
+        os.truncate(self.path, self.header_size + len(rows) * FACE_BYTES)
+
     def close(self) -> None:
         if self.pool:
             self.pool.close()
             self.pool.join()
+            self.pool = None
         _JOB.clear()
-        del self.slots
-        self.buffer.close()
+        self.slots = None
+        if not self.buffer.closed:
+            self.buffer.close()
+
+
+def _npy_header(shape: tuple[int, ...], size: int | None = None) -> bytes:
+    """A .npy (format 1.0) header for uint8 `shape`, padded to `size` bytes (default: the
+    next multiple of 64, as numpy writes it). A header made for more rows fits fewer."""
+    text = f"{{'descr': '|u1', 'fortran_order': False, 'shape': {shape!r}, }}"
+    size = size or -(-(10 + len(text) + 1) // 64) * 64
+    if 10 + len(text) + 1 > size:
+        raise ValueError(f"a .npy header for {shape} does not fit in {size} bytes")
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", size - 10) + (text.ljust(size - 11) + "\n").encode("latin1")
 
 
 # --- the stage ------------------------------------------------------------------------
@@ -246,13 +283,13 @@ def ingest(
     n_workers = workers if workers is not None else (min(4, cpu_count()) if len(items) >= POOL_MIN_ITEMS else 1)
 
     with files.atomic_dir(out_dir) as tmp:
-        runner = _Runner(items, max_pixels, n_workers)
+        runner = _Runner(tmp / FACES_NAME, items, max_pixels, n_workers)
         try:
             accepted, more_rejected = _run_rounds(runner, items, caps)
             accepted.sort(key=lambda a: (SPLITS.index(a["split"]), classes.index(a["label"]), a["id"]))
             for row, a in enumerate(accepted):
                 a["row"] = row
-            _write_faces(tmp / FACES_NAME, runner.slots, [a["item"] for a in accepted])
+            runner.finish([a["item"] for a in accepted])
         finally:
             runner.close()
         rejected += more_rejected
@@ -286,21 +323,6 @@ def ingest(
             raise IngestError("ingest failed: " + "; ".join(problems))
         _write_csv(tmp / MANIFEST_NAME, MANIFEST_FIELDS, accepted)
     return metrics
-
-
-def _write_faces(path: Path, slots: np.ndarray, order: list[int], block: int = 4096) -> None:
-    """slots[order] as a .npy file, gathered a block at a time into one reused buffer
-    (memory touched for the first time costs more here than the copy itself)."""
-    order_array = np.asarray(order, np.int64)
-    buffer = np.empty((min(block, len(order)), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-
-    def blocks() -> Iterator[np.ndarray]:
-        for start in range(0, len(order), block):
-            rows = order_array[start : start + block]
-            yield np.take(slots, rows, axis=0, out=buffer[: len(rows)])
-
-    with open(path, "wb") as fh:
-        files.write_npy(fh, np.uint8, (len(order), IMAGE_SIZE, IMAGE_SIZE), blocks())
 
 
 def _group_order(classes: list[str]):

@@ -335,3 +335,30 @@ def test_max_per_class_per_split_like_seed_004(tmp_path):
     for bad in ({"training": 3}, 0, {"train": 0}, "3", True):
         with pytest.raises(ValueError, match=r"data.max_per_class = "):
             run_ingest(tmp_path / "c", src, max_per_class=bad)
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        [0, 1, 2, 3, 4, 5],  # no rejects: nothing moves
+        [0, 2, 3, 5],  # rejects: faces move forward in place
+        [4, 1, 5, 0],  # a capped sample sorted by id: any order
+        [],
+    ],
+)
+def test_faces_file_ends_as_the_npy_of_the_kept_slots_in_order(tmp_path, order):
+    from ferflow.ingest import _npy_header, _Runner
+
+    items = [object()] * 6
+    runner = _Runner(tmp_path / FACES_NAME, items, max_pixels=1, workers=1)  # type: ignore[arg-type]
+    try:
+        faces = np.random.default_rng(0).integers(0, 256, (6, 48, 48), dtype=np.uint8)
+        runner.slots[:] = faces
+        runner.finish(order)
+    finally:
+        runner.close()
+    assert np.array_equal(load_faces(tmp_path), faces[order].reshape(-1, 48, 48))
+    for shape in [(0, 48, 48), (6, 48, 48), (32298, 48, 48)]:
+        ours, theirs = _npy_header(shape), io.BytesIO()
+        np.lib.format.write_array_header_1_0(theirs, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        assert ours == theirs.getvalue()
