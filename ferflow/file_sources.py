@@ -39,7 +39,6 @@ import zipfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -70,8 +69,7 @@ def is_junk(name: str) -> bool:
     return name.startswith(".") or name.lower() in JUNK_NAMES
 
 
-@dataclass(frozen=True)
-class _File:
+class _File(NamedTuple):
     parts: tuple[str, ...]  # path components inside the container
     read: Callable[[], bytes]
     member: str = ""  # the zip member name, for zips

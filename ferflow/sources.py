@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -30,8 +30,7 @@ from ferflow import synthetic
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
-@dataclass(frozen=True)
-class SourceItem:
+class SourceItem(NamedTuple):  # a tuple, not a dataclass: made once per image, 3x cheaper
     split: str  # train / val / test
     class_name: str  # canonical FER-2013 name
     origin: str  # where it came from, for the manifest and rejected.csv
