@@ -74,7 +74,7 @@ def apply_dedup(df: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, dict[str, 
     (`keep`: only count them). Duplicates inside one split are kept."""
     if policy not in ("keep", "drop_cross_split"):
         raise ValueError(f"data.dedup = {policy!r}: expected keep or drop_cross_split")
-    test_hashes = set(df.loc[df["split"] == "test", "pixel_hash"])
+    test_hashes = set(df.loc[df["split"] == "test", "pixel_hash"].tolist())
     leaked = df["split"].isin(["train", "val"]) & df["pixel_hash"].isin(test_hashes)
     by_split = {s: int((leaked & (df["split"] == s)).sum()) for s in ("train", "val")}
     stats: dict[str, Any] = {
@@ -102,16 +102,18 @@ def build_index(
     ingested_dir = Path(ingested_dir)
     df = read_manifest(ingested_dir)
     faces = load_faces(ingested_dir, expected_rows=len(df))
-    unknown = sorted(set(df["label"]) - set(classes))
+    # .tolist()/.unique() first: iterating a pandas string column goes element by element
+    unknown = sorted(set(df["label"].unique().tolist()) - set(classes))
     if unknown:
         raise ValueError(f"{ingested_dir / MANIFEST_NAME}: labels {unknown} are not in data.classes {classes}")
-    carved = "val" not in set(df["split"])
+    carved = "val" not in set(df["split"].unique().tolist())
     # Dedup before the carve: val is then exactly val_fraction of the train images that
     # survive dedup, instead of a carve that dedup thins out afterwards.
     df, dedup_stats = apply_dedup(df, dedup)
     if carved:
         df = carve_validation(df, val_fraction, seed)
-    empty = [f"{s}/{c}" for s in ("train", "test") for c in classes if not ((df["split"] == s) & (df["label"] == c)).any()]
+    present = set(zip(df["split"].tolist(), df["label"].tolist()))
+    empty = [f"{s}/{c}" for s in ("train", "test") for c in classes if (s, c) not in present]
     if empty:
         raise ValueError(
             f"index: no image left in {', '.join(empty)} after data.dedup={dedup!r} (see metrics/ingest.json duplicates)"
@@ -119,16 +121,18 @@ def build_index(
     df = df.assign(label_id=df["label"].map({c: i for i, c in enumerate(classes)}))
     index = df[list(INDEX_COLUMNS)].sort_values(["split", "label_id", "row"], kind="stable").reset_index(drop=True)
     with files.atomic_path(index_csv) as tmp:
-        index.to_csv(tmp, index=False)
-    counts = {
-        s: {c: int(((index["split"] == s) & (index["label"] == c)).sum()) for c in classes} for s in ("train", "val", "test")
-    }
+        # Arrow-backed string columns format slowly; as Python objects: the same bytes, ~1.5x faster
+        as_objects = {c: index[c].to_numpy(dtype=object) if index[c].dtype == "str" else index[c] for c in index.columns}
+        pd.DataFrame(as_objects).to_csv(tmp, index=False)
+    splits, labels, hashes = index["split"].tolist(), index["label"].tolist(), index["pixel_hash"].tolist()
+    per_split_class = Counter(zip(splits, labels))
+    counts = {s: {c: per_split_class[(s, c)] for c in classes} for s in ("train", "val", "test")}
     metrics = {
         "val_carved_from_train": carved,
         "split_totals": {s: int(sum(v.values())) for s, v in counts.items()},
         "counts": counts,
         "dedup": {"policy": dedup, **dedup_stats},
-        "duplicates_after_dedup": duplicate_stats(index["split"].tolist(), index["label"].tolist(), index["pixel_hash"].tolist()),
+        "duplicates_after_dedup": duplicate_stats(splits, labels, hashes),
         "data_hash": dataset_hash(index),
     }
     if plots_dir is not None:
@@ -141,4 +145,4 @@ def dataset_hash(index: pd.DataFrame) -> str:
     """A content hash of the data set: pixel hashes, labels and splits (not paths)."""
     rows = index[["split", "label", "pixel_hash"]].astype(str).sort_values(["split", "label", "pixel_hash"])
     lines = rows["split"] + "," + rows["label"] + "," + rows["pixel_hash"] + "\n"
-    return hashlib.sha256("".join(lines).encode()).hexdigest()[:16]
+    return hashlib.sha256("".join(lines.tolist()).encode()).hexdigest()[:16]
