@@ -3,11 +3,11 @@
     .venv/bin/python benchmarks/data_stages.py --source ../shared/data/fer2013.zip
     .venv/bin/python benchmarks/data_stages.py            # synthetic JPEGs, same count as FER-2013
 
-Ours: `open_source` + `ingest` (decode, validate, hash, write PNGs), `build_index`
-(dedup, val carve, index.csv and both plots) and `extract_arrays` (ferflow/arrays.py:
-the ingested PNGs read back by `read_ingested_pixels`, float32 npz files), each into a
+Ours: `open_source` + `ingest` (zip listing, decode, validate, hash, faces.npy +
+manifest), `build_index` (dedup, val carve, index.csv and both plots) and
+`extract_arrays` (ferflow/arrays.py: float32 npz files from faces.npy), each into a
 fresh output folder (DVC deletes a stage's outputs before running it, so there is no old
-tree to remove).
+output to replace).
 
 Baseline (seed 000): os.listdir walk + `keras.utils.load_img(path, color_mode="grayscale",
 target_size=(48, 48))` + `img_to_array` per image into one numpy array. It runs in a child
@@ -17,10 +17,9 @@ that forks ingest's workers). A zip is extracted to a temp folder first, outside
 Runs alternate ours/baseline `--repeat` times; the best run of each is reported (the
 machine is shared, the best run is the one least disturbed), with the median alongside.
 Scratch outputs go to benchmarks/out/ (git-ignored; same disk as data/, where the stages
-write) or --workdir, and are removed afterwards. File creation speed depends on the file
-system's state: on an ext4 without journal, a folder where many files were just deleted
-(a busy /tmp, or the last run's tree) creates new files up to 20x slower for up to 6
-minutes (ext4's `recently_deleted` inode scans): each run prints a file-creation probe.
+write) or --workdir, and are removed afterwards. The disk's state varies (right after many
+files were deleted, ext4 creates new ones up to 20x slower for minutes; the baseline's
+input is a tree of 32k files): each run prints a file-creation probe.
 """
 
 from __future__ import annotations
