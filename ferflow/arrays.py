@@ -3,7 +3,7 @@ y: int64) + label map.
 
 Pixels go through `preprocessing.prepare_batch`, the same function the served model
 uses, a block of faces at a time, and each block goes straight into the npz's `x.npy`
-entry: the float32 arrays (370 MB for FER-2013) are never held whole in memory, and
+entry: the float32 arrays (295 MB for FER-2013) are never held whole in memory, and
 memory that is touched for the first time costs more here than the normalisation.
 Arrays are saved without pickle and loaded with `allow_pickle=False`.
 """
