@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,7 @@ def test_fresh_clone_repro_then_noop_then_experiment(tmp_path):
 def test_default_synthetic_task_is_learnable_but_not_linear(tmp_path):
     """The default pipeline (params.yaml as committed) reaches >= 90% test accuracy, while a
     logistic regression on the same raw pixels stays below 60%: a real learning task."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
     repo = clone_repo(tmp_path / "repo")
@@ -143,7 +145,11 @@ def test_default_synthetic_task_is_learnable_but_not_linear(tmp_path):
 
     x_train, y_train = flat("train")
     x_test, y_test = flat("test")
-    linear = LogisticRegression(max_iter=300).fit(x_train, y_train)
+    # 300 lbfgs iterations stop short of convergence; run to convergence (~3,000, 35 s
+    # here) it scores the same on test (16.4% vs 17.1% measured): the cap only saves time.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        linear = LogisticRegression(max_iter=300).fit(x_train, y_train)
     linear_accuracy = float((linear.predict(x_test) == y_test).mean())
     print(f"default CNN test accuracy {cnn_accuracy:.3f}; logistic regression {linear_accuracy:.3f}")
     assert cnn_accuracy >= 0.90
