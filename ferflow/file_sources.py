@@ -83,15 +83,21 @@ class _File(NamedTuple):
 
 
 def _read_file(path: str, limit: int) -> bytes:
-    with open(path, "rb", buffering=0) as fh:
+    fd = os.open(path, os.O_RDONLY)  # no Python file object: ~3 us less an image
+    try:
         # Ask for the size the file has (+1 to notice one that grew), not for `limit`
         # bytes: a 64 MiB read buffer costs ~20 us to map and unmap, more than the read.
-        size = os.fstat(fh.fileno()).st_size
+        size = os.fstat(fd).st_size
         if size > limit:
             raise ImageError(f"file is over the limit of {limit} bytes")
-        data = fh.read(size + 1)
-        if len(data) > size:  # growing, or a special file that reports size 0
-            data += fh.read(limit + 1 - len(data))
+        data = os.read(fd, size + 1)
+        while len(data) > size and len(data) <= limit:  # growing, or a special file that reports size 0
+            more = os.read(fd, limit + 1 - len(data))
+            if not more:
+                break
+            data += more
+    finally:
+        os.close(fd)
     if len(data) > limit:
         raise ImageError(f"file is over the limit of {limit} bytes")
     return data
