@@ -18,6 +18,7 @@ from ferflow.file_sources import (
     LayoutSource,
     _Member,
     _plain_zip_members,
+    _read_file,
     _zip_members,
     open_path_source,
     parse_pixels,
@@ -366,3 +367,16 @@ def test_open_source_resolves_relative_paths_against_the_root(tmp_path):
     assert (
         open_source({"source": str(tmp_path / "data" / "fer"), "class_map": {}}, root="/nonexistent").describe() == src.describe()
     )
+
+
+def test_folder_files_are_read_whole_and_the_size_limit_holds(tmp_path):
+    path = tmp_path / "a.png"
+    path.write_bytes(png_bytes(1))
+    assert _read_file(str(path), limit=len(png_bytes(1))) == png_bytes(1)
+    with pytest.raises(ImageError, match=rf"over the limit of {len(png_bytes(1)) - 1} bytes"):
+        _read_file(str(path), limit=len(png_bytes(1)) - 1)
+    proc = Path("/proc/self/status")  # reports size 0 but has content: read past the stat size
+    if proc.exists():
+        assert _read_file(str(proc), limit=1 << 20).startswith(b"Name:")
+        with pytest.raises(ImageError, match="over the limit of 5 bytes"):
+            _read_file(str(proc), limit=5)
