@@ -226,7 +226,7 @@ def _zip_members(zip_path: Path) -> list[_Member]:
     inconsistency, goes to `zipfile`, which handles it or raises BadZipFile."""
     try:
         members = _plain_zip_members(zip_path)
-    except (struct.error, UnicodeDecodeError, ValueError):
+    except (struct.error, ValueError):  # ValueError includes UnicodeDecodeError
         members = None
     if members is None:
         with zipfile.ZipFile(zip_path) as zf:

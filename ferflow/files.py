@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import secrets
@@ -84,6 +85,17 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def npy_header(dtype: Any, shape: tuple[int, ...]) -> bytes:
+    """The header `np.save` writes for a C-order array of `dtype` and `shape`. Its length
+    does not depend on the number of rows (numpy pads room for up to 21 digits), so a
+    header can be rewritten in place when the row count changes."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    )
+    return buf.getvalue()
+
+
 def write_npy(fh: IO[bytes], dtype: Any, shape: tuple[int, ...], blocks: Iterable[np.ndarray]) -> None:
     """Write one .npy array to an open binary file from consecutive row blocks.
 
@@ -91,9 +103,7 @@ def write_npy(fh: IO[bytes], dtype: Any, shape: tuple[int, ...], blocks: Iterabl
     in memory: an array of faces is written as it is gathered or normalised.
     """
     dtype = np.dtype(dtype)
-    np.lib.format.write_array_header_1_0(
-        fh, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
-    )
+    fh.write(npy_header(dtype, shape))
     rows = 0
     for block in blocks:
         if block.dtype != dtype or block.shape[1:] != shape[1:]:

@@ -112,8 +112,9 @@ def build_index(
     df, dedup_stats = apply_dedup(df, dedup)
     if carved:
         df = carve_validation(df, val_fraction, seed)
-    present = set(zip(df["split"].tolist(), df["label"].tolist()))
-    empty = [f"{s}/{c}" for s in ("train", "test") for c in classes if (s, c) not in present]
+    splits, labels, hashes = df["split"].tolist(), df["label"].tolist(), df["pixel_hash"].tolist()
+    per_split_class = Counter(zip(splits, labels))
+    empty = [f"{s}/{c}" for s in ("train", "test") for c in classes if not per_split_class[(s, c)]]
     if empty:
         raise ValueError(
             f"index: no image left in {', '.join(empty)} after data.dedup={dedup!r} (see metrics/ingest.json duplicates)"
@@ -124,8 +125,6 @@ def build_index(
         # Arrow-backed string columns format slowly; as Python objects: the same bytes, ~1.5x faster
         as_objects = {c: index[c].to_numpy(dtype=object) if index[c].dtype == "str" else index[c] for c in index.columns}
         pd.DataFrame(as_objects).to_csv(tmp, index=False)
-    splits, labels, hashes = index["split"].tolist(), index["label"].tolist(), index["pixel_hash"].tolist()
-    per_split_class = Counter(zip(splits, labels))
     counts = {s: {c: per_split_class[(s, c)] for c in classes} for s in ("train", "val", "test")}
     metrics = {
         "val_carved_from_train": carved,

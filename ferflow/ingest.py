@@ -26,7 +26,6 @@ import mmap
 import multiprocessing
 import os
 import re
-import struct
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from operator import itemgetter
@@ -146,7 +145,7 @@ class _Runner:
 
     def __init__(self, path: Path, items: list[SourceItem], max_pixels: int, workers: int):
         self.path = path
-        self.header_size = len(_npy_header((len(items), IMAGE_SIZE, IMAGE_SIZE)))
+        self.header_size = len(files.npy_header(np.uint8, (len(items), IMAGE_SIZE, IMAGE_SIZE)))
         with open(path, "w+b") as fh:  # read+write: mmap needs both
             fh.truncate(self.header_size + max(len(items), 1) * FACE_BYTES)  # sparse until written
             self.buffer = mmap.mmap(fh.fileno(), 0)
@@ -181,7 +180,10 @@ class _Runner:
                     self.slots[start : start + len(src)] = self.slots[src]
         elif len(rows):
             self.slots[: len(rows)] = self.slots[rows]
-        self.buffer[: self.header_size] = _npy_header((len(rows), IMAGE_SIZE, IMAGE_SIZE), self.header_size)
+        header = files.npy_header(np.uint8, (len(rows), IMAGE_SIZE, IMAGE_SIZE))
+        if len(header) != self.header_size:  # numpy keeps it constant; this guards a future change
+            raise RuntimeError(f"npy header changed size ({len(header)} != {self.header_size} bytes)")
+        self.buffer[: self.header_size] = header
         self.close()
         os.truncate(self.path, self.header_size + len(rows) * FACE_BYTES)
 
@@ -194,16 +196,6 @@ class _Runner:
         self.slots = None
         if not self.buffer.closed:
             self.buffer.close()
-
-
-def _npy_header(shape: tuple[int, ...], size: int | None = None) -> bytes:
-    """A .npy (format 1.0) header for uint8 `shape`, padded to `size` bytes (default: the
-    next multiple of 64, as numpy writes it). A header made for more rows fits fewer."""
-    text = f"{{'descr': '|u1', 'fortran_order': False, 'shape': {shape!r}, }}"
-    size = size or -(-(10 + len(text) + 1) // 64) * 64
-    if 10 + len(text) + 1 > size:
-        raise ValueError(f"a .npy header for {shape} does not fit in {size} bytes")
-    return b"\x93NUMPY\x01\x00" + struct.pack("<H", size - 10) + (text.ljust(size - 11) + "\n").encode("latin1")
 
 
 # --- the stage ------------------------------------------------------------------------
