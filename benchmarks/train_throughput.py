@@ -8,11 +8,15 @@ Measures, in one run and for the same architecture and batch size, training imag
   (b') the same `ImageDataGenerator` fed from the in-memory arrays (`.flow(x, y)`), the
       kindest way to use it (no decoding), for comparison,
   (c) ferflow's pipeline: the same augmentation in the graph (ferflow.augmentation: one fused
-      random affine per image), fed from numpy like (a).
+      random affine per image), fed from numpy like (a), at the precision the pipeline's
+      `train.mixed_precision: auto` picks (float32 on CPUs without bf16 units; `--precision`).
 Each variant trains `--epochs` epochs; the first epoch (graph tracing) is not timed.
 Prints images/s and the ratios (c)/(a) (target >= 0.9) and (c)/(b) (target >= 3), and (c)/(b').
 
     .venv/bin/python benchmarks/train_throughput.py [--arch seed001] [--images 4096] [--rounds 2]
+
+Backend-neutral: with KERAS_BACKEND=jax (or torch) every variant runs without TensorFlow,
+e.g. on a GPU machine that has JAX only.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from ferflow.augmentation import build_augmentation  # noqa: E402
 from ferflow.models import build_model  # noqa: E402
 from ferflow.preprocessing import normalize  # noqa: E402
 from ferflow.synthetic import generate_split  # noqa: E402
+from ferflow.training import detect_precision  # noqa: E402
 
 SEED003_AUGMENT = {"flip": True, "rotation": 10 / 360, "zoom": 0.1, "shift": 0.0, "erasing": 0.0}
 # The same augmentation as seed 003 asks ImageDataGenerator for it.
@@ -91,7 +96,7 @@ def fresh_model(arch: str, seed: int, width: float = 1.0) -> keras.Model:
     return build_model(arch, 7, width)
 
 
-def measure(variant: str, arch: str, width: float, n_images: int, batch_size: int, epochs: int) -> float:
+def measure(variant: str, arch: str, width: float, n_images: int, batch_size: int, epochs: int, precision: str) -> float:
     """Images/s of one variant, in this process (the parent runs each in a fresh one)."""
     x, y = data(n_images)
     n = len(x)
@@ -101,7 +106,9 @@ def measure(variant: str, arch: str, width: float, n_images: int, batch_size: in
         model.compile(**compile_args)
         return timed_fit(model, {"x": x, "y": y, "batch_size": batch_size, "shuffle": True}, n, epochs)
     if variant in ("b", "b_mem"):
-        from tensorflow.keras.preprocessing.image import ImageDataGenerator  # legacy: only in tf.keras
+        # The class tf.keras re-exports as tensorflow.keras.preprocessing.image.ImageDataGenerator;
+        # imported from Keras itself it needs no TensorFlow, so (b) also runs under JAX or torch.
+        from keras.src.legacy.preprocessing.image import ImageDataGenerator
 
         model.compile(**compile_args)
         steps = {"steps_per_epoch": int(np.ceil(n / batch_size))}
@@ -114,6 +121,9 @@ def measure(variant: str, arch: str, width: float, n_images: int, batch_size: in
                 tmp, target_size=(48, 48), color_mode="grayscale", batch_size=batch_size, shuffle=True, seed=0
             )
             return timed_fit(model, {"x": flow, **steps}, n, epochs)
+    # ferflow's pipeline also picks the compute precision (train.mixed_precision, `auto` by default)
+    keras.mixed_precision.set_global_policy(detect_precision(precision, model.count_params()))
+    model = fresh_model(arch, 0, width)
     trainer = keras.Sequential([keras.Input((48, 48, 1)), *build_augmentation(SEED003_AUGMENT, 0), model])
     trainer.compile(**compile_args)
     return timed_fit(trainer, {"x": x, "y": y, "batch_size": batch_size, "shuffle": True}, n, epochs)
@@ -127,12 +137,22 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2, help="each round runs a, b, b', c (then reversed) in fresh processes")
+    parser.add_argument(
+        "--precision", default="auto", help="(c)'s train.mixed_precision (auto, float32, mixed_bfloat16, mixed_float16)"
+    )
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--variant", choices=("a", "b", "b_mem", "c"), help=argparse.SUPPRESS)  # internal: one measurement
     args = parser.parse_args()
     if args.variant:
         print(
-            json.dumps({"images_per_s": measure(args.variant, args.arch, args.width, args.images, args.batch_size, args.epochs)})
+            json.dumps(
+                {
+                    "images_per_s": measure(
+                        args.variant, args.arch, args.width, args.images, args.batch_size, args.epochs, args.precision
+                    ),
+                    "precision": keras.mixed_precision.global_policy().name,
+                }
+            )
         )
         return
 
@@ -141,6 +161,7 @@ def main() -> None:
     # the order and the best of each variant is kept (the least disturbed on a shared machine).
     order = ("a", "b", "b_mem", "c")
     samples: dict[str, list[float]] = {v: [] for v in order}
+    precisions: dict[str, str] = {}
     for r in range(args.rounds):
         for variant in order if r % 2 == 0 else order[::-1]:
             cmd = [
@@ -158,9 +179,13 @@ def main() -> None:
                 str(args.batch_size),
                 "--epochs",
                 str(args.epochs),
+                "--precision",
+                args.precision,
             ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            samples[variant].append(json.loads(out.strip().splitlines()[-1])["images_per_s"])
+            measured = json.loads(out.strip().splitlines()[-1])
+            samples[variant].append(measured["images_per_s"])
+            precisions[variant] = measured["precision"]
     a, b, b_mem, c = (max(samples[v]) for v in order)
     n = per_class_count(args.images) * 7  # what data() generates
     result = {
@@ -169,6 +194,8 @@ def main() -> None:
         "images": n,
         "batch_size": args.batch_size,
         "cpu_count": os.cpu_count(),
+        "backend": keras.backend.backend(),
+        "precision": precisions,
         "rounds": args.rounds,
         "samples_images_per_s": {k: [round(v, 1) for v in vs] for k, vs in samples.items()},
         "images_per_s": {
@@ -182,12 +209,13 @@ def main() -> None:
         "ratio_c_over_b_mem": round(c / b_mem, 3),
     }
     print(
-        f"arch={args.arch} width={args.width} images={n} batch={args.batch_size} rounds={args.rounds} (best of each; all samples in --json)"
+        f"arch={args.arch} width={args.width} images={n} batch={args.batch_size} rounds={args.rounds} "
+        f"backend={keras.backend.backend()} (best of each; all samples in --json)"
     )
     print(f"(a) plain fit, no augmentation                        {a:9.1f} images/s")
     print(f"(b) seed 003: ImageDataGenerator.flow_from_directory  {b:9.1f} images/s")
     print(f"(b') ImageDataGenerator.flow on in-memory arrays      {b_mem:9.1f} images/s")
-    print(f"(c) ferflow in-graph augmentation                     {c:9.1f} images/s")
+    print(f"(c) ferflow in-graph augmentation ({precisions['c']:>14})  {c:9.1f} images/s")
     print(f"(c)/(a) = {c / a:.2f}  (target >= 0.9)    (c)/(b) = {c / b:.2f}  (target >= 3)    (c)/(b') = {c / b_mem:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
