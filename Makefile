@@ -32,3 +32,4 @@ test: $(VENV)/.installed-dev
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check ferflow stages tests benchmarks
+	$(BIN)/ruff format --check ferflow stages tests benchmarks

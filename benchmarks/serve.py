@@ -150,14 +150,19 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ferflow-bench-") as tmp:
         export, keras_path = prepare_model(args, Path(tmp))
         x = faces(max(args.batch, 64))
-        single_png = [json.dumps({"dataframe_split": {"columns": ["image"], "data": [[png_b64(x[i % len(x)])]]}}) for i in range(args.requests + args.warmup)]
+        single_png = [
+            json.dumps({"dataframe_split": {"columns": ["image"], "data": [[png_b64(x[i % len(x)])]]}})
+            for i in range(args.requests + args.warmup)
+        ]
         single_tensor = [json.dumps({"inputs": x[i % len(x)][None].tolist()}) for i in range(args.requests + args.warmup)]
         batch_png = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[png_b64(f)] for f in x[: args.batch]]}})
         batch_tensor = json.dumps({"inputs": x[: args.batch].tolist()})
         photo = synthetic_photo(x[3], size=(640, 480), face_side=200, at=(220, 140))
         buf = io.BytesIO()
         photo.save(buf, format="JPEG", quality=90)
-        single_photo = [json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(buf.getvalue()).decode()]]}})]
+        single_photo = [
+            json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(buf.getvalue()).decode()]]}})
+        ]
         results: dict[str, Any] = {
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_before": os.getloadavg()},
             "model": str(export),

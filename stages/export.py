@@ -14,7 +14,11 @@ def main(args) -> None:
     r = run_export(args)
     if "version" in r:
         stage.log.info(
-            "exported to %s; registered %s v%d (champion: v%d)", r["export_dir"], r["registered_model"], r["version"], r["champion_version"]
+            "exported to %s; registered %s v%d (champion: v%d)",
+            r["export_dir"],
+            r["registered_model"],
+            r["version"],
+            r["champion_version"],
         )
     else:
         stage.log.info("exported to %s (no MLflow run: not registered)", r["export_dir"])

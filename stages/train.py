@@ -15,7 +15,9 @@ def main(args) -> None:
     from ferflow.pipeline import run_training
 
     metrics = run_training(args)
-    stage.log.info("trained %s: best val_accuracy %.4f after %d epochs", metrics["arch"], metrics["best_val_accuracy"], metrics["epochs_run"])
+    stage.log.info(
+        "trained %s: best val_accuracy %.4f after %d epochs", metrics["arch"], metrics["best_val_accuracy"], metrics["epochs_run"]
+    )
 
 
 if __name__ == "__main__":
