@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 
 from ferflow.augmentation import build_augmentation  # noqa: E402
 from ferflow.models import build_model  # noqa: E402
+from ferflow.params import PRECISIONS  # noqa: E402
 from ferflow.preprocessing import normalize  # noqa: E402
 from ferflow.synthetic import generate_split  # noqa: E402
 from ferflow.training import detect_precision  # noqa: E402
@@ -137,9 +138,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2, help="each round runs a, b, b', c (then reversed) in fresh processes")
-    parser.add_argument(
-        "--precision", default="auto", help="(c)'s train.mixed_precision (auto, float32, mixed_bfloat16, mixed_float16)"
-    )
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="(c)'s train.mixed_precision")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--variant", choices=("a", "b", "b_mem", "c"), help=argparse.SUPPRESS)  # internal: one measurement
     args = parser.parse_args()
