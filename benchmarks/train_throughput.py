@@ -41,7 +41,7 @@ from ferflow.models import build_model  # noqa: E402
 from ferflow.params import PRECISIONS  # noqa: E402
 from ferflow.preprocessing import normalize  # noqa: E402
 from ferflow.synthetic import generate_split  # noqa: E402
-from ferflow.training import detect_precision  # noqa: E402
+from ferflow.training import build_at_precision  # noqa: E402
 
 SEED003_AUGMENT = {"flip": True, "rotation": 10 / 360, "zoom": 0.1, "shift": 0.0, "erasing": 0.0}
 # The same augmentation as seed 003 asks ImageDataGenerator for it.
@@ -102,32 +102,31 @@ def measure(variant: str, arch: str, width: float, n_images: int, batch_size: in
     x, y = data(n_images)
     n = len(x)
     compile_args = {"optimizer": "adam", "loss": "categorical_crossentropy", "metrics": ["accuracy"]}
+    if variant == "c":  # ferflow's pipeline also picks the compute precision (train.mixed_precision)
+        params = {"arch": arch, "width": width, "dropout_scale": 1.0, "crop_size": 48, "mixed_precision": precision, "seed": 0}
+        model, _ = build_at_precision(params, 7)
+        trainer = keras.Sequential([keras.Input((48, 48, 1)), *build_augmentation(SEED003_AUGMENT, 0), model])
+        trainer.compile(**compile_args)
+        return timed_fit(trainer, {"x": x, "y": y, "batch_size": batch_size, "shuffle": True}, n, epochs)
     model = fresh_model(arch, 0, width)
     if variant == "a":
         model.compile(**compile_args)
         return timed_fit(model, {"x": x, "y": y, "batch_size": batch_size, "shuffle": True}, n, epochs)
-    if variant in ("b", "b_mem"):
-        # The class tf.keras re-exports as tensorflow.keras.preprocessing.image.ImageDataGenerator;
-        # imported from Keras itself it needs no TensorFlow, so (b) also runs under JAX or torch.
-        from keras.src.legacy.preprocessing.image import ImageDataGenerator
+    # (b) and (b'). The class tf.keras re-exports as tensorflow.keras.preprocessing.image.ImageDataGenerator;
+    # imported from Keras itself it needs no TensorFlow, so (b) also runs under JAX or torch.
+    from keras.src.legacy.preprocessing.image import ImageDataGenerator
 
-        model.compile(**compile_args)
-        steps = {"steps_per_epoch": int(np.ceil(n / batch_size))}
-        if variant == "b_mem":
-            flow = ImageDataGenerator(**SEED003_GENERATOR).flow(x, y, batch_size=batch_size, shuffle=True, seed=0)
-            return timed_fit(model, {"x": flow, **steps}, n, epochs)
-        with tempfile.TemporaryDirectory() as tmp:
-            write_jpeg_folder(Path(tmp), x, y)
-            flow = ImageDataGenerator(rescale=1 / 255.0, **SEED003_GENERATOR).flow_from_directory(
-                tmp, target_size=(48, 48), color_mode="grayscale", batch_size=batch_size, shuffle=True, seed=0
-            )
-            return timed_fit(model, {"x": flow, **steps}, n, epochs)
-    # ferflow's pipeline also picks the compute precision (train.mixed_precision, `auto` by default)
-    keras.mixed_precision.set_global_policy(detect_precision(precision, model.count_params()))
-    model = fresh_model(arch, 0, width)
-    trainer = keras.Sequential([keras.Input((48, 48, 1)), *build_augmentation(SEED003_AUGMENT, 0), model])
-    trainer.compile(**compile_args)
-    return timed_fit(trainer, {"x": x, "y": y, "batch_size": batch_size, "shuffle": True}, n, epochs)
+    model.compile(**compile_args)
+    steps = {"steps_per_epoch": int(np.ceil(n / batch_size))}
+    if variant == "b_mem":
+        flow = ImageDataGenerator(**SEED003_GENERATOR).flow(x, y, batch_size=batch_size, shuffle=True, seed=0)
+        return timed_fit(model, {"x": flow, **steps}, n, epochs)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_jpeg_folder(Path(tmp), x, y)
+        flow = ImageDataGenerator(rescale=1 / 255.0, **SEED003_GENERATOR).flow_from_directory(
+            tmp, target_size=(48, 48), color_mode="grayscale", batch_size=batch_size, shuffle=True, seed=0
+        )
+        return timed_fit(model, {"x": flow, **steps}, n, epochs)
 
 
 def main() -> None:

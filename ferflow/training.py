@@ -49,6 +49,17 @@ def detect_precision(requested: str, num_params: int | None = None) -> str:
     return "mixed_bfloat16" if has_bf16 and (num_params or 0) > 2_000_000 else "float32"
 
 
+def build_at_precision(p: dict[str, Any], num_classes: int) -> tuple[keras.Model, str]:
+    """The `train` params' model, built under the precision `p["mixed_precision"]` resolves to
+    (set as Keras' global policy), and that precision's name."""
+    probe = build_model(p["arch"], num_classes, p["width"], p["dropout_scale"], p["crop_size"])
+    precision = detect_precision(p["mixed_precision"], probe.count_params())
+    del probe
+    keras.mixed_precision.set_global_policy(precision)
+    keras.utils.set_random_seed(p["seed"])  # same init whatever the probe consumed
+    return build_model(p["arch"], num_classes, p["width"], p["dropout_scale"], p["crop_size"]), precision
+
+
 def set_determinism(seed: int, deterministic: bool) -> None:
     keras.utils.set_random_seed(seed)
     if deterministic and keras.backend.backend() == "tensorflow":
@@ -220,12 +231,7 @@ def fit_model(
     work_dir = Path(work_dir)
     history_csv = Path(history_csv)
     set_determinism(p["seed"], p["deterministic"])
-    probe = build_model(p["arch"], num_classes, p["width"], p["dropout_scale"], p["crop_size"])
-    precision = detect_precision(p["mixed_precision"], probe.count_params())
-    del probe
-    keras.mixed_precision.set_global_policy(precision)
-    keras.utils.set_random_seed(p["seed"])  # same init whatever the probe consumed
-    model = build_model(p["arch"], num_classes, p["width"], p["dropout_scale"], p["crop_size"])
+    model, precision = build_at_precision(p, num_classes)
     augmentation = build_augmentation(p["augment"], p["seed"])
     trainer = (
         keras.Sequential([keras.Input(model.input_shape[1:]), *augmentation, model], name="trainer") if augmentation else model
