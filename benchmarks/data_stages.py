@@ -69,8 +69,8 @@ def make_synthetic_source(dest: Path, n_images: int) -> Path:
     """FER-like JPEG folder (train/test per class, 48x48 gray) with `n_images` in all."""
     from PIL import Image
 
-    from ferflow.classes import FER_CLASSES
-    from ferflow.synthetic import generate_split
+    from ferflow.core.classes import FER_CLASSES
+    from ferflow.data.sources.synthetic import generate_split
 
     per_class_test = max(1, round(n_images * FER2013_TEST_SHARE / len(FER_CLASSES)))
     per_class_train = max(1, n_images // len(FER_CLASSES) - per_class_test)
@@ -85,10 +85,10 @@ def make_synthetic_source(dest: Path, n_images: int) -> Path:
 
 
 def run_ours(source_path: Path, out: Path, classes: list[str]) -> dict[str, float]:
-    from ferflow.arrays import extract_arrays
-    from ferflow.index import build_index
-    from ferflow.ingest import ingest
-    from ferflow.sources import open_source
+    from ferflow.data.arrays import extract_arrays
+    from ferflow.data.index import build_index
+    from ferflow.data.ingest import ingest
+    from ferflow.data.sources import open_source
 
     gc.disable()  # as the stage scripts run them: stage.run(..., collect_garbage=False)
     t0 = time.perf_counter()
@@ -142,9 +142,9 @@ def main() -> None:
     )
     args = p.parse_args()
 
-    from ferflow.classes import FER_CLASSES
-    from ferflow.file_sources import open_path_source
-    from ferflow.ingest import cpu_count
+    from ferflow.core.classes import FER_CLASSES
+    from ferflow.data.ingest import cpu_count
+    from ferflow.data.sources.files import open_path_source
 
     classes = list(FER_CLASSES)
     args.workdir.mkdir(parents=True, exist_ok=True)

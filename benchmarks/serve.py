@@ -54,8 +54,8 @@ def png_b64(pixels: np.ndarray) -> str:
 
 
 def faces(n: int, seed: int = 0) -> np.ndarray:
-    from ferflow.classes import FER_CLASSES
-    from ferflow.synthetic import generate_face
+    from ferflow.core.classes import FER_CLASSES
+    from ferflow.data.sources.synthetic import generate_face
 
     rng = np.random.default_rng(seed)
     return np.stack([generate_face(rng, FER_CLASSES[i % len(FER_CLASSES)]) for i in range(n)])
@@ -68,10 +68,10 @@ def prepare_model(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
         return export, export / "artifacts" / "model.keras"
     if args.model:
         raise SystemExit(f"{args.model}: not an exported model (no MLmodel file)")
-    from ferflow import files
-    from ferflow.classes import FER_CLASSES
-    from ferflow.export import export_model
-    from ferflow.models import build_model
+    from ferflow.core import files
+    from ferflow.core.classes import FER_CLASSES
+    from ferflow.model.architectures import build_model
+    from ferflow.serving.export import export_model
 
     keras_path = work / "model.keras"
     build_model(args.arch, len(FER_CLASSES)).save(keras_path)
@@ -96,7 +96,7 @@ def time_requests(session: Any, url: str, payloads: list[str], warmup: int) -> l
 def baseline(keras_path: Path, x: np.ndarray, n: int, batch: int) -> dict[str, Any]:
     import keras
 
-    from ferflow.preprocessing import normalize
+    from ferflow.data.preprocessing import normalize
 
     model = keras.models.load_model(keras_path, compile=False)
     xs = normalize(x)
@@ -144,8 +144,8 @@ def main() -> int:
 
     import requests
 
-    from ferflow.faces import synthetic_photo
-    from ferflow.serving import local_server
+    from ferflow.serving.faces import synthetic_photo
+    from ferflow.serving.pyfunc import local_server
 
     with tempfile.TemporaryDirectory(prefix="ferflow-bench-") as tmp:
         export, keras_path = prepare_model(args, Path(tmp))
@@ -198,7 +198,7 @@ def main() -> int:
     key = f"model.predict_batch{args.batch}_images_per_s"
     print(f"{'in-process ' + key:<44}{results['baseline'][key]:>9.0f}")
     if args.json:
-        from ferflow import files
+        from ferflow.core import files
 
         files.write_json(args.json, results)
     return 0

@@ -7,7 +7,7 @@ Measures, in one run and for the same architecture and batch size, training imag
       augmented per image on every epoch); the folder is written before the timer starts,
   (b') the same `ImageDataGenerator` fed from the in-memory arrays (`.flow(x, y)`), the
       kindest way to use it (no decoding), for comparison,
-  (c) ferflow's pipeline: the same augmentation in the graph (ferflow.augmentation: one fused
+  (c) ferflow's pipeline: the same augmentation in the graph (ferflow.model.augmentation: one fused
       random affine per image), fed from numpy like (a), at the precision the pipeline's
       `train.mixed_precision: auto` picks (float32 on CPUs without bf16 units; `--precision`).
 Each variant trains `--epochs` epochs; the first epoch (graph tracing) is not timed.
@@ -36,12 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ferflow.augmentation import build_augmentation  # noqa: E402
-from ferflow.models import build_model  # noqa: E402
-from ferflow.params import PRECISIONS  # noqa: E402
-from ferflow.preprocessing import normalize  # noqa: E402
-from ferflow.synthetic import generate_split  # noqa: E402
-from ferflow.training import build_at_precision  # noqa: E402
+from ferflow.core.params import PRECISIONS  # noqa: E402
+from ferflow.data.preprocessing import normalize  # noqa: E402
+from ferflow.data.sources.synthetic import generate_split  # noqa: E402
+from ferflow.model.architectures import build_model  # noqa: E402
+from ferflow.model.augmentation import build_augmentation  # noqa: E402
+from ferflow.model.training import build_at_precision  # noqa: E402
 
 SEED003_AUGMENT = {"flip": True, "rotation": 10 / 360, "zoom": 0.1, "shift": 0.0, "erasing": 0.0}
 # The same augmentation as seed 003 asks ImageDataGenerator for it.

@@ -12,7 +12,7 @@ import sys
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from ferflow.models import describe_models
+    from ferflow.model.architectures import describe_models
 
     rows = describe_models(args.num_classes)
     if args.json:
@@ -25,7 +25,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from ferflow.params import ParamsError, load_params
+    from ferflow.core.params import ParamsError, load_params
 
     try:
         load_params(args.params)
@@ -37,8 +37,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_preset(args: argparse.Namespace) -> int:
-    from ferflow.params import ParamsError
-    from ferflow.presets import describe_preset, preset_names, preset_overrides
+    from ferflow.core.params import ParamsError
+    from ferflow.core.presets import describe_preset, preset_names, preset_overrides
 
     if not args.name:
         for name in preset_names():
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_preset)
 
     # these modules keep heavy imports (keras, mlflow) inside their functions
-    from ferflow import leaderboard, predict
+    from ferflow.serving import predict
+    from ferflow.tracking import leaderboard
 
     for name, mod in (("leaderboard", leaderboard), ("predict", predict)):
         p = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0])

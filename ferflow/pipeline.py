@@ -16,8 +16,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ferflow import files, tracking
-from ferflow.params import flatten, load_params
+from ferflow.core import files
+from ferflow.core.params import flatten, load_params
+from ferflow.tracking.runs import (
+    device_name,
+    dvc_tags,
+    git_info,
+    log_params_flat,
+    mark_training_complete,
+    recorded_run_id,
+    resume_run,
+    run_name,
+    start_training_run,
+)
+from ferflow.tracking.signals import interrupts_held, run_status_guard
+from ferflow.tracking.store import configure, find_root
 
 log = logging.getLogger("ferflow")
 
@@ -40,9 +53,9 @@ def _model_summary(model) -> str:
 
 
 def run_training(args: argparse.Namespace) -> dict[str, Any]:
-    from ferflow.arrays import load_label_map, load_split
-    from ferflow.index import dataset_hash
-    from ferflow.training import can_resume, fit_model
+    from ferflow.data.arrays import load_label_map, load_split
+    from ferflow.data.index import dataset_hash
+    from ferflow.model.training import can_resume, fit_model
 
     all_params = load_params(args.params)
     p = all_params["train"]
@@ -53,28 +66,28 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
 
     use_mlflow = not args.no_mlflow
     if use_mlflow:
-        tracking.configure()  # fails fast, before the first epoch, if the store is unreachable
+        configure()  # fails fast, before the first epoch, if the store is unreachable
         tags = {
-            **tracking.git_info(tracking.find_root()),
-            **tracking.dvc_tags(),
+            **git_info(find_root()),
+            **dvc_tags(),
             **_versions(),
             "data.hash": data_hash,
             "arch": p["arch"],
-            "device": tracking.device_name(),
+            "device": device_name(),
         }
-        run_id = tracking.start_training_run(
-            tracking.run_name(p["arch"]),
+        run_id = start_training_run(
+            run_name(p["arch"]),
             tags,
             args.run_file,
             Path(args.work_dir) / "mlflow_run.json",
             can_resume(args.work_dir, p),
         )
-        guard = tracking.run_status_guard(run_id)
+        guard = run_status_guard(run_id)
     else:
         run_id, guard = None, contextlib.nullcontext()
     with guard:
         if use_mlflow:
-            tracking.log_params_flat(flatten({k: v for k, v in all_params.items() if k in ("data", "train")}))
+            log_params_flat(flatten({k: v for k, v in all_params.items() if k in ("data", "train")}))
         model, summary = fit_model(
             p, x_train, y_train, x_val, y_val, len(classes), args.model, args.history, args.work_dir, log_to_mlflow=use_mlflow
         )
@@ -83,7 +96,7 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
         summary["mlflow_run_id"] = run_id
         if use_mlflow:
             try:
-                with tracking.interrupts_held():
+                with interrupts_held():
                     _log_training_run(args, model, summary)
             except Exception as exc:  # the model is on disk; a lost server must not undo that
                 summary["tracking_error"] = summary["tracking_error"] or f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -118,14 +131,14 @@ def _log_training_run(args: argparse.Namespace, model, summary: dict[str, Any]) 
     mlflow.log_artifact(args.params)
     for png in sorted(Path(args.index).parent.glob("plots/*.png")):
         mlflow.log_artifact(str(png), "data")
-    tracking.mark_training_complete(args.run_file)
+    mark_training_complete(args.run_file)
 
 
 def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     import keras
 
-    from ferflow.arrays import load_label_map, load_split
-    from ferflow.evaluation import evaluate
+    from ferflow.data.arrays import load_label_map, load_split
+    from ferflow.model.evaluation import evaluate
 
     p = load_params(args.params)["evaluate"]
     classes = load_label_map(args.label_map)
@@ -138,14 +151,14 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
             extra={"mlflow_run_id": run_id},
         )  # fmt: skip
 
-    train_run_id = tracking.recorded_run_id(args.run_file)
+    train_run_id = recorded_run_id(args.run_file)
     if not train_run_id:
         return work(None)
     import mlflow
 
-    with tracking.resume_run(train_run_id, flatten({"evaluate": p}), args.run_file) as run_id:
+    with resume_run(train_run_id, flatten({"evaluate": p}), args.run_file) as run_id:
         metrics = work(run_id)
-        with tracking.interrupts_held():
+        with interrupts_held():
             mlflow.log_metrics({f"test_{k}": metrics[k] for k in ("accuracy", "loss", "macro_f1")})
             mlflow.log_metrics({f"test_f1_{c}": v["f1"] for c, v in metrics["per_class"].items()})
             for name in ("confusion_matrix.png", "training_curves.png", "classification_report.txt", "per_class.json"):
@@ -156,8 +169,8 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_export(args: argparse.Namespace) -> dict[str, Any]:
-    from ferflow.arrays import load_split
-    from ferflow.export import model_kwargs, register_and_promote, save_pyfunc
+    from ferflow.data.arrays import load_split
+    from ferflow.serving.export import model_kwargs, register_and_promote, save_pyfunc
 
     all_params = load_params(args.params)
     p, serve = all_params["export"], all_params["serve"]
@@ -175,9 +188,9 @@ def run_export(args: argparse.Namespace) -> dict[str, Any]:
         if eval_run_id:
             import mlflow
 
-            with tracking.resume_run(eval_run_id, flatten({"export": p, "serve": serve}), args.eval_metrics) as run_id:
+            with resume_run(eval_run_id, flatten({"export": p, "serve": serve}), args.eval_metrics) as run_id:
                 result["mlflow_run_id"] = run_id
-                with tracking.interrupts_held():
+                with interrupts_held():
                     result |= register_and_promote(
                         kwargs, p["registered_model_name"], eval_metrics["accuracy"], p["force_champion"]
                     )

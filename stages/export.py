@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ferflow import stage  # noqa: E402
+from ferflow.core import stage  # noqa: E402
 
 
 def main(args) -> None:

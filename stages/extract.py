@@ -5,12 +5,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ferflow import stage  # noqa: E402
+from ferflow.core import stage  # noqa: E402
 
 
 def main(args) -> None:
-    from ferflow.arrays import extract_arrays
-    from ferflow.params import load_section
+    from ferflow.core.params import load_section
+    from ferflow.data.arrays import extract_arrays
 
     data = load_section("data", args.params)
     summary = extract_arrays(args.index, args.ingested, args.out, args.label_map, data["classes"])

@@ -5,12 +5,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ferflow import stage  # noqa: E402
+from ferflow.core import stage  # noqa: E402
 
 
 def main(args) -> None:
-    from ferflow.index import build_index
-    from ferflow.params import load_section
+    from ferflow.core.params import load_section
+    from ferflow.data.index import build_index
 
     data = load_section("data", args.params)
     metrics = build_index(

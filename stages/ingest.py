@@ -5,14 +5,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ferflow import stage  # noqa: E402
+from ferflow.core import stage  # noqa: E402
 
 
 def main(args) -> None:
-    from ferflow.ingest import ingest
-    from ferflow.params import load_section
-    from ferflow.sources import open_source
-    from ferflow.tracking import find_root
+    from ferflow.core.params import load_section
+    from ferflow.data.ingest import ingest
+    from ferflow.data.sources import open_source
+    from ferflow.tracking.store import find_root
 
     data = load_section("data", args.params)
     source = open_source(data, root=find_root())

@@ -91,9 +91,9 @@ def write_tiny_model(work: Path) -> tuple[Path, Path]:
     """An untrained, seeded ferflow_tiny model and the 7-class label map in `work`."""
     import keras
 
-    from ferflow import files
-    from ferflow.classes import FER_CLASSES
-    from ferflow.models import build_model
+    from ferflow.core import files
+    from ferflow.core.classes import FER_CLASSES
+    from ferflow.model.architectures import build_model
 
     keras.utils.set_random_seed(0)
     build_model("ferflow_tiny", len(FER_CLASSES)).save(work / "model.keras")

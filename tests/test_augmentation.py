@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from ferflow.augmentation import RandomAffine, build_augmentation
+from ferflow.model.augmentation import RandomAffine, build_augmentation
 
 OFF = {"flip": False, "rotation": 0.0, "zoom": 0.0, "shift": 0.0, "erasing": 0.0}
 

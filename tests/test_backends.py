@@ -23,9 +23,9 @@ OTHER_BACKENDS = [b for b, module in (("jax", "jax"), ("torch", "torch")) if imp
 TRAIN_ONE_STEP = """
 import sys, numpy as np, keras
 sys.path.insert(0, sys.argv[2])
-from ferflow.params import default_params
-from ferflow.presets import load_preset
-from ferflow.training import fit_model
+from ferflow.core.params import default_params
+from ferflow.core.presets import load_preset
+from ferflow.model.training import fit_model
 assert keras.backend.backend() == sys.argv[3], keras.backend.backend()
 p = default_params()["train"]
 p.update(load_preset("full")["train"])
@@ -62,9 +62,9 @@ def test_one_training_step_under_another_backend_loads_in_tensorflow(backend, tm
 def test_training_path_has_no_tensorflow_imports_outside_backend_guards():
     """models.py, augmentation.py and the fit loop import no tf.*; training.py touches TF only inside
     `keras.backend.backend() == "tensorflow"` branches."""
-    for module in ("models.py", "augmentation.py"):
-        assert "tensorflow" not in (REPO / "ferflow" / module).read_text(), module
-    source = (REPO / "ferflow" / "training.py").read_text()
+    for module in ("architectures.py", "augmentation.py"):
+        assert "tensorflow" not in (REPO / "ferflow" / "model" / module).read_text(), module
+    source = (REPO / "ferflow" / "model" / "training.py").read_text()
     for line_no, line in enumerate(source.splitlines(), 1):
         if "import tensorflow" in line:
             guard = source.splitlines()[line_no - 3 : line_no]

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from keras import layers
 
-from ferflow.evaluation import TENCROP_DEFAULT_SHIFT, predict_proba, shifted, tta_views
-from ferflow.serving import KerasPredictor
+from ferflow.model.evaluation import TENCROP_DEFAULT_SHIFT, predict_proba, shifted, tta_views
+from ferflow.serving.pyfunc import KerasPredictor
 
 
 def faces(n: int = 3, seed: int = 0) -> np.ndarray:

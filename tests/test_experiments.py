@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from conftest import TINY_OVERRIDES, clone_repo, run, write_params
-from ferflow import leaderboard
-from ferflow.params import flatten, load_params
+from ferflow.core.params import flatten, load_params
+from ferflow.tracking import leaderboard
 
 GIT = ["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci"]
 QUEUED_SEEDS = (7, 8)

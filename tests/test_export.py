@@ -14,10 +14,10 @@ import yaml
 from PIL import Image
 
 from conftest import write_tiny_model
-from ferflow import files
-from ferflow.classes import FER_CLASSES
-from ferflow.export import encode_png, export_model, model_kwargs, register_and_promote, should_promote
-from ferflow.synthetic import generate_face
+from ferflow.core import files
+from ferflow.core.classes import FER_CLASSES
+from ferflow.data.sources.synthetic import generate_face
+from ferflow.serving.export import encode_png, export_model, model_kwargs, register_and_promote, should_promote
 
 SERVE = {"detect_face": True, "tta": "flip", "max_image_bytes": 1_000_000, "max_image_pixels": 4_000_000}
 PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -47,8 +47,8 @@ def test_export_is_models_from_code_without_pickle(exported: Path) -> None:
     mlmodel = yaml.safe_load((exported / "MLmodel").read_text())
     flavor = mlmodel["flavors"]["python_function"]
     assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
-    assert Path(flavor["model_code_path"]).name == "serving.py"
-    assert (exported / "serving.py").is_file() and (exported / "code" / "ferflow" / "faces.py").is_file()
+    assert Path(flavor["model_code_path"]).name == "pyfunc.py"
+    assert (exported / "pyfunc.py").is_file() and (exported / "code" / "ferflow" / "serving" / "faces.py").is_file()
     assert set(flavor["artifacts"]) == {"keras_model", "label_map", "serve_config"}
     assert json.loads((exported / flavor["artifacts"]["serve_config"]["path"]).read_text()) == SERVE
     for path in exported.rglob("*"):

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ferflow.arrays import extract_arrays, load_label_map, load_split
-from ferflow.classes import FER_CLASSES
-from ferflow.file_sources import open_path_source
-from ferflow.index import build_index, carve_validation
-from ferflow.ingest import ingest
+from ferflow.core.classes import FER_CLASSES
+from ferflow.data.arrays import extract_arrays, load_label_map, load_split
+from ferflow.data.index import build_index, carve_validation
+from ferflow.data.ingest import ingest
+from ferflow.data.sources.files import open_path_source
 
 
 def png(seed: int) -> bytes:

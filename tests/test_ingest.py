@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ferflow.classes import FER_CLASSES
-from ferflow.file_sources import open_path_source
-from ferflow.ingest import FACES_NAME, MANIFEST_NAME, IngestError, duplicate_stats, ingest, load_faces, pixel_hash
-from ferflow.preprocessing import ImageError, decode_face, decode_image, to_face_pixels
+from ferflow.core.classes import FER_CLASSES
+from ferflow.data.ingest import FACES_NAME, MANIFEST_NAME, IngestError, duplicate_stats, ingest, load_faces, pixel_hash
+from ferflow.data.preprocessing import ImageError, decode_face, decode_image, to_face_pixels
+from ferflow.data.sources.files import open_path_source
 
 
 def noise(seed: int, size: tuple[int, int] = (48, 48)) -> np.ndarray:
@@ -304,10 +304,12 @@ def test_decode_face_takes_the_jpeg_shortcut_with_pillows_pixels(monkeypatch):
     expected = [to_face_pixels(decode_image(data)) for data in gray]
     expected_others = {k: (to_face_pixels(img := decode_image(d)), img.size, img.mode) for k, d in others.items()}
 
-    import ferflow.preprocessing
+    import ferflow.data.preprocessing
 
     calls = []
-    monkeypatch.setattr(ferflow.preprocessing, "decode_image", lambda data, **kw: calls.append(data) or decode_image(data, **kw))
+    monkeypatch.setattr(
+        ferflow.data.preprocessing, "decode_image", lambda data, **kw: calls.append(data) or decode_image(data, **kw)
+    )
     for data, want in zip(gray, expected):
         pixels, size, mode = decode_face(data)
         assert (pixels == want).all() and pixels.shape == (48, 48) and pixels.dtype == np.uint8
@@ -347,8 +349,8 @@ def test_max_per_class_per_split_like_seed_004(tmp_path):
     ],
 )
 def test_faces_file_ends_as_the_npy_of_the_kept_slots_in_order(tmp_path, order):
-    from ferflow.files import npy_header
-    from ferflow.ingest import _Runner
+    from ferflow.core.files import npy_header
+    from ferflow.data.ingest import _Runner
 
     items = [object()] * 6
     runner = _Runner(tmp_path / FACES_NAME, items, max_pixels=1, workers=1)  # type: ignore[arg-type]

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ferflow import cli, leaderboard
+from ferflow import cli
+from ferflow.tracking import leaderboard
 
 # name -> (arch, test accuracy, macro-F1, params, train seconds, epochs run, status)
 RUNS = {

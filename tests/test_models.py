@@ -10,8 +10,8 @@ import pytest
 from keras import layers
 
 from ferflow import cli
-from ferflow.models import REGISTRY, build_model, crop_margin, describe_models, flops_per_image
-from ferflow.params import ARCH_NAMES
+from ferflow.core.params import ARCH_NAMES
+from ferflow.model.architectures import REGISTRY, build_model, crop_margin, describe_models, flops_per_image
 
 
 def signature(model: keras.Model) -> list[str]:

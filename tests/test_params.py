@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ferflow.params import ParamsError, default_params, flatten, load_params, load_section, validate_params
+from ferflow.core.params import ParamsError, default_params, flatten, load_params, load_section, validate_params
 
 REPO = Path(__file__).resolve().parents[1]
 

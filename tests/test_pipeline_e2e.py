@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 from conftest import BIN, TINY_OVERRIDES, clone_repo, run, write_params
-from ferflow.params import flatten
-from ferflow.presets import load_preset
+from ferflow.core.params import flatten
+from ferflow.core.presets import load_preset
 
 STAGES = ("ingest", "index", "extract", "train", "evaluate", "export")
 OUTPUTS = (

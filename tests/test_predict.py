@@ -11,18 +11,18 @@ import pytest
 from PIL import Image
 
 from conftest import write_tiny_model
-from ferflow.classes import FER_CLASSES
 from ferflow.cli import build_parser, main
-from ferflow.faces import synthetic_photo
-from ferflow.predict import Progress, annotation_paths, collect_images, format_table
-from ferflow.synthetic import generate_face
+from ferflow.core.classes import FER_CLASSES
+from ferflow.data.sources.synthetic import generate_face
+from ferflow.serving.faces import synthetic_photo
+from ferflow.serving.predict import Progress, annotation_paths, collect_images, format_table
 
 PHOTO_SIZE = (800, 600)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ferflow.export import export_model
+    from ferflow.serving.export import export_model
 
     work = tmp_path_factory.mktemp("predict-model")
     model, labels = write_tiny_model(work)

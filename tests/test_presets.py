@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from conftest import BIN
-from ferflow.params import ParamsError, default_params, flatten
-from ferflow.presets import load_preset, preset_names, preset_overrides
+from ferflow.core.params import ParamsError, default_params, flatten
+from ferflow.core.presets import load_preset, preset_names, preset_overrides
 
 
 def test_the_documented_presets_exist():

@@ -13,11 +13,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ferflow.classes import FER_CLASSES
-from ferflow.index import build_index
-from ferflow.ingest import MANIFEST_NAME, ingest, load_faces
-from ferflow.preprocessing import decode_image, to_face_pixels
-from ferflow.sources import open_source
+from ferflow.core.classes import FER_CLASSES
+from ferflow.data.index import build_index
+from ferflow.data.ingest import MANIFEST_NAME, ingest, load_faces
+from ferflow.data.preprocessing import decode_image, to_face_pixels
+from ferflow.data.sources import open_source
 
 ZIP = os.environ.get("FER2013_ZIP", "")
 pytestmark = [

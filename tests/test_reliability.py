@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TINY_OVERRIDES, write_params
-from ferflow.arrays import extract_arrays
-from ferflow.classes import FER_CLASSES
-from ferflow.index import build_index
-from ferflow.ingest import ingest
-from ferflow.sources import SyntheticSource
+from ferflow.core.classes import FER_CLASSES
+from ferflow.data.arrays import extract_arrays
+from ferflow.data.index import build_index
+from ferflow.data.ingest import ingest
+from ferflow.data.sources.synthetic import SyntheticSource
 
 TRAIN_ARGS = ["--arrays", "arrays", "--label-map", "label_map.json", "--index", "index.csv"]
 
@@ -259,13 +259,13 @@ def signal_inside_metric_insert():
 def test_sigterm_during_a_metric_write_is_raised_after_it_and_the_run_is_killed(sqlite_run, signal_inside_metric_insert):
     import mlflow
 
-    from ferflow import tracking
+    from ferflow.tracking.signals import interrupts_held, run_status_guard
 
     mlflow.start_run(run_id=sqlite_run)
     after_write = []
     with pytest.raises(BaseException, match="signal 15") as raised:
-        with tracking.run_status_guard(sqlite_run):
-            with tracking.interrupts_held():
+        with run_status_guard(sqlite_run):
+            with interrupts_held():
                 mlflow.log_metrics({"val_accuracy": 0.5, "val_loss": 1.0}, step=1)
                 after_write.append(True)  # the section runs to its end before the signal is raised
     assert signal_inside_metric_insert, "the SIGTERM was never sent"
@@ -277,12 +277,12 @@ def test_sigterm_during_a_metric_write_is_raised_after_it_and_the_run_is_killed(
 
 
 def test_a_second_signal_inside_a_held_section_raises_at_once(sqlite_run):
-    from ferflow import tracking
+    from ferflow.tracking.signals import interrupts_held, run_status_guard
 
     reached = []
     with pytest.raises(KeyboardInterrupt):
-        with tracking.run_status_guard(sqlite_run):
-            with tracking.interrupts_held():
+        with run_status_guard(sqlite_run):
+            with interrupts_held():
                 os.kill(os.getpid(), signal.SIGINT)
                 reached.append("after first")  # held: execution goes on
                 os.kill(os.getpid(), signal.SIGINT)

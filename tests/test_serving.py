@@ -17,13 +17,13 @@ import pytest
 import requests
 from PIL import Image
 
-from ferflow import files
-from ferflow.classes import FER_CLASSES
-from ferflow.evaluation import predict_proba
-from ferflow.faces import DETECT_MIN_SIDE, Box, FaceDetector, centre_square, square_with_margin, synthetic_photo
-from ferflow.preprocessing import decode_image, normalize, prepare_batch, to_grayscale
-from ferflow.serving import RequestError, ServeConfig, decode_base64, local_server, pixels_to_batch
-from ferflow.synthetic import generate_face
+from ferflow.core import files
+from ferflow.core.classes import FER_CLASSES
+from ferflow.data.preprocessing import decode_image, normalize, prepare_batch, to_grayscale
+from ferflow.data.sources.synthetic import generate_face
+from ferflow.model.evaluation import predict_proba
+from ferflow.serving.faces import DETECT_MIN_SIDE, Box, FaceDetector, centre_square, square_with_margin, synthetic_photo
+from ferflow.serving.pyfunc import RequestError, ServeConfig, decode_base64, local_server, pixels_to_batch
 
 SERVE_CONFIG = {
     "detect_face": True,
@@ -85,8 +85,8 @@ def served_model(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A ferflow_tiny model trained for a few steps (so outputs depend on the input), exported."""
     import keras
 
-    from ferflow.export import export_model
-    from ferflow.models import build_model
+    from ferflow.model.architectures import build_model
+    from ferflow.serving.export import export_model
 
     work = tmp_path_factory.mktemp("served")
     keras.utils.set_random_seed(0)

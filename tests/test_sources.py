@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ferflow.classes import FER_CLASSES, canonical_class
-from ferflow.file_sources import (
+from ferflow.core.classes import FER_CLASSES, canonical_class
+from ferflow.data.preprocessing import ImageError
+from ferflow.data.sources import open_source
+from ferflow.data.sources.files import (
     CsvSource,
     LayoutSource,
     _Member,
@@ -23,8 +25,6 @@ from ferflow.file_sources import (
     open_path_source,
     parse_pixels,
 )
-from ferflow.preprocessing import ImageError
-from ferflow.sources import open_source
 
 
 def png_bytes(seed: int, size: int = 48) -> bytes:

@@ -11,14 +11,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ferflow.arrays import extract_arrays, load_label_map, load_split
-from ferflow.classes import FER_CLASSES
-from ferflow.index import build_index
-from ferflow.ingest import ingest, pixel_hash
-from ferflow.params import load_params
-from ferflow.preprocessing import prepare_batch
-from ferflow.sources import SyntheticSource
-from ferflow.synthetic import generate_split
+from ferflow.core.classes import FER_CLASSES
+from ferflow.core.params import load_params
+from ferflow.data.arrays import extract_arrays, load_label_map, load_split
+from ferflow.data.index import build_index
+from ferflow.data.ingest import ingest, pixel_hash
+from ferflow.data.preprocessing import prepare_batch
+from ferflow.data.sources.synthetic import SyntheticSource, generate_split
 
 
 def test_synthetic_is_deterministic_and_shaped_like_fer():
@@ -102,9 +101,9 @@ def test_extract_arrays_use_the_serving_preprocessing(data_dir):
 
 
 def test_extract_writes_in_blocks_what_savez_would(tmp_path, data_dir, monkeypatch):
-    import ferflow.arrays
+    import ferflow.data.arrays
 
-    monkeypatch.setattr(ferflow.arrays, "BLOCK", 5)  # 112 train faces: 23 blocks, the last one short
+    monkeypatch.setattr(ferflow.data.arrays, "BLOCK", 5)  # 112 train faces: 23 blocks, the last one short
     extract_arrays(data_dir / "index.csv", data_dir / "ingested", tmp_path / "arrays", tmp_path / "lm.json", list(FER_CLASSES))
     for split in ("train", "val", "test"):
         with np.load(tmp_path / "arrays" / f"{split}.npz") as got, np.load(data_dir / "arrays" / f"{split}.npz") as ref:
@@ -210,7 +209,7 @@ def test_train_evaluate_export_share_one_mlflow_run(data_dir, tiny_params, tmp_p
 
 def test_training_is_deterministic_on_cpu(data_dir, tmp_path):
     """Same params and seed on the same CPU machine -> identical weights and predictions."""
-    from ferflow.training import fit_model
+    from ferflow.model.training import fit_model
 
     p = load_params(Path(__file__).resolve().parents[1] / "params.yaml")["train"]
     p.update(arch="ferflow_tiny", epochs=2, batch_size=32, mixed_precision="float32")

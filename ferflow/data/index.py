@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ferflow import files
-from ferflow.ingest import MANIFEST_FIELDS, MANIFEST_NAME, duplicate_stats, load_faces
-from ferflow.plots import write_data_plots
+from ferflow.core import files
+from ferflow.data.ingest import MANIFEST_FIELDS, MANIFEST_NAME, duplicate_stats, load_faces
+from ferflow.data.plots import write_data_plots
 
 INDEX_COLUMNS = ("id", "row", "label", "label_id", "split", "pixel_hash", "orig_width", "orig_height", "origin")
 

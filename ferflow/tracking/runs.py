@@ -1,9 +1,4 @@
-"""MLflow tracking: where the store is, and one run per training pipeline run.
-
-Store: MLFLOW_TRACKING_URI if set, else `sqlite:///<root>/mlflow.db` with artifacts in
-`<root>/mlartifacts`, where <root> is DVC_ROOT when DVC runs the stage (DVC points it at
-the main repo also for `dvc exp run --temp/--queue`, whose working copies are deleted),
-else the repo root found from the working directory.
+"""One MLflow run per training pipeline run.
 
 Train opens the run and writes its id to `models/run.json`; evaluate and export reopen
 that run to add test metrics and the model. Every stage ends the run FINISHED on
@@ -13,76 +8,18 @@ success, FAILED when it raises, KILLED on SIGINT/SIGTERM: never left RUNNING.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import platform
-import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ferflow import files
+from ferflow.core import files
+from ferflow.tracking.signals import interrupts_held, run_status_guard
+from ferflow.tracking.store import TrackingError, configure
 
-EXPERIMENT_NAME = "ferflow"
-log = logging.getLogger(__name__)
-
-
-class TrackingError(RuntimeError):
-    pass
-
-
-def find_root(start: str | os.PathLike[str] | None = None) -> Path:
-    """DVC_ROOT, else the nearest ancestor of `start` (cwd) holding .dvc or .git."""
-    if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
-    here = Path(start or os.getcwd()).resolve()
-    for candidate in (here, *here.parents):
-        if (candidate / ".dvc").is_dir() or (candidate / ".git").exists():
-            return candidate
-    return here
-
-
-def tracking_uri(root: str | os.PathLike[str] | None = None) -> str:
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{Path(root or find_root()) / 'mlflow.db'}"
-
-
-def artifact_location(root: str | os.PathLike[str] | None = None) -> str:
-    return (Path(root or find_root()) / "mlartifacts").as_uri()
-
-
-def configure(root: str | os.PathLike[str] | None = None) -> str:
-    """Point mlflow at the project store, check it answers (fail fast), return the experiment id."""
-    import mlflow
-
-    # A server that is down should fail in seconds, not after minutes of retries.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    uri = tracking_uri(root)
-    mlflow.set_tracking_uri(uri)
-    try:
-        client = mlflow.MlflowClient()
-        experiment = client.get_experiment_by_name(EXPERIMENT_NAME)
-        if experiment is None:
-            experiment_id = client.create_experiment(EXPERIMENT_NAME, artifact_location=artifact_location(root))
-        else:
-            experiment_id = experiment.experiment_id
-    except Exception as exc:  # mlflow raises many types for an unreachable store
-        raise TrackingError(
-            f"MLflow tracking store {uri!r} is not reachable ({type(exc).__name__}: {str(exc)[:300]}). "
-            "Start the server, or unset MLFLOW_TRACKING_URI to use the local store "
-            f"sqlite:///<repo>/mlflow.db."
-        ) from None
-    mlflow.set_experiment(experiment_id=experiment_id)
-    return experiment_id
-
-
-# git-tracked files that DVC or the stages rewrite during `dvc repro` (not inputs of a run)
 PIPELINE_WRITTEN_PATHS = ("dvc.lock", "metrics")
 
 
@@ -162,89 +99,6 @@ def note_experiment(run_id: str) -> None:
     names = [n for n in tags.get(EXP_NAMES_TAG, tags.get("dvc.exp.name", "")).split(",") if n]
     if name not in names:
         client.set_tag(run_id, EXP_NAMES_TAG, ",".join([*names, name]))
-
-
-class _Interrupted(BaseException):
-    pass
-
-
-class _Hold:
-    depth = 0  # nesting of `interrupts_held` sections in the main thread
-    pending: BaseException | None = None
-
-
-class _HoldableInterrupt:
-    """SIGINT/SIGTERM handler: raise `exception`, or inside `interrupts_held` keep it for
-    the section's end. A second signal raises at once, so a hung upload cannot swallow it."""
-
-    def __init__(self, exception: type[BaseException]):
-        self.exception = exception
-
-    def __call__(self, signum, frame) -> None:  # noqa: ARG002
-        if _Hold.depth > 0 and _Hold.pending is None:
-            _Hold.pending = self.exception(f"signal {signum}, raised after the MLflow write it arrived in")
-            return
-        raise self.exception(f"signal {signum}")
-
-
-@contextlib.contextmanager
-def interrupts_held() -> Iterator[None]:
-    """Wrap MLflow writes made inside `run_status_guard`: a SIGINT/SIGTERM arriving there
-    is raised when the section ends. Raised mid-write, it would leave the sqlite store's
-    write lock held, the final KILLED update would fail and the run would stay RUNNING."""
-    _Hold.depth += 1
-    try:
-        yield
-    finally:
-        _Hold.depth -= 1
-        if _Hold.depth == 0 and _Hold.pending is not None:
-            held, _Hold.pending = _Hold.pending, None
-            raise held
-
-
-@contextlib.contextmanager
-def run_status_guard(run_id: str) -> Iterator[None]:
-    """Inside: SIGTERM raises like Ctrl-C. On exit: FINISHED, FAILED or KILLED, never RUNNING.
-
-    SIGINT and SIGTERM arriving inside `interrupts_held` sections (the MLflow writes)
-    are raised when the section ends, so the final status update finds the store unlocked.
-    """
-    previous = {}
-    if _main_thread():
-        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _HoldableInterrupt(_Interrupted))
-        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _HoldableInterrupt(KeyboardInterrupt))
-    status = "FINISHED"
-    try:
-        yield
-    except (KeyboardInterrupt, _Interrupted):
-        status = "KILLED"
-        raise
-    except BaseException:
-        status = "FAILED"
-        raise
-    finally:
-        try:
-            with interrupts_held():
-                _end_run(run_id, status)
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-
-
-def _end_run(run_id: str, status: str) -> None:
-    import mlflow
-
-    try:
-        mlflow.MlflowClient().set_terminated(run_id, status=status)
-    except Exception as exc:  # the run's own error matters more; say what was not recorded
-        log.warning("could not mark MLflow run %s %s: %s", run_id, status, str(exc)[:200])
-    with contextlib.suppress(Exception):
-        while mlflow.active_run() is not None:
-            mlflow.end_run(status=status)
-
-
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
 
 
 def start_training_run(

@@ -13,11 +13,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ferflow.classes import FER_CLASSES
+from ferflow.core.classes import FER_CLASSES
+from ferflow.data.sources.base import Source, SourceItem
 
 CANVAS = 96  # drawn at 2x then downsampled, for anti-aliased strokes
 IMAGE_SIZE = 48
@@ -146,3 +148,20 @@ def generate_split(
         rng = np.random.default_rng([seed, split_key, class_key])
         for i in range(per_class):
             yield class_name, i, generate_face(rng, class_name)
+
+
+class SyntheticSource(Source):
+    kind = "synthetic"
+
+    def __init__(self, train_per_class: int, test_per_class: int, seed: int, classes: list[str]):
+        self.counts = {"train": train_per_class, "test": test_per_class}
+        self.seed = seed
+        self.classes = list(classes)
+
+    def items(self) -> Iterator[SourceItem]:
+        for split, per_class in self.counts.items():
+            for class_name, index, pixels in generate_split(split, per_class, self.seed, self.classes):
+                yield SourceItem(split, class_name, f"synthetic:{split}/{class_name}/{index}", lambda p=pixels: p)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "seed": self.seed, **{f"{k}_per_class": v for k, v in self.counts.items()}}

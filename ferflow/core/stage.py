@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from ferflow.params import ParamsError
+from ferflow.core.params import ParamsError
 
 # TensorFlow's C++ start-up chatter (oneDNN notes, CPU feature lists) hides the stage's
 # own output; warnings and errors still show.
@@ -38,8 +38,8 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace, 
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s")
     if not collect_garbage:
         gc.disable()
-    from ferflow.ingest import IngestError
-    from ferflow.tracking import TrackingError
+    from ferflow.data.ingest import IngestError
+    from ferflow.tracking.store import TrackingError
 
     try:
         main(args)

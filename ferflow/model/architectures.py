@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import keras
 from keras import layers
 
-from ferflow.params import ARCH_NAMES
+from ferflow.core.params import ARCH_NAMES
 
 INPUT_SHAPE = (48, 48, 1)
 

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from ferflow.params import TTA_MODES
+from ferflow.core.params import TTA_MODES
 
 # Only light imports here: `ferflow --help` imports this module to list the subcommand.
 
@@ -76,9 +76,9 @@ def load_model(uri: str):
     import mlflow
 
     if "://" in uri or uri.startswith(("models:/", "runs:/")):
-        from ferflow import tracking
+        from ferflow.tracking.store import tracking_uri
 
-        mlflow.set_tracking_uri(tracking.tracking_uri())  # the project store, for models:/ URIs
+        mlflow.set_tracking_uri(tracking_uri())  # the project store, for models:/ URIs
         return mlflow.pyfunc.load_model(uri)
     path = Path(uri)
     if not (path / "MLmodel").is_file():
@@ -183,7 +183,7 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
 def _to_rgb(img):
     from PIL import Image
 
-    from ferflow.preprocessing import to_grayscale
+    from ferflow.data.preprocessing import to_grayscale
 
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return Image.merge("RGB", [to_grayscale(img)] * 3)  # PIL's RGB conversion would clip these
@@ -194,7 +194,7 @@ def annotate(image_path: Path, record: dict[str, Any], out: str | Path) -> Path:
     """Draw the classified square and 'label confidence' onto the original image; write a PNG atomically."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from ferflow import files
+    from ferflow.core import files
 
     with Image.open(image_path) as src:
         img = _to_rgb(src)

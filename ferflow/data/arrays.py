@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ferflow import files
-from ferflow.ingest import load_faces
-from ferflow.preprocessing import IMAGE_SIZE, prepare_batch
+from ferflow.core import files
+from ferflow.data.ingest import load_faces
+from ferflow.data.preprocessing import IMAGE_SIZE, prepare_batch
 
 SPLITS = ("train", "val", "test")
 BLOCK = 2048  # faces normalised at a time: 19 MB of float32, reused by the allocator

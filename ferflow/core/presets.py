@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from ferflow.params import ParamsError, flatten, validate_params
+from ferflow.core.params import ParamsError, flatten, validate_params
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
 

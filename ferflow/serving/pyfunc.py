@@ -1,6 +1,6 @@
 """The exported MLflow pyfunc: encoded images or pixel tensors in, emotion probabilities out.
 
-It wraps the Keras model, the label map, the Haar face detector (`ferflow.faces`) and
+It wraps the Keras model, the label map, the Haar face detector (`ferflow.serving.faces`) and
 `preprocessing.prepare_batch` (the function the extract stage used), so callers send
 ordinary images. Exported as MLflow "models from code": MLflow executes this file to
 get the model object (see the end of the file), so nothing is pickled.
@@ -52,10 +52,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 
-from ferflow.evaluation import predict_proba
-from ferflow.faces import Box, FaceDetector, centre_square
-from ferflow.params import TTA_MODES
-from ferflow.preprocessing import IMAGE_SIZE, ImageError, decode_image, normalize, prepare_batch
+from ferflow.core.params import TTA_MODES
+from ferflow.data.preprocessing import IMAGE_SIZE, ImageError, decode_image, normalize, prepare_batch
+from ferflow.model.evaluation import predict_proba
+from ferflow.serving.faces import Box, FaceDetector, centre_square
 
 INPUT_COLUMN = "image"
 PIXEL_RANGES = ("auto", "0-255", "0-1")
@@ -466,6 +466,6 @@ def _tail(log_file: Any, n: int = 6000) -> str:
 
 
 # Models from code: MLflow runs this file under a generated module name to get the model
-# object, instead of unpickling one. Importing it as ferflow.serving does not register.
-if __name__ != "ferflow.serving":
+# object, instead of unpickling one. Importing it as ferflow.serving.pyfunc does not register.
+if __name__ != "ferflow.serving.pyfunc":
     mlflow.models.set_model(EmotionModel())

@@ -1,7 +1,7 @@
 """Export: the trained Keras model -> an MLflow pyfunc directory + a registered model version.
 
 The model is saved as MLflow "models from code": `python_model` is the path of
-ferflow/serving.py, which MLflow executes at load time (it calls `set_model`), so no
+ferflow/serving/pyfunc.py, which MLflow executes at load time (it calls `set_model`), so no
 Python object is pickled. Artifacts are the `.keras` file (loaded with Keras' safe
 mode), the label map and the serve config, all JSON or zip/HDF5.
 
@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ferflow import files
+from ferflow.core import files
 
 SERVING_PACKAGES = ("mlflow", "keras", "tensorflow-cpu", "numpy", "pandas", "pillow", "opencv-python-headless")
-PACKAGE_DIR = Path(__file__).resolve().parent
-MODEL_CODE = PACKAGE_DIR / "serving.py"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+MODEL_CODE = PACKAGE_DIR / "serving" / "pyfunc.py"
 CHAMPION = "champion"
 ACCURACY_TAG = "test_accuracy"
 
@@ -51,13 +51,13 @@ def signature(classes: list[str], serve_config: dict[str, Any]):
     Any, not binary: a value is either base64 text of an encoded image or a pixel array,
     and a bare tensor sent as `inputs`/`instances` is mapped onto this single column by
     the scoring server. A binary column would make MLflow base64-decode leniently (it
-    skips invalid characters) and refuse tensors; serving.py validates both kinds itself.
+    skips invalid characters) and refuse tensors; pyfunc.py validates both kinds itself.
     """
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import AnyType
 
-    from ferflow.serving import BOX_COLUMNS
+    from ferflow.serving.pyfunc import BOX_COLUMNS
 
     outputs = Schema(
         [
@@ -76,7 +76,7 @@ def signature(classes: list[str], serve_config: dict[str, Any]):
         ]
     )
     # required=False only so that MLflow's own "missing inputs" check, whose message
-    # repeats the whole request, gives way to serving.py's short "missing column 'image'"
+    # repeats the whole request, gives way to pyfunc.py's short "missing column 'image'"
     return ModelSignature(inputs=Schema([ColSpec(AnyType(), "image", required=False)]), outputs=outputs, params=params)
 
 
@@ -100,7 +100,7 @@ def model_kwargs(
     example_pixels: np.ndarray,
 ) -> dict[str, Any]:
     """Arguments for mlflow.pyfunc.save_model / log_model (the input files must outlive both calls)."""
-    from ferflow.arrays import load_label_map
+    from ferflow.data.arrays import load_label_map
 
     classes = load_label_map(label_map_json)
     return {
@@ -110,7 +110,7 @@ def model_kwargs(
             "label_map": str(label_map_json),
             "serve_config": str(serve_config_json),
         },
-        # the ferflow package travels with the model: serving.py imports faces, preprocessing, evaluation
+        # the ferflow package travels with the model: pyfunc.py imports faces, preprocessing, evaluation
         "code_paths": [str(PACKAGE_DIR)],
         "signature": signature(classes, files.read_json(serve_config_json)),
         "input_example": input_example(example_pixels),

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ferflow.preprocessing import to_grayscale
+from ferflow.data.preprocessing import to_grayscale
 
 CASCADE_FILE = "haarcascade_frontalface_default.xml"
 # Haar cost grows with the pixel count: detect on a copy whose longer side is at most

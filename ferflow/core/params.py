@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from ferflow.classes import FER_CLASSES
+from ferflow.core.classes import FER_CLASSES
 
 ARCH_NAMES: tuple[str, ...] = ("seed000", "seed001", "seed003", "seed004", "ferflow_vgg", "ferflow_tiny")
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ferflow import files
+from ferflow.core import files
 
 
 def plot_class_distribution(index: pd.DataFrame, classes: list[str], out: str | os.PathLike[str]) -> None:

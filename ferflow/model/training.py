@@ -18,9 +18,10 @@ from typing import Any
 import keras
 import numpy as np
 
-from ferflow import files, tracking
-from ferflow.augmentation import build_augmentation
-from ferflow.models import build_model
+from ferflow.core import files
+from ferflow.model.architectures import build_model
+from ferflow.model.augmentation import build_augmentation
+from ferflow.tracking.signals import interrupts_held
 
 log = logging.getLogger("ferflow")
 
@@ -129,7 +130,7 @@ class EpochLogger(keras.callbacks.Callback):
         import mlflow
 
         try:
-            with tracking.interrupts_held():
+            with interrupts_held():
                 mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
         except Exception as exc:  # mlflow raises several types for a lost server
             self.log_to_mlflow = False

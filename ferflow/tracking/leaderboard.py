@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ferflow import files, tracking
+from ferflow.core import files
+from ferflow.tracking.runs import EXP_NAMES_TAG
+from ferflow.tracking.store import EXPERIMENT_NAME, tracking_uri
 
 # sort key -> (row attribute, largest first?): the natural "best first" direction of each
 SORT_KEYS: dict[str, tuple[str, bool]] = {
@@ -111,7 +113,7 @@ def collect(tracking_uri: str, experiment: str, sort: str = "accuracy", limit: i
                 epochs=None,
                 status=r.info.status,
                 start_time_ms=int(r.info.start_time or 0),
-                experiments=[n for n in tags.get(tracking.EXP_NAMES_TAG, tags.get("dvc.exp.name", "")).split(",") if n],
+                experiments=[n for n in tags.get(EXP_NAMES_TAG, tags.get("dvc.exp.name", "")).split(",") if n],
             )
         )
     attr, largest_first = SORT_KEYS[sort]
@@ -220,7 +222,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db)"
     )
     parser.add_argument(
-        "--experiment", default=tracking.EXPERIMENT_NAME, help=f"MLflow experiment (default: {tracking.EXPERIMENT_NAME})"
+        "--experiment", default=EXPERIMENT_NAME, help=f"MLflow experiment (default: {EXPERIMENT_NAME})"
     )
     parser.add_argument("--sort", choices=list(SORT_KEYS), default="accuracy", help="order, best first (default: accuracy)")
     parser.add_argument("--limit", type=int, default=20, help="show at most this many runs (0: all; default 20)")
@@ -231,7 +233,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    uri = args.tracking_uri or tracking.tracking_uri()
+    uri = args.tracking_uri or tracking_uri()
     try:
         rows = collect(uri, args.experiment, args.sort, args.limit or None)
     except LeaderboardError as exc:

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ferflow import files
-from ferflow.params import TTA_MODES
+from ferflow.core import files
+from ferflow.core.params import TTA_MODES
 
 # Views of `tencrop` for a model without a crop layer: shifts of this many pixels (reflect
 # padding). Chosen on FER-2013 validation over the 4 cpu-quick seed models (trained with
@@ -48,7 +48,7 @@ def tta_views(x: np.ndarray, tta: str, margin: int = 0) -> list[np.ndarray]:
 
 def predict_proba(model, x: np.ndarray, tta: str = "none", batch_size: int = 256) -> np.ndarray:
     """Class probabilities averaged over the test-time views of `tta` (see `tta_views`)."""
-    from ferflow.models import crop_margin
+    from ferflow.model.architectures import crop_margin
 
     margin = crop_margin(model) if tta == "tencrop" else 0
     views = tta_views(x, tta, margin)

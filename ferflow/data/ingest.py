@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ferflow import files
-from ferflow.preprocessing import DEFAULT_MAX_PIXELS, IMAGE_SIZE, ImageError, decode_face, to_face_pixels
-from ferflow.sources import SPLITS, Source, SourceItem
+from ferflow.core import files
+from ferflow.data.preprocessing import DEFAULT_MAX_PIXELS, IMAGE_SIZE, ImageError, decode_face, to_face_pixels
+from ferflow.data.sources.base import SPLITS, Source, SourceItem
 
 MANIFEST_NAME = "manifest.csv"
 FACES_NAME = "faces.npy"

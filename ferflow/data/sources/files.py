@@ -44,9 +44,9 @@ from typing import IO, Any, NamedTuple
 
 import numpy as np
 
-from ferflow.classes import FER2013_CSV_LABELS, canonical_class
-from ferflow.preprocessing import ImageError
-from ferflow.sources import Source, SourceItem, SourceReject
+from ferflow.core.classes import FER2013_CSV_LABELS, canonical_class
+from ferflow.data.preprocessing import ImageError
+from ferflow.data.sources.base import Source, SourceItem, SourceReject
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")  # what we expect; others are tried too
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}

@@ -1,0 +1,1 @@
+"""Small core: params, files, class names, presets, stage plumbing."""

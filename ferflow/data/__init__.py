@@ -1,0 +1,1 @@
+"""Data: sources (folder, zip, csv, synthetic), ingest, index, arrays, preprocessing."""

@@ -1,0 +1,1 @@
+"""Model: architectures, augmentation layers, training, evaluation (TTA)."""

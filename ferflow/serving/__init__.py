@@ -1,0 +1,1 @@
+"""Serving: the MLflow pyfunc, face detection, export/registry, `ferflow predict`."""

@@ -1,0 +1,1 @@
+"""Tracking: the MLflow store, training runs, interrupt handling, the leaderboard."""

@@ -1,0 +1,71 @@
+"""Where the MLflow store is, and a fail-fast check that it answers.
+
+MLFLOW_TRACKING_URI if set, else `sqlite:///<root>/mlflow.db` with artifacts in
+`<root>/mlartifacts`, where <root> is DVC_ROOT when DVC runs the stage (DVC points it at
+the main repo also for `dvc exp run --temp/--queue`, whose working copies are deleted),
+else the repo root found from the working directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+EXPERIMENT_NAME = "ferflow"
+log = logging.getLogger(__name__)
+
+
+class TrackingError(RuntimeError):
+    pass
+
+
+def find_root(start: str | os.PathLike[str] | None = None) -> Path:
+    """DVC_ROOT, else the nearest ancestor of `start` (cwd) holding .dvc or .git."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    here = Path(start or os.getcwd()).resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / ".dvc").is_dir() or (candidate / ".git").exists():
+            return candidate
+    return here
+
+
+def tracking_uri(root: str | os.PathLike[str] | None = None) -> str:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path(root or find_root()) / 'mlflow.db'}"
+
+
+def artifact_location(root: str | os.PathLike[str] | None = None) -> str:
+    return (Path(root or find_root()) / "mlartifacts").as_uri()
+
+
+def configure(root: str | os.PathLike[str] | None = None) -> str:
+    """Point mlflow at the project store, check it answers (fail fast), return the experiment id."""
+    import mlflow
+
+    # A server that is down should fail in seconds, not after minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    try:
+        client = mlflow.MlflowClient()
+        experiment = client.get_experiment_by_name(EXPERIMENT_NAME)
+        if experiment is None:
+            experiment_id = client.create_experiment(EXPERIMENT_NAME, artifact_location=artifact_location(root))
+        else:
+            experiment_id = experiment.experiment_id
+    except Exception as exc:  # mlflow raises many types for an unreachable store
+        raise TrackingError(
+            f"MLflow tracking store {uri!r} is not reachable ({type(exc).__name__}: {str(exc)[:300]}). "
+            "Start the server, or unset MLFLOW_TRACKING_URI to use the local store "
+            f"sqlite:///<repo>/mlflow.db."
+        ) from None
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+# git-tracked files that DVC or the stages rewrite during `dvc repro` (not inputs of a run)
