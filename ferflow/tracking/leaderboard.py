@@ -221,9 +221,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db)"
     )
-    parser.add_argument(
-        "--experiment", default=EXPERIMENT_NAME, help=f"MLflow experiment (default: {EXPERIMENT_NAME})"
-    )
+    parser.add_argument("--experiment", default=EXPERIMENT_NAME, help=f"MLflow experiment (default: {EXPERIMENT_NAME})")
     parser.add_argument("--sort", choices=list(SORT_KEYS), default="accuracy", help="order, best first (default: accuracy)")
     parser.add_argument("--limit", type=int, default=20, help="show at most this many runs (0: all; default 20)")
     parser.add_argument(
