@@ -57,7 +57,7 @@ def signature(classes: list[str], serve_config: dict[str, Any]):
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import AnyType
 
-    from ferflow.serving.pyfunc import BOX_COLUMNS
+    from ferflow.serving.faces import BOX_COLUMNS
 
     outputs = Schema(
         [

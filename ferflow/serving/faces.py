@@ -32,6 +32,8 @@ DETECT_MIN_SIDE = 96
 SCALE_FACTOR = 1.1
 MIN_NEIGHBORS = 5
 
+BOX_COLUMNS = ("face_x", "face_y", "face_w", "face_h")  # a Box as prediction columns, in `as_tuple` order
+
 
 @dataclass(frozen=True)
 class Box:

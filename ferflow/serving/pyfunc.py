@@ -54,12 +54,11 @@ from PIL import Image
 
 from ferflow.core.params import TTA_MODES
 from ferflow.data.preprocessing import IMAGE_SIZE, ImageError, decode_image, normalize, prepare_batch
-from ferflow.model.evaluation import predict_proba
-from ferflow.serving.faces import Box, FaceDetector, centre_square
+from ferflow.model.evaluation import predict_proba, renormalize
+from ferflow.serving.faces import BOX_COLUMNS, Box, FaceDetector, centre_square
 
 INPUT_COLUMN = "image"
 PIXEL_RANGES = ("auto", "0-255", "0-1")
-BOX_COLUMNS = ("face_x", "face_y", "face_w", "face_h")
 INFER_BATCH = 256  # images per model call; bounds activation memory for large requests
 PARALLEL_MIN = 8  # decode + detect in a thread pool from this many images per request
 _PIXEL_SHAPES = "(N,48,48), (N,48,48,1) or (N,2304)"
@@ -274,8 +273,8 @@ class KerasPredictor:
         return np.concatenate(parts) if parts else np.zeros((0, n_classes), np.float32)
 
     def warm_up(self) -> None:
-        # trace now for batch sizes 1 and 2, after which tf.function relaxes the batch
-        # dimension: the first real requests are not slowed down by tracing
+        # trace now for batch sizes 1, 2 and 3: by the third, tf.function (reduce_retracing)
+        # has relaxed the batch dimension, so the first real requests are not slowed by tracing
         for n in (1, 2, 3):
             self.predict(np.zeros((n, IMAGE_SIZE, IMAGE_SIZE, 1), np.float32))
 
@@ -368,8 +367,7 @@ def _describe(value: Any) -> str:
 
 def result_frame(probs: np.ndarray, classes: Sequence[str], boxes: Sequence[Box], face_found: Sequence[bool]) -> pd.DataFrame:
     """Predictions DataFrame: label, confidence, per-class probabilities, face_found, box."""
-    probs = np.asarray(probs, dtype=np.float64).reshape(-1, len(classes))
-    probs = probs / np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)  # float32 softmax sums drift from 1
+    probs = renormalize(np.asarray(probs).reshape(-1, len(classes)))
     box_array = np.array([b.as_tuple() for b in boxes], dtype=np.int64).reshape(-1, len(BOX_COLUMNS))
     columns: dict[str, Any] = {
         "label": [classes[i] for i in probs.argmax(axis=1)],
