@@ -19,9 +19,9 @@ import keras
 import numpy as np
 
 from ferflow.core import files
+from ferflow.core.signals import interrupts_held
 from ferflow.model.architectures import build_model
 from ferflow.model.augmentation import build_augmentation
-from ferflow.tracking.signals import interrupts_held
 
 log = logging.getLogger("ferflow")
 
