@@ -47,7 +47,8 @@ def direct_imports(path: str | os.PathLike[str], root: str | os.PathLike[str], m
     """The ferflow modules (files under root) that the file at `path` imports itself.
 
     `from ferflow.core import files` names the module ferflow.core.files when that file
-    exists, else the package ferflow.core; relative imports are resolved against `path`.
+    exists, else the package ferflow.core (for an attribute); relative imports are
+    resolved against `path`. Enclosing packages are not listed: see `with_packages`.
     """
     path = Path(path)
     try:
@@ -64,7 +65,7 @@ def direct_imports(path: str | os.PathLike[str], root: str | os.PathLike[str], m
             if stmt.level:
                 anchor = here.split(".")[: len(here.split(".")) - stmt.level + (1 if is_package else 0)]
                 base = ".".join([*anchor, base] if base else anchor)
-            names = [f"{base}.{alias.name}" for alias in stmt.names] + [base]
+            names = [f"{base}.{alias.name}" for alias in stmt.names]
         for name in names:
             if name.split(".")[0] != PACKAGE:
                 continue
