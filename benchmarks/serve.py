@@ -32,7 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.py: local_server, synthetic_photo
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def percentiles(samples_s: list[float]) -> dict[str, float]:

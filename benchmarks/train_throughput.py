@@ -33,15 +33,15 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
-from ferflow.core.params import PRECISIONS  # noqa: E402
-from ferflow.data.preprocessing import INPUT_SHAPE, normalize  # noqa: E402
-from ferflow.data.sources.synthetic import generate_split  # noqa: E402
-from ferflow.model.architectures import build_model  # noqa: E402
-from ferflow.model.augmentation import build_augmentation  # noqa: E402
-from ferflow.model.training import build_at_precision  # noqa: E402
+from ferflow.core.params import PRECISIONS
+from ferflow.data.preprocessing import INPUT_SHAPE, normalize
+from ferflow.data.sources.synthetic import generate_split
+from ferflow.model.architectures import build_model
+from ferflow.model.augmentation import build_augmentation
+from ferflow.model.training import build_at_precision
 
 SEED003_AUGMENT = {"flip": True, "rotation": 10 / 360, "zoom": 0.1, "shift": 0.0, "erasing": 0.0}
 # The same augmentation as seed 003 asks ImageDataGenerator for it.

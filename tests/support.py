@@ -86,7 +86,7 @@ def local_server(
     # mlflow launches `uvicorn` by name: the venv's bin must be on PATH
     full_env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "TF_CPP_MIN_LOG_LEVEL": "2"}
     full_env.update(env or {})
-    log_file = open(log_path, "wb") if log_path else tempfile.TemporaryFile()  # noqa: SIM115 - closed below
+    log_file = open(log_path, "wb") if log_path else tempfile.TemporaryFile()  # closed in the finally below
     proc = subprocess.Popen(
         serve_command(model_uri, port, workers), stdout=log_file, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
     )

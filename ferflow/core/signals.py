@@ -23,7 +23,7 @@ class HoldableInterrupt:
     def __init__(self, exception: type[BaseException]):
         self.exception = exception
 
-    def __call__(self, signum, frame) -> None:  # noqa: ARG002
+    def __call__(self, signum, frame) -> None:
         if _Hold.depth > 0 and _Hold.pending is None:
             _Hold.pending = self.exception(f"signal {signum}, raised after the MLflow write it arrived in")
             return
