@@ -148,3 +148,23 @@ def test_layering_check_finds_an_upward_import(tmp_path: Path) -> None:
         },
     )
     assert layering_violations(root) == ["ferflow.core.c imports ferflow.tracking.t", "ferflow.model.m imports ferflow.serving.s"]
+
+
+@pytest.mark.parametrize("error", ["ferflow.data.ingest:IngestError", "ferflow.tracking.store:TrackingError"])
+def test_stage_errors_from_upper_layers_exit_in_one_line(error: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """core/stage.py catches them through their core base (UserError), without importing them."""
+    import argparse
+    import importlib
+
+    from ferflow.core import stage
+
+    module, name = error.split(":")
+    raised = getattr(importlib.import_module(module), name)
+
+    def main(_args: argparse.Namespace) -> None:
+        raise raised("data/ingested: class 'disgust' is empty")
+
+    with pytest.raises(SystemExit) as exit_info:
+        stage.run(main, argparse.Namespace(), "ingest")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "ingest: error: data/ingested: class 'disgust' is empty\n"
