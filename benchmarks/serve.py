@@ -30,8 +30,9 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.py: local_server, synthetic_photo
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def percentiles(samples_s: list[float]) -> dict[str, float]:
@@ -144,8 +145,7 @@ def main() -> int:
 
     import requests
 
-    from ferflow.serving.faces import synthetic_photo
-    from ferflow.serving.pyfunc import local_server
+    from support import local_server, synthetic_photo
 
     with tempfile.TemporaryDirectory(prefix="ferflow-bench-") as tmp:
         export, keras_path = prepare_model(args, Path(tmp))

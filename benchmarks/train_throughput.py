@@ -33,15 +33,15 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
-from ferflow.core.params import PRECISIONS  # noqa: E402
-from ferflow.data.preprocessing import normalize  # noqa: E402
-from ferflow.data.sources.synthetic import generate_split  # noqa: E402
-from ferflow.model.architectures import build_model  # noqa: E402
-from ferflow.model.augmentation import build_augmentation  # noqa: E402
-from ferflow.model.training import build_at_precision  # noqa: E402
+from ferflow.core.params import PRECISIONS
+from ferflow.data.preprocessing import INPUT_SHAPE, normalize
+from ferflow.data.sources.synthetic import generate_split
+from ferflow.model.architectures import build_model
+from ferflow.model.augmentation import build_augmentation
+from ferflow.model.training import build_at_precision
 
 SEED003_AUGMENT = {"flip": True, "rotation": 10 / 360, "zoom": 0.1, "shift": 0.0, "erasing": 0.0}
 # The same augmentation as seed 003 asks ImageDataGenerator for it.
@@ -105,7 +105,7 @@ def measure(variant: str, arch: str, width: float, n_images: int, batch_size: in
     if variant == "c":  # ferflow's pipeline also picks the compute precision (train.mixed_precision)
         params = {"arch": arch, "width": width, "dropout_scale": 1.0, "crop_size": 48, "mixed_precision": precision, "seed": 0}
         model, _ = build_at_precision(params, 7)
-        trainer = keras.Sequential([keras.Input((48, 48, 1)), *build_augmentation(SEED003_AUGMENT, 0), model])
+        trainer = keras.Sequential([keras.Input(INPUT_SHAPE), *build_augmentation(SEED003_AUGMENT, 0), model])
         trainer.compile(**compile_args)
         return timed_fit(trainer, {"x": x, "y": y, "batch_size": batch_size, "shuffle": True}, n, epochs)
     model = fresh_model(arch, 0, width)

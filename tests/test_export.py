@@ -5,6 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import write_tiny_model
+from conftest import REPO, write_tiny_model
 from ferflow.core import files
 from ferflow.core.classes import FER_CLASSES
 from ferflow.data.sources.synthetic import generate_face
@@ -55,6 +58,37 @@ def test_export_is_models_from_code_without_pickle(exported: Path) -> None:
         if path.is_file():
             assert path.suffix not in (".pkl", ".pickle"), path
             assert not path.read_bytes()[:2].startswith(PICKLE_MAGIC), f"{path} looks like a pickle"
+
+
+def test_export_ships_only_what_the_pyfunc_imports(exported: Path) -> None:
+    from ferflow.core.imports import imported_modules
+
+    code = exported / "code"
+    shipped = {p.relative_to(code).as_posix() for p in code.rglob("*.py")}
+    expected = {name.replace(".", "/") for name in imported_modules(REPO / "ferflow" / "serving" / "pyfunc.py", REPO)}
+    assert {s.removesuffix("/__init__.py").removesuffix(".py") for s in shipped} == expected
+    for training_only in ("ferflow/model/training.py", "ferflow/data/ingest.py", "ferflow/pipeline.py", "ferflow/tracking"):
+        assert not (code / training_only).exists(), training_only
+    assert "ferflow/serving/faces.py" in shipped and "ferflow/data/preprocessing.py" in shipped
+
+
+def test_exported_model_predicts_in_a_fresh_process_from_its_own_code(exported: Path, inputs: dict, tmp_path: Path) -> None:
+    """No PYTHONPATH and another working directory: ferflow comes from the model's code/ only."""
+    script = """
+import sys, importlib.util, mlflow, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+import ferflow
+assert ferflow.__file__.startswith(sys.argv[1]), ferflow.__file__
+assert importlib.util.find_spec("ferflow.model.training") is None
+print(model.predict(pd.DataFrame({"image": [sys.argv[2]]}))["label"].iloc[0])
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(exported.resolve()), base64.b64encode(encode_png(inputs["face"])).decode()],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] in FER_CLASSES
 
 
 def test_signature_and_input_example(exported: Path) -> None:

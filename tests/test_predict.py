@@ -14,8 +14,8 @@ from conftest import write_tiny_model
 from ferflow.cli import build_parser, main
 from ferflow.core.classes import FER_CLASSES
 from ferflow.data.sources.synthetic import generate_face
-from ferflow.serving.faces import synthetic_photo
 from ferflow.serving.predict import Progress, annotation_paths, collect_images, format_table
+from support import synthetic_photo
 
 PHOTO_SIZE = (800, 600)
 

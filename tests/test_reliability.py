@@ -20,6 +20,7 @@ from ferflow.data.arrays import extract_arrays
 from ferflow.data.index import build_index
 from ferflow.data.ingest import ingest
 from ferflow.data.sources.synthetic import SyntheticSource
+from support import free_port
 
 TRAIN_ARGS = ["--arrays", "arrays", "--label-map", "label_map.json", "--index", "index.csv"]
 
@@ -176,15 +177,9 @@ def test_sigterm_marks_the_run_killed_and_leaves_a_resumable_backup(workdir, tmp
     assert (out / "work" / "backup").exists() and not (out / "model.keras").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_tracking_server_lost_mid_run_keeps_the_trained_model(workdir, tmp_path):
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--workers", "1"],

@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from ferflow.core.errors import UserError
 from ferflow.core.params import ParamsError
 
 # TensorFlow's C++ start-up chatter (oneDNN notes, CPU feature lists) hides the stage's
@@ -18,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 log = logging.getLogger("ferflow")
 
 # Errors that are the user's to fix: print one clear line, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ParamsError, FileNotFoundError, ValueError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ParamsError, UserError, FileNotFoundError, ValueError)
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -38,11 +39,8 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace, 
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s")
     if not collect_garbage:
         gc.disable()
-    from ferflow.data.ingest import IngestError
-    from ferflow.tracking.store import TrackingError
-
     try:
         main(args)
-    except (*USER_ERRORS, IngestError, TrackingError) as exc:
+    except USER_ERRORS as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

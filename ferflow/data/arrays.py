@@ -20,9 +20,9 @@ import pandas as pd
 
 from ferflow.core import files
 from ferflow.data.ingest import load_faces
-from ferflow.data.preprocessing import IMAGE_SIZE, prepare_batch
+from ferflow.data.preprocessing import INPUT_SHAPE, prepare_batch
+from ferflow.data.sources.base import SPLITS
 
-SPLITS = ("train", "val", "test")
 BLOCK = 2048  # faces normalised at a time: 19 MB of float32, reused by the allocator
 
 
@@ -54,7 +54,7 @@ def extract_arrays(
 
 def _write_split(path: Path, faces: np.ndarray, rows: np.ndarray, y: np.ndarray) -> None:
     """The npz `np.savez(path, x=prepare_batch(faces[rows]), y=y)` would write, block by block."""
-    x_shape = (len(rows), IMAGE_SIZE, IMAGE_SIZE, 1)
+    x_shape = (len(rows), *INPUT_SHAPE)
     blocks = (prepare_batch(np.asarray(faces[rows[i : i + BLOCK]])) for i in range(0, len(rows), BLOCK))
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("x.npy", "w", force_zip64=True) as fh:
@@ -69,7 +69,7 @@ def load_split(arrays_dir: str | os.PathLike[str], split: str) -> tuple[np.ndarr
         raise FileNotFoundError(f"{path}: not found (run the extract stage first)")
     with np.load(path, allow_pickle=False) as data:
         x, y = data["x"], data["y"]
-    if x.dtype != np.float32 or x.ndim != 4 or x.shape[1:] != (48, 48, 1) or len(x) != len(y):
+    if x.dtype != np.float32 or x.ndim != 4 or x.shape[1:] != INPUT_SHAPE or len(x) != len(y):
         raise ValueError(f"{path}: expected x float32 (N,48,48,1) and y (N,), got x {x.dtype} {x.shape}, y {y.shape}")
     return x, y
 

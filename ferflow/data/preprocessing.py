@@ -18,6 +18,9 @@ import numpy as np
 from PIL import Image
 
 IMAGE_SIZE = 48
+INPUT_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 1)  # what the models take: one gray channel
+# PIL modes deeper than 8 bits: converting them with PIL clips instead of scaling
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 # Pillow's own guard (Image.MAX_IMAGE_PIXELS) stays on; we additionally refuse images
 # larger than this many pixels before decoding them, and turn its warning into an error.
 DEFAULT_MAX_PIXELS = 25_000_000
@@ -60,7 +63,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
 
 def to_grayscale(img: Image.Image) -> Image.Image:
     """8-bit grayscale from any mode: RGB(A), palette, 16/32-bit integer, float, 1-bit."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if img.mode in HIGH_DEPTH_MODES:
         arr = np.asarray(img, dtype=np.float64)
         hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         return Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")

@@ -20,8 +20,7 @@ import keras
 from keras import layers
 
 from ferflow.core.params import ARCH_NAMES
-
-INPUT_SHAPE = (48, 48, 1)
+from ferflow.data.preprocessing import INPUT_SHAPE
 
 
 @dataclass(frozen=True)

@@ -56,10 +56,16 @@ def predict_proba(model, x: np.ndarray, tta: str = "none", batch_size: int = 256
     return total / len(views)
 
 
+def renormalize(probs: np.ndarray) -> np.ndarray:
+    """Rows rescaled to sum to 1 in float64: float32 softmax sums drift from 1."""
+    probs = np.asarray(probs, dtype=np.float64)
+    return probs / np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)
+
+
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
     from sklearn.metrics import accuracy_score, f1_score, log_loss, precision_recall_fscore_support
 
-    probs = probs / probs.sum(axis=1, keepdims=True)  # float32 softmax sums drift from 1
+    probs = renormalize(probs)
     y_pred = probs.argmax(axis=1)
     labels = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)

@@ -19,15 +19,16 @@ import keras
 import numpy as np
 
 from ferflow.core import files
+from ferflow.core.signals import interrupts_held
 from ferflow.model.architectures import build_model
 from ferflow.model.augmentation import build_augmentation
-from ferflow.tracking.signals import interrupts_held
 
 log = logging.getLogger("ferflow")
 
 
 def detect_precision(requested: str, num_params: int | None = None) -> str:
-    """`auto`: bfloat16 on CPUs with bf16 matrix units (AVX512-BF16/AMX) for wide nets, float16 on GPUs."""
+    """`auto`: mixed_float16 on TensorFlow GPUs, mixed_bfloat16 on JAX GPUs, float32 on JAX CPUs; on other
+    CPUs mixed_bfloat16 for wide nets (>2M params) where bf16 matrix units (AVX512-BF16/AMX) exist, else float32."""
     if requested != "auto":
         return requested
     if keras.backend.backend() == "tensorflow":

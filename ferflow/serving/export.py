@@ -13,6 +13,7 @@ current champion's (or `export.force_champion` is true), so
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import math
 import os
@@ -26,12 +27,36 @@ import numpy as np
 import pandas as pd
 
 from ferflow.core import files
+from ferflow.core.imports import imported_modules, module_path
 
 SERVING_PACKAGES = ("mlflow", "keras", "tensorflow-cpu", "numpy", "pandas", "pillow", "opencv-python-headless")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
+SOURCE_ROOT = PACKAGE_DIR.parent
 MODEL_CODE = PACKAGE_DIR / "serving" / "pyfunc.py"
 CHAMPION = "champion"
 ACCURACY_TAG = "test_accuracy"
+
+
+def serving_modules() -> list[Path]:
+    """The package files the pyfunc needs: what MODEL_CODE imports, transitively, with their `__init__.py`s."""
+    return sorted(module_path(name, SOURCE_ROOT) for name in imported_modules(MODEL_CODE, SOURCE_ROOT))
+
+
+_KEEP_UNTIL_EXIT: list[tempfile.TemporaryDirectory] = []
+
+
+@functools.cache
+def serving_package() -> Path:
+    """A copy of the ferflow package holding only `serving_modules()`: the model ships no
+    training code. Built once per process in a temp dir removed at exit, so it outlives
+    both save_model and log_model of one export."""
+    holder = tempfile.TemporaryDirectory(prefix="ferflow-serving-code-")
+    _KEEP_UNTIL_EXIT.append(holder)
+    for source in serving_modules():
+        target = Path(holder.name) / source.relative_to(SOURCE_ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+    return Path(holder.name) / PACKAGE_DIR.name
 
 
 def pip_requirements() -> list[str]:
@@ -57,7 +82,7 @@ def signature(classes: list[str], serve_config: dict[str, Any]):
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import AnyType
 
-    from ferflow.serving.pyfunc import BOX_COLUMNS
+    from ferflow.serving.faces import BOX_COLUMNS
 
     outputs = Schema(
         [
@@ -110,8 +135,8 @@ def model_kwargs(
             "label_map": str(label_map_json),
             "serve_config": str(serve_config_json),
         },
-        # the ferflow package travels with the model: pyfunc.py imports faces, preprocessing, evaluation
-        "code_paths": [str(PACKAGE_DIR)],
+        # the part of the ferflow package that pyfunc.py imports travels with the model
+        "code_paths": [str(serving_package())],
         "signature": signature(classes, files.read_json(serve_config_json)),
         "input_example": input_example(example_pixels),
         "pip_requirements": pip_requirements(),

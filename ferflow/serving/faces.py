@@ -32,6 +32,8 @@ DETECT_MIN_SIDE = 96
 SCALE_FACTOR = 1.1
 MIN_NEIGHBORS = 5
 
+BOX_COLUMNS = ("face_x", "face_y", "face_w", "face_h")  # a Box as prediction columns, in `as_tuple` order
+
 
 @dataclass(frozen=True)
 class Box:
@@ -80,27 +82,6 @@ def square_with_margin(face: Box, width: int, height: int, margin: float) -> Box
     x = int(round(min(max(cx - side / 2, 0), width - side)))
     y = int(round(min(max(cy - side / 2, 0), height - side)))
     return Box(x, y, side, side)
-
-
-def synthetic_photo(
-    face: np.ndarray | None,
-    size: tuple[int, int] = (800, 600),
-    face_side: int = 240,
-    at: tuple[int, int] = (300, 150),
-    seed: int = 0,
-) -> Image.Image:
-    """A photo-like RGB test image: a smooth colour gradient with mild noise, and
-    optionally a grayscale face (e.g. `synthetic.generate_face`) pasted at `at`,
-    upscaled to `face_side` pixels. For tests and benchmarks of the detector."""
-    width, height = size
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
-    base = np.stack([80 + 100 * xx, 120 + 60 * yy, 160 - 80 * xx], axis=-1) + rng.normal(0, 4, (height, width, 3))
-    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
-    if face is not None:
-        patch = Image.fromarray(np.asarray(face, dtype=np.uint8)).resize((face_side, face_side), Image.Resampling.BICUBIC)
-        img.paste(patch.convert("RGB"), at)
-    return img
 
 
 class FaceDetector:

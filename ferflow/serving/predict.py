@@ -24,7 +24,6 @@ from ferflow.core.params import TTA_MODES
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 DEFAULT_MODEL = "models/export"
-BOX_KEYS = ("face_x", "face_y", "face_w", "face_h")
 
 
 class UsageError(ValueError):
@@ -88,13 +87,17 @@ def load_model(uri: str):
 
 def model_classes(model: Any) -> list[str]:
     """Class names in output order, from the model's output signature."""
+    from ferflow.serving.faces import BOX_COLUMNS
+
     outputs = model.metadata.get_output_schema()
     names = outputs.input_names() if outputs is not None else []
-    skip = {"label", "confidence", "face_found", *BOX_KEYS}
+    skip = {"label", "confidence", "face_found", *BOX_COLUMNS}
     return [n for n in names if n not in skip]
 
 
 def _record(path: Path, row: dict[str, Any], classes: Sequence[str]) -> dict[str, Any]:
+    from ferflow.serving.faces import BOX_COLUMNS
+
     probs = {c: float(row[c]) for c in classes}
     top = sorted(probs.items(), key=lambda kv: -kv[1])[:3]
     return {
@@ -102,7 +105,7 @@ def _record(path: Path, row: dict[str, Any], classes: Sequence[str]) -> dict[str
         "label": str(row["label"]),
         "confidence": float(row["confidence"]),
         "face_found": bool(row["face_found"]),
-        "face_box": [int(row[k]) for k in BOX_KEYS],
+        "face_box": [int(row[k]) for k in BOX_COLUMNS],
         "top3": [[c, p] for c, p in top],
         "probabilities": probs,
     }
@@ -183,9 +186,9 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
 def _to_rgb(img):
     from PIL import Image
 
-    from ferflow.data.preprocessing import to_grayscale
+    from ferflow.data.preprocessing import HIGH_DEPTH_MODES, to_grayscale
 
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if img.mode in HIGH_DEPTH_MODES:
         return Image.merge("RGB", [to_grayscale(img)] * 3)  # PIL's RGB conversion would clip these
     return img.convert("RGB")
 

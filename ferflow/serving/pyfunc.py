@@ -29,20 +29,11 @@ from __future__ import annotations
 import base64
 import binascii
 import concurrent.futures
-import contextlib
 import json
 import math
 import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -54,12 +45,11 @@ from PIL import Image
 
 from ferflow.core.params import TTA_MODES
 from ferflow.data.preprocessing import IMAGE_SIZE, ImageError, decode_image, normalize, prepare_batch
-from ferflow.model.evaluation import predict_proba
-from ferflow.serving.faces import Box, FaceDetector, centre_square
+from ferflow.model.evaluation import predict_proba, renormalize
+from ferflow.serving.faces import BOX_COLUMNS, Box, FaceDetector, centre_square
 
 INPUT_COLUMN = "image"
 PIXEL_RANGES = ("auto", "0-255", "0-1")
-BOX_COLUMNS = ("face_x", "face_y", "face_w", "face_h")
 INFER_BATCH = 256  # images per model call; bounds activation memory for large requests
 PARALLEL_MIN = 8  # decode + detect in a thread pool from this many images per request
 _PIXEL_SHAPES = "(N,48,48), (N,48,48,1) or (N,2304)"
@@ -274,8 +264,8 @@ class KerasPredictor:
         return np.concatenate(parts) if parts else np.zeros((0, n_classes), np.float32)
 
     def warm_up(self) -> None:
-        # trace now for batch sizes 1 and 2, after which tf.function relaxes the batch
-        # dimension: the first real requests are not slowed down by tracing
+        # trace now for batch sizes 1, 2 and 3: by the third, tf.function (reduce_retracing)
+        # has relaxed the batch dimension, so the first real requests are not slowed by tracing
         for n in (1, 2, 3):
             self.predict(np.zeros((n, IMAGE_SIZE, IMAGE_SIZE, 1), np.float32))
 
@@ -368,8 +358,7 @@ def _describe(value: Any) -> str:
 
 def result_frame(probs: np.ndarray, classes: Sequence[str], boxes: Sequence[Box], face_found: Sequence[bool]) -> pd.DataFrame:
     """Predictions DataFrame: label, confidence, per-class probabilities, face_found, box."""
-    probs = np.asarray(probs, dtype=np.float64).reshape(-1, len(classes))
-    probs = probs / np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)  # float32 softmax sums drift from 1
+    probs = renormalize(np.asarray(probs).reshape(-1, len(classes)))
     box_array = np.array([b.as_tuple() for b in boxes], dtype=np.int64).reshape(-1, len(BOX_COLUMNS))
     columns: dict[str, Any] = {
         "label": [classes[i] for i in probs.argmax(axis=1)],
@@ -379,90 +368,6 @@ def result_frame(probs: np.ndarray, classes: Sequence[str], boxes: Sequence[Box]
         **{col: box_array[:, j] for j, col in enumerate(BOX_COLUMNS)},
     }
     return pd.DataFrame(columns)  # built in one go: per-column inserts cost ~0.5 ms each
-
-
-# ---------------------------------------------------------------- running the server
-
-
-def serve_command(model_uri: str | os.PathLike[str], port: int, workers: int = 1) -> list[str]:
-    """The documented serve command, bound to loopback (never 0.0.0.0)."""
-    return [
-        str(Path(sys.executable).parent / "mlflow"),
-        "models",
-        "serve",
-        "-m",
-        str(model_uri),
-        "--env-manager",
-        "local",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-    ]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def local_server(
-    model_uri: str | os.PathLike[str],
-    workers: int = 1,
-    env: Mapping[str, str] | None = None,
-    log_path: str | os.PathLike[str] | None = None,
-    startup_timeout: float = 180.0,
-) -> Iterator[str]:
-    """Run `mlflow models serve` on a free loopback port; yield its base URL; stop it after.
-
-    The server runs in its own process group (mlflow starts uvicorn under it), so
-    stopping it ends exactly the processes started here.
-    """
-    port = free_port()
-    bin_dir = str(Path(sys.executable).parent)
-    # mlflow launches `uvicorn` by name: the venv's bin must be on PATH
-    full_env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    full_env.update(env or {})
-    log_file = open(log_path, "wb") if log_path else tempfile.TemporaryFile()  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        serve_command(model_uri, port, workers), stdout=log_file, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow models serve exited with {proc.returncode}:\n{_tail(log_file)}")
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow models serve did not answer /ping within {startup_timeout:.0f}s:\n{_tail(log_file)}")
-            time.sleep(0.25)
-        yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log_file.close()
-
-
-def _tail(log_file: Any, n: int = 6000) -> str:
-    log_file.flush()
-    log_file.seek(0)
-    return log_file.read().decode("utf-8", "replace")[-n:]
 
 
 # Models from code: MLflow runs this file under a generated module name to get the model

@@ -13,45 +13,13 @@ import signal
 import threading
 from collections.abc import Iterator
 
+from ferflow.core.signals import HoldableInterrupt, interrupts_held
+
 log = logging.getLogger(__name__)
 
 
 class _Interrupted(BaseException):
     pass
-
-
-class _Hold:
-    depth = 0  # nesting of `interrupts_held` sections in the main thread
-    pending: BaseException | None = None
-
-
-class _HoldableInterrupt:
-    """SIGINT/SIGTERM handler: raise `exception`, or inside `interrupts_held` keep it for
-    the section's end. A second signal raises at once, so a hung upload cannot swallow it."""
-
-    def __init__(self, exception: type[BaseException]):
-        self.exception = exception
-
-    def __call__(self, signum, frame) -> None:  # noqa: ARG002
-        if _Hold.depth > 0 and _Hold.pending is None:
-            _Hold.pending = self.exception(f"signal {signum}, raised after the MLflow write it arrived in")
-            return
-        raise self.exception(f"signal {signum}")
-
-
-@contextlib.contextmanager
-def interrupts_held() -> Iterator[None]:
-    """Wrap MLflow writes made inside `run_status_guard`: a SIGINT/SIGTERM arriving there
-    is raised when the section ends. Raised mid-write, it would leave the sqlite store's
-    write lock held, the final KILLED update would fail and the run would stay RUNNING."""
-    _Hold.depth += 1
-    try:
-        yield
-    finally:
-        _Hold.depth -= 1
-        if _Hold.depth == 0 and _Hold.pending is not None:
-            held, _Hold.pending = _Hold.pending, None
-            raise held
 
 
 @contextlib.contextmanager
@@ -63,8 +31,8 @@ def run_status_guard(run_id: str) -> Iterator[None]:
     """
     previous = {}
     if _main_thread():
-        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _HoldableInterrupt(_Interrupted))
-        previous[signal.SIGINT] = signal.signal(signal.SIGINT, _HoldableInterrupt(KeyboardInterrupt))
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, HoldableInterrupt(_Interrupted))
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, HoldableInterrupt(KeyboardInterrupt))
     status = "FINISHED"
     try:
         yield

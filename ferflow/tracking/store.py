@@ -12,12 +12,14 @@ import logging
 import os
 from pathlib import Path
 
+from ferflow.core.errors import UserError
+
 EXPERIMENT_NAME = "ferflow"
 log = logging.getLogger(__name__)
 
 
-class TrackingError(RuntimeError):
-    pass
+class TrackingError(UserError):
+    """The MLflow store cannot be reached or used."""
 
 
 def find_root(start: str | os.PathLike[str] | None = None) -> Path:

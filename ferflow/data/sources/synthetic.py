@@ -19,10 +19,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ferflow.core.classes import FER_CLASSES
+from ferflow.data.preprocessing import IMAGE_SIZE
 from ferflow.data.sources.base import Source, SourceItem
 
 CANVAS = 96  # drawn at 2x then downsampled, for anti-aliased strokes
-IMAGE_SIZE = 48
 
 
 @dataclass(frozen=True)
