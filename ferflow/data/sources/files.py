@@ -26,15 +26,12 @@ folder or zip): Usage Training -> train, PublicTest -> val, PrivateTest -> test.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import functools
 import io
 import os
 import re
 import stat
-import struct
-import threading
 import zipfile
 import zlib
 from collections import Counter
@@ -48,7 +45,6 @@ from ferflow.core.classes import FER2013_CSV_LABELS, canonical_class
 from ferflow.data.preprocessing import ImageError
 from ferflow.data.sources.base import Source, SourceItem, SourceReject
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")  # what we expect; others are tried too
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 CSV_USAGE = {"training": "train", "publictest": "val", "privatetest": "test"}
 JUNK_NAMES = {"__macosx", "thumbs.db", "desktop.ini"}
@@ -57,7 +53,6 @@ MAX_SEARCH_DEPTH = 4  # wrapper folders allowed above the split folders
 MAX_FILE_BYTES = 64 * 2**20  # one image file; bigger ones are rejected rows, not read
 MAX_ZIP_ENTRIES = 1_000_000
 MAX_ZIP_BYTES = 16 * 2**30  # total uncompressed size of a zip
-LOCAL_HEADER_SLACK = 512  # bytes read past a member's local header for its name and extra field
 
 
 def split_of(name: str) -> str | None:
@@ -83,90 +78,48 @@ class _File(NamedTuple):
 
 
 def _read_file(path: str, limit: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)  # no Python file object: ~3 us less an image
-    try:
+    with open(path, "rb") as fh:
         # Ask for the size the file has (+1 to notice one that grew), not for `limit`
         # bytes: a 64 MiB read buffer costs ~20 us to map and unmap, more than the read.
-        size = os.fstat(fd).st_size
+        size = os.fstat(fh.fileno()).st_size
         if size > limit:
             raise ImageError(f"file is over the limit of {limit} bytes")
-        data = os.read(fd, size + 1)
-        while len(data) > size and len(data) <= limit:  # growing, or a special file that reports size 0
-            more = os.read(fd, limit + 1 - len(data))
-            if not more:
-                break
-            data += more
-    finally:
-        os.close(fd)
+        data = fh.read(size + 1)
+        if len(data) > size:  # growing, or a special file that reports size 0 (/proc)
+            data += fh.read(limit + 1 - len(data))
     if len(data) > limit:
         raise ImageError(f"file is over the limit of {limit} bytes")
     return data
 
 
-_ZIP_HANDLES: dict[tuple[str, int], tuple[zipfile.ZipFile, threading.Lock]] = {}
-
-
-class _OpenZip:
-    """One read-only descriptor on a zip, shared by the readers of all its members.
-
-    Members are read with `os.pread`, which has no file offset to share, so threads and
-    forked worker processes can use the same descriptor; opening the zip once instead of
-    once per member saves ~8 us an image. Closed when the listing is dropped.
-    """
+class _ZipReader:
+    """The members' reader for one zip listing: a ZipFile per process, as forked ingest
+    workers must not share the parent's file offset (threads may share one: zipfile locks
+    its reads). The listing's own ZipFile is the parent's, so the directory is read once."""
 
     def __init__(self, path: str):
         self.path = path
-        self.fd = os.open(path, os.O_RDONLY)
+        self._handles = {os.getpid(): zipfile.ZipFile(path)}
 
-    def __del__(self) -> None:
-        with contextlib.suppress(AttributeError, OSError):
-            os.close(self.fd)
+    def infolist(self) -> list[zipfile.ZipInfo]:
+        return self._handles[os.getpid()].infolist()
 
-
-def _read_zip_member(zip_file: _OpenZip, info: _Member, limit: int) -> bytes:
-    """One member's bytes, with its CRC checked. Stored and deflated members (all
-    real-world image zips) are read with `os.pread`, cheaper than ZipFile.open."""
-    if info.flag_bits & 0x1:
-        raise ImageError("encrypted zip entry")
-    if info.file_size > limit:
-        raise ImageError(f"zip entry is {info.file_size} bytes, over the limit of {limit}")
-    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or not hasattr(os, "pread"):
-        return _read_zip_member_slow(zip_file.path, info)
-    # One read for the local header, its name and extra field, and the data (the name and
-    # extra field are rarely over LOCAL_HEADER_SLACK bytes; if they are, a second read).
-    blob = os.pread(zip_file.fd, 30 + LOCAL_HEADER_SLACK + info.compress_size, info.header_offset)
-    if len(blob) < 30 or blob[:4] != b"PK\x03\x04":
-        raise ImageError("corrupt zip entry (bad local header)")
-    name_len, extra_len = struct.unpack_from("<HH", blob, 26)
-    start = 30 + name_len + extra_len
-    if start + info.compress_size <= len(blob):
-        data = blob[start : start + info.compress_size]
-    else:
-        data = os.pread(zip_file.fd, info.compress_size, info.header_offset + start)
-    if len(data) != info.compress_size:
-        raise ImageError("truncated zip entry")
-    if info.compress_type == zipfile.ZIP_DEFLATED:
+    def read(self, info: zipfile.ZipInfo, limit: int) -> bytes:
+        """One member's bytes; zipfile checks the CRC and never inflates past the declared
+        size, the size limit is checked here before anything is read."""
+        if info.flag_bits & 0x1:
+            raise ImageError("encrypted zip entry")
+        if info.file_size > limit:
+            raise ImageError(f"zip entry is {info.file_size} bytes, over the limit of {limit}")
+        pid = os.getpid()
+        if pid not in self._handles:
+            self._handles[pid] = zipfile.ZipFile(self.path)
         try:
-            # max_length: never inflate past the size the directory declares (zip bombs)
-            data = zlib.decompressobj(-15).decompress(data, info.file_size + 1)
-        except zlib.error as exc:
+            return self._handles[pid].read(info)
+        except zipfile.BadZipFile as exc:
+            raise ImageError(f"corrupt zip entry ({'size or CRC mismatch' if 'CRC' in str(exc) else exc})") from None
+        except (zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
             raise ImageError(f"corrupt zip entry ({exc})") from None
-    if len(data) != info.file_size or zlib.crc32(data) != info.CRC:
-        raise ImageError("corrupt zip entry (size or CRC mismatch)")
-    return data
-
-
-def _read_zip_member_slow(zip_path: str, info: _Member) -> bytes:
-    # One ZipFile per process (a forked child must not share the parent's file offset).
-    key = (zip_path, os.getpid())
-    if key not in _ZIP_HANDLES:
-        _ZIP_HANDLES[key] = (zipfile.ZipFile(zip_path), threading.Lock())
-    zf, lock = _ZIP_HANDLES[key]
-    try:
-        with lock:
-            return zf.read(info.filename)
-    except (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as exc:
-        raise ImageError(f"corrupt zip entry ({exc})") from None
 
 
 # --- listing containers ---------------------------------------------------------------
@@ -195,75 +148,6 @@ def _list_folder(root: Path, skipped: Counter[str]) -> list[_File]:
     return found
 
 
-class _Member(NamedTuple):
-    """What reading a zip member needs from its central directory entry (a ZipInfo's fields)."""
-
-    filename: str
-    flag_bits: int
-    compress_type: int
-    CRC: int
-    compress_size: int
-    file_size: int
-    external_attr: int
-    header_offset: int
-
-    @classmethod
-    def from_info(cls, i: zipfile.ZipInfo) -> _Member:
-        return cls(
-            i.filename, i.flag_bits, i.compress_type, i.CRC, i.compress_size, i.file_size, i.external_attr, i.header_offset
-        )
-
-
-_END_RECORD = struct.Struct("<4s4H2LH")
-_DIR_ENTRY = struct.Struct("<4s6H3L5H2L")
-_ZIP64_MARKS = (0xFFFF, 0xFFFFFFFF)
-
-
-def _zip_members(zip_path: Path) -> list[_Member]:
-    """The zip's entries, as `zipfile` lists them. A plain zip (no Zip64, no data before
-    it, one disk: every image zip seen so far) is parsed here, ~4x faster than ZipFile
-    (~50 ms for FER-2013's 32k entries instead of ~150-200 ms); anything else, and any
-    inconsistency, goes to `zipfile`, which handles it or raises BadZipFile."""
-    try:
-        members = _plain_zip_members(zip_path)
-    except (struct.error, ValueError):  # ValueError includes UnicodeDecodeError
-        members = None
-    if members is None:
-        with zipfile.ZipFile(zip_path) as zf:
-            members = [_Member.from_info(i) for i in zf.infolist()]
-    return members
-
-
-def _plain_zip_members(zip_path: Path) -> list[_Member] | None:
-    with open(zip_path, "rb") as fh:
-        size = fh.seek(0, os.SEEK_END)
-        tail_start = max(0, size - _END_RECORD.size - 0xFFFF)  # the end record, then a comment of up to 64 KB
-        fh.seek(tail_start)
-        tail = fh.read()
-        at = tail.rfind(b"PK\x05\x06")
-        if at < 0 or at >= 20 and tail[at - 20 : at - 16] == b"PK\x06\x07":  # no end record, or a Zip64 one
-            return None
-        _, disk, cd_disk, n_here, n_entries, cd_size, cd_offset, comment_len = _END_RECORD.unpack_from(tail, at)
-        plain = disk == cd_disk == 0 and n_here == n_entries and at + _END_RECORD.size + comment_len == len(tail)
-        if not plain or cd_offset + cd_size != tail_start + at or n_entries in _ZIP64_MARKS or cd_offset in _ZIP64_MARKS:
-            return None
-        fh.seek(cd_offset)
-        directory = fh.read(cd_size)
-    members = []
-    pos = 0
-    for _ in range(n_entries):
-        (sig, _, _, flags, method, _, _, crc, csize, usize, name_len, extra_len, comment_len, _, _, attr, offset) = (
-            _DIR_ENTRY.unpack_from(directory, pos)
-        )
-        if sig != b"PK\x01\x02" or csize in _ZIP64_MARKS or usize in _ZIP64_MARKS or offset in _ZIP64_MARKS:
-            return None
-        raw_name = directory[pos + _DIR_ENTRY.size : pos + _DIR_ENTRY.size + name_len]
-        name = raw_name.decode("utf-8" if flags & 0x800 else "cp437").split("\x00", 1)[0]  # as ZipInfo does
-        members.append(_Member(name, flags, method, crc, csize, usize, attr, offset))
-        pos += _DIR_ENTRY.size + name_len + extra_len + comment_len
-    return members if pos == cd_size else None
-
-
 def _zip_parts(zip_path: Path, name: str, filename: str) -> tuple[str, ...]:
     """The components of `name` (entry `filename` or its folder); raises ValueError for
     entries that escape the folder."""
@@ -278,9 +162,10 @@ def _zip_parts(zip_path: Path, name: str, filename: str) -> tuple[str, ...]:
 
 def _list_zip(zip_path: Path, skipped: Counter[str], max_entries: int, max_bytes: int) -> list[_File]:
     try:
-        members = _zip_members(zip_path)
-    except zipfile.BadZipFile as exc:
+        reader = _ZipReader(str(zip_path))
+    except (zipfile.BadZipFile, OSError) as exc:
         raise ValueError(f"data.source: {zip_path} is not a readable zip file ({exc})") from None
+    members = reader.infolist()
     if len(members) > max_entries:
         raise ValueError(f"{zip_path}: refused: {len(members)} entries, over the limit of {max_entries}")
     total = sum(m.file_size for m in members)
@@ -290,7 +175,6 @@ def _list_zip(zip_path: Path, skipped: Counter[str], max_entries: int, max_bytes
     # Every entry is checked, directories too, but the path checks run once per folder:
     # folder name -> its checked components, or None when it is (inside) a junk folder.
     folders: dict[str, tuple[str, ...] | None] = {}
-    opened = _OpenZip(str(zip_path))
     for m in members:
         if stat.S_ISLNK(m.external_attr >> 16):
             raise ValueError(f"{zip_path}: refused: entry {m.filename!r} is a symlink")
@@ -310,7 +194,7 @@ def _list_zip(zip_path: Path, skipped: Counter[str], max_entries: int, max_bytes
         if junk:
             skipped["hidden_or_system"] += 1
             continue
-        found.append(_File(parts, functools.partial(_read_zip_member, opened, m, MAX_FILE_BYTES), m.filename))
+        found.append(_File(parts, functools.partial(reader.read, m, MAX_FILE_BYTES), m.filename))
     found.sort(key=lambda f: f.parts)
     return found
 
