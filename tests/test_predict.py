@@ -14,7 +14,7 @@ from conftest import write_tiny_model
 from ferflow.cli import build_parser, main
 from ferflow.core.classes import FER_CLASSES
 from ferflow.data.sources.synthetic import generate_face
-from ferflow.serving.predict import Progress, annotation_paths, collect_images, format_table
+from ferflow.serving.predict import annotation_paths, collect_images, format_table, load_model, predict_files
 from support import synthetic_photo
 
 PHOTO_SIZE = (800, 600)
@@ -139,16 +139,19 @@ def test_usage_errors_exit_2(capsys, model_dir: Path, images: dict[str, Path], t
     assert rc == 2 and "no image files" in err
 
 
-def test_progress_bar_and_helpers() -> None:
+def test_progress_bar_counts_every_file_batch_by_batch(model_dir: Path, images: dict[str, Path]) -> None:
+    from tqdm import tqdm
+
     stream = io.StringIO()
-    bar = Progress(3, stream=stream, width=10)
-    bar.update(2)
-    bar.update(1)
+    paths = [images["crop_png"], images["noface"], images["photo"]]
+    with tqdm(total=len(paths), file=stream, unit="image") as bar:
+        records = predict_files(load_model(str(model_dir)), paths, {}, batch_size=2, progress=bar)
+    assert len(records) == 3 and bar.n == 3
     shown = stream.getvalue()
-    assert "\r[#######...] 2/3 images" in shown and "\r[##########] 3/3 images" in shown and shown.endswith("/s\n")
-    silent = io.StringIO()
-    Progress(3, stream=silent, enabled=False).update(3)
-    assert silent.getvalue() == ""
+    assert "2/3" in shown and "3/3" in shown
+
+
+def test_helpers() -> None:
     assert annotation_paths([Path("a/x.png"), Path("b/x.png")], "out") == [
         Path("out/x.annotated.png"),
         Path("out/x-1.annotated.png"),

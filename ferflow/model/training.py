@@ -147,7 +147,10 @@ class EpochLogger(keras.callbacks.Callback):
 class RestorePlateauState(keras.callbacks.Callback):
     """After a resume, give EarlyStopping, ReduceLROnPlateau and ModelCheckpoint the
     best/wait counters they had before the kill (their on_train_begin resets them), by
-    replaying their rules over the recorded val_loss history. Must come after them."""
+    replaying their rules over the recorded val_loss history. Must come after them.
+
+    Why it exists: keras.callbacks.BackupAndRestore brings back the weights, optimizer and
+    epoch, not other callbacks' counters, so a resumed run would wait `patience` epochs anew."""
 
     def __init__(self, val_losses: list[float], early: keras.callbacks.EarlyStopping, plateau, checkpoint):
         super().__init__()

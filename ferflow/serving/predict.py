@@ -13,12 +13,14 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 from ferflow.core.params import TTA_MODES
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 # Only light imports here: `ferflow --help` imports this module to list the subcommand.
 
@@ -112,7 +114,7 @@ def _record(path: Path, row: dict[str, Any], classes: Sequence[str]) -> dict[str
 
 
 def predict_files(
-    model: Any, paths: Sequence[Path], params: dict[str, Any], batch_size: int = 32, progress: Progress | None = None
+    model: Any, paths: Sequence[Path], params: dict[str, Any], batch_size: int = 32, progress: tqdm | None = None
 ) -> list[dict[str, Any]]:
     """One record per file: predictions, or {'file', 'error'} for a file that failed."""
     import pandas as pd
@@ -149,27 +151,10 @@ def predict_files(
     return records
 
 
-class Progress:
-    """A one-line progress bar on a terminal (silent when `enabled` is false)."""
-
-    def __init__(self, total: int, stream: TextIO = sys.stderr, enabled: bool = True, width: int = 30) -> None:
-        self.total, self.done, self.stream, self.enabled, self.width = total, 0, stream, enabled, width
-        self.start = time.perf_counter()
-
-    def update(self, n: int) -> None:
-        self.done = min(self.total, self.done + n)
-        if not self.enabled:
-            return
-        filled = round(self.width * self.done / max(self.total, 1))
-        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} images  {rate:.0f}/s")
-        if self.done >= self.total:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
 def format_table(records: Sequence[dict[str, Any]]) -> str:
     """Aligned text table: file, face found, label, confidence, top-3 (errors in place of labels)."""
+    from tabulate import tabulate
+
     header = ("file", "face", "label", "conf", "top-3")
     rows = []
     for r in records:
@@ -178,9 +163,7 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
         else:
             top3 = ", ".join(f"{c} {p:.2f}" for c, p in r["top3"])
             rows.append((r["file"], "yes" if r["face_found"] else "no", r["label"], f"{r['confidence']:.3f}", top3))
-    widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header) - 1)]
-    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row[:-1], widths)) + "  " + str(row[-1]) for row in (header, *rows)]
-    return "\n".join(line.rstrip() for line in lines)
+    return tabulate(rows, headers=header, tablefmt="plain", disable_numparse=True)
 
 
 def _to_rgb(img):
@@ -251,8 +234,10 @@ def run(args: argparse.Namespace) -> int:
         params["detect_face"] = False
     if args.tta:
         params["tta"] = args.tta
-    progress = Progress(len(paths), enabled=sys.stderr.isatty() and len(paths) > 1)
-    records = predict_files(model, paths, params, args.batch_size, progress)
+    from tqdm import tqdm
+
+    with tqdm(total=len(paths), unit="image", disable=not sys.stderr.isatty() or len(paths) < 2) as progress:
+        records = predict_files(model, paths, params, args.batch_size, progress)
     if args.annotate:
         for path, record, out in zip(paths, records, annotation_paths(paths, args.annotate)):
             if "error" not in record:

@@ -71,6 +71,8 @@ def _sqlite_path(uri: str) -> Path | None:
 def collect(tracking_uri: str, experiment: str, sort: str = "accuracy", limit: int | None = None) -> list[Row]:
     """The experiment's runs, best first by `sort` (runs lacking that value last), at most `limit`."""
     import mlflow
+    from mlflow.store.tracking import SEARCH_MAX_RESULTS_DEFAULT
+    from mlflow.utils import get_results_from_paginated_fn
 
     store_file = _sqlite_path(tracking_uri)
     if store_file is not None and not store_file.exists():
@@ -89,13 +91,12 @@ def collect(tracking_uri: str, experiment: str, sort: str = "accuracy", limit: i
     if found is None:
         raise LeaderboardError(f"no experiment {experiment!r} in {tracking_uri}")
 
-    runs, token = [], None
-    while True:
-        page = client.search_runs([found.experiment_id], max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            break
+    # mlflow's own pager (what mlflow.search_runs uses; that one reads the process-wide
+    # tracking URI, and setting it would also export MLFLOW_TRACKING_URI to the process)
+    runs = get_results_from_paginated_fn(
+        lambda max_results, token: client.search_runs([found.experiment_id], max_results=max_results, page_token=token),
+        SEARCH_MAX_RESULTS_DEFAULT,
+    )
 
     rows = []
     for r in runs:
@@ -117,7 +118,9 @@ def collect(tracking_uri: str, experiment: str, sort: str = "accuracy", limit: i
             )
         )
     attr, largest_first = SORT_KEYS[sort]
-    if attr == "epochs":  # not a logged value: needed for every run before sorting
+    # epochs come from each run's loss history, one query a run: for every run only when
+    # sorting by them, otherwise (below) for the rows shown
+    if attr == "epochs":
         for row in rows:
             row.epochs = _epochs_run(client, row.run_id)
     present = [row for row in rows if getattr(row, attr) is not None]
@@ -145,6 +148,8 @@ def _fmt_time(seconds: float | None) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
+    from tabulate import tabulate
+
     header = ("#", "run name", "arch", "test acc", "macro-F1", "params", "train time", "epochs", "status")
     body = [
         (
@@ -160,14 +165,8 @@ def format_table(rows: list[Row]) -> str:
         )
         for i, row in enumerate(rows, 1)
     ]
-    widths = [max(len(cells[c]) for cells in [header, *body]) for c in range(len(header))]
-    left = {1, 2, 8}  # text columns; numbers are right-aligned
-    lines = [
-        "  ".join(cell.ljust(w) if c in left else cell.rjust(w) for c, (cell, w) in enumerate(zip(cells, widths)))
-        for cells in [header, *body]
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(line.rstrip() for line in lines)
+    align = ("right", "left", "left", "right", "right", "right", "right", "right", "left")  # numbers right-aligned
+    return tabulate(body, headers=header, tablefmt="simple", colalign=align, disable_numparse=True)
 
 
 def plot(rows: list[Row], out: str | os.PathLike[str], title: str = "ferflow leaderboard") -> int:

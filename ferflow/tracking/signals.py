@@ -2,7 +2,9 @@
 
 Python's default SIGTERM handling kills the process without unwinding, so the run's
 final status would never be written; SIGINT arriving in the middle of a sqlite write
-would leave the store locked. The guard below exists for those two reasons.
+would leave the store locked. The guard below exists for those two reasons: MLflow's
+own `with mlflow.start_run()` only sets the status for exceptions that unwind, and has
+no way to hold a signal until a write is done.
 """
 
 from __future__ import annotations
