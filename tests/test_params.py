@@ -107,7 +107,8 @@ def test_stage_stops_before_work_with_one_line_error(tmp_path):
     params["data"]["val_fractoin"] = 0.2
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     proc = subprocess.run(
-        [sys.executable, str(REPO / "stages" / "ingest.py"), "--params", "params.yaml", "--out", "out", "--metrics", "m.json"],
+        [sys.executable, str(REPO / "stages" / "ingest.py"), "--params", "params.yaml", "--out", "out"]
+        + ["--rejected", "r.csv", "--metrics", "m.json"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

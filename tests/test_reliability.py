@@ -21,7 +21,7 @@ from ferflow.data.index import build_index
 from ferflow.data.ingest import ingest
 from ferflow.data.sources.synthetic import SyntheticSource
 
-TRAIN_ARGS = ["--arrays", "arrays", "--label-map", "label_map.json", "--index", "index.csv"]
+TRAIN_ARGS = ["--arrays", "arrays", "--label-map", "label_map.json", "--index", "index.csv", "--data-plots", "plots"]
 
 
 @pytest.fixture(scope="module")

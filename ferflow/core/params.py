@@ -281,12 +281,15 @@ def load_section(section: str, path: str | os.PathLike[str] = "params.yaml") -> 
 
 
 def flatten(params: Mapping[str, Any] | BaseModel, prefix: str = "") -> dict[str, Any]:
-    """{'train': {'epochs': 3}} -> {'train.epochs': 3}; lists, class_map and max_per_class stay whole."""
+    """{'train': {'epochs': 3}} -> {'train.epochs': 3} (models or plain mappings, at any level);
+    lists, class_map and max_per_class stay whole."""
     if isinstance(params, BaseModel):
         params = params.model_dump()
     flat: dict[str, Any] = {}
     for key, value in params.items():
         dotted = f"{prefix}{key}"
+        if isinstance(value, BaseModel):
+            value = value.model_dump()
         if isinstance(value, Mapping) and key not in ("class_map", "max_per_class"):
             flat.update(flatten(value, dotted + "."))
         else:

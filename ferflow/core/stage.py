@@ -1,4 +1,4 @@
-"""Shared plumbing for `stages/*.py`: argument parsing, logging and clean error exits."""
+"""Shared plumbing for `stages/*.py`: path options, logging and clean error exits."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
+from ferflow.core.errors import UserError
 from ferflow.core.params import ParamsError
 
 # TensorFlow's C++ start-up chatter (oneDNN notes, CPU feature lists) hides the stage's
@@ -18,12 +20,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 log = logging.getLogger("ferflow")
 
 # Errors that are the user's to fix: print one clear line, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ParamsError, FileNotFoundError, ValueError)
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ParamsError, FileNotFoundError, ValueError)
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str, *paths: str) -> argparse.ArgumentParser:
+    """`--params` plus one required `--<path>` option (a Path) per name: the paths are
+    written once, in the stage's `cmd` in dvc.yaml, never as defaults here."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    for name in paths:
+        p.add_argument(f"--{name}", type=Path, required=True)
     return p
 
 
@@ -38,11 +44,8 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace, 
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s")
     if not collect_garbage:
         gc.disable()
-    from ferflow.data.ingest import IngestError
-    from ferflow.tracking.store import TrackingError
-
     try:
         main(args)
-    except (*USER_ERRORS, IngestError, TrackingError) as exc:
+    except USER_ERRORS as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from ferflow.core import files
+from ferflow.core.errors import UserError
 from ferflow.data.preprocessing import DEFAULT_MAX_PIXELS, IMAGE_SIZE, ImageError, decode_face, to_face_pixels
 from ferflow.data.sources.base import SPLITS, Source, SourceItem
 
@@ -49,7 +50,7 @@ READ_BUDGET = 32 * 2**20  # encoded bytes a worker holds before decoding them
 FACE_BYTES = IMAGE_SIZE * IMAGE_SIZE
 
 
-class IngestError(RuntimeError):
+class IngestError(UserError):
     """The ingested data set is unusable (an empty class, too many rejects)."""
 
 
