@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ferflow.core.classes import FER_CLASSES
 
@@ -57,6 +57,18 @@ def _bool(default: bool) -> Any:
 class _Section(BaseModel):
     # strict: 2.5 or True is not an epoch count, "yes" is not a bool (an int still counts as a float)
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections_take_defaults(cls, raw: Any) -> Any:
+        # an empty YAML section (`augment:`) is null: it means "all defaults", not "not a mapping"
+        if not isinstance(raw, Mapping):
+            return raw
+        return {k: {} if v is None and _is_section(cls.model_fields.get(k)) else v for k, v in raw.items()}
+
+
+def _is_section(field: Any) -> bool:
+    return field is not None and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
 
 
 class SyntheticParams(_Section):
@@ -214,7 +226,7 @@ def _explain(exc: ValidationError, raw: Mapping[str, Any], prefix: tuple[str, ..
         field = model.model_fields[part]
         path.append(part)
         value = value.get(part) if isinstance(value, Mapping) else None
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+        if _is_section(field):
             if not isinstance(value, Mapping):
                 raise ParamsError(f"`{'.'.join(path)}` must be a mapping, got {value!r}")
             model = field.annotation
@@ -233,8 +245,6 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         raw = {}
     if not isinstance(raw, Mapping):
         raise ParamsError(f"{source}: `<top level>` must be a mapping, got {raw!r}")
-    # an empty YAML section (`train:`) means "all defaults", not "not a mapping"
-    raw = {k: ({} if v is None and k in Params.model_fields else v) for k, v in raw.items()}
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
