@@ -48,7 +48,6 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 FER2013_IMAGES = 32_298  # 28,709 train + 3,589 test
 FER2013_TEST_SHARE = 3_589 / 32_298
 

@@ -29,8 +29,6 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.py: local_server, synthetic_photo
 
 import numpy as np
 
@@ -145,6 +143,7 @@ def main() -> int:
 
     import requests
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.py: test helpers
     from support import local_server, synthetic_photo
 
     with tempfile.TemporaryDirectory(prefix="ferflow-bench-") as tmp:

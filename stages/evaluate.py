@@ -1,28 +1,25 @@
-"""Stage 5 - evaluate: models/model.keras on the test split -> metrics/eval.json, plots, predictions."""
+"""Stage 5 - evaluate: the trained model on the test split -> eval metrics, plots, predictions."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ferflow.core import stage  # noqa: E402
+from ferflow.core import stage
+from ferflow.core.params import read_params
+from ferflow.model.evaluation_run import run_evaluation
 
 
 def main(args) -> None:
-    from ferflow.pipeline import run_evaluation
-
-    m = run_evaluation(args)
+    m = run_evaluation(
+        read_params(args.params).evaluate,
+        arrays=args.arrays,
+        label_map=args.label_map,
+        model_path=args.model,
+        history_csv=args.history,
+        run_file=args.run_file,
+        metrics_json=args.metrics,
+        predictions_csv=args.predictions,
+        plots_dir=args.plots,
+    )
     stage.log.info("test accuracy %.4f, macro-F1 %.4f (n=%d, tta=%s)", m["accuracy"], m["macro_f1"], m["n_test"], m["tta"])
 
 
 if __name__ == "__main__":
-    p = stage.parser(__doc__)
-    p.add_argument("--arrays", default="data/arrays")
-    p.add_argument("--label-map", default="data/label_map.json")
-    p.add_argument("--model", default="models/model.keras")
-    p.add_argument("--history", default="metrics/history.csv")
-    p.add_argument("--run-file", default="models/run.json")
-    p.add_argument("--metrics", default="metrics/eval.json")
-    p.add_argument("--predictions", default="metrics/predictions.csv")
-    p.add_argument("--plots", default="metrics/plots")
+    p = stage.parser(__doc__, "arrays", "label-map", "model", "history", "run-file", "metrics", "predictions", "plots")
     stage.run(main, p.parse_args(), "evaluate")

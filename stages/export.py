@@ -1,17 +1,22 @@
-"""Stage 6 - export: models/model.keras -> MLflow pyfunc models/export + a registered version."""
+"""Stage 6 - export: the trained model -> an MLflow pyfunc directory + a registered version."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ferflow.core import stage  # noqa: E402
+from ferflow.core import stage
+from ferflow.core.params import read_params
+from ferflow.serving.export import run_export
 
 
 def main(args) -> None:
-    from ferflow.pipeline import run_export
-
-    r = run_export(args)
+    params = read_params(args.params)
+    r = run_export(
+        params.export,
+        params.serve,
+        arrays=args.arrays,
+        label_map=args.label_map,
+        model_path=args.model,
+        eval_metrics_json=args.eval_metrics,
+        out_dir=args.out,
+        metrics_json=args.metrics,
+    )
     if "version" in r:
         stage.log.info(
             "exported to %s; registered %s v%d (champion: v%d)",
@@ -25,12 +30,5 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    p = stage.parser(__doc__)
-    p.add_argument("--arrays", default="data/arrays")
-    p.add_argument("--label-map", default="data/label_map.json")
-    p.add_argument("--model", default="models/model.keras")
-    p.add_argument("--run-file", default="models/run.json")
-    p.add_argument("--eval-metrics", default="metrics/eval.json")
-    p.add_argument("--out", default="models/export")
-    p.add_argument("--metrics", default="metrics/export.json")
+    p = stage.parser(__doc__, "arrays", "label-map", "model", "eval-metrics", "out", "metrics")
     stage.run(main, p.parse_args(), "export")

@@ -1,35 +1,24 @@
-"""Stage 2 - index: data/ingested -> data/index.csv (splits, labels, hashes, sizes)."""
+"""Stage 2 - index: the ingested faces -> the index CSV (splits, labels, hashes, sizes), metrics, plots."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ferflow.core import stage  # noqa: E402
+from ferflow.core import stage
+from ferflow.core.params import read_params
+from ferflow.data.index import build_index
 
 
 def main(args) -> None:
-    from ferflow.core.params import load_section
-    from ferflow.data.index import build_index
-
-    data = load_section("data", args.params)
+    data = read_params(args.params).data
     metrics = build_index(
         args.ingested,
         args.out,
         args.metrics,
-        classes=data["classes"],
-        val_fraction=data["val_fraction"],
-        dedup=data["dedup"],
-        seed=data["seed"],
+        classes=data.classes,
+        val_fraction=data.val_fraction,
+        dedup=data.dedup,
+        seed=data.seed,
         plots_dir=args.plots,
     )
     stage.log.info("index: %s, dedup %s", metrics["split_totals"], metrics["dedup"])
 
 
 if __name__ == "__main__":
-    p = stage.parser(__doc__)
-    p.add_argument("--ingested", default="data/ingested")
-    p.add_argument("--out", default="data/index.csv")
-    p.add_argument("--metrics", default="metrics/index.json")
-    p.add_argument("--plots", default="data/plots")
-    stage.run(main, p.parse_args(), "index", collect_garbage=False)
+    stage.run(main, stage.parser(__doc__, "ingested", "out", "metrics", "plots").parse_args(), "index", collect_garbage=False)

@@ -22,11 +22,10 @@ OTHER_BACKENDS = [b for b, module in (("jax", "jax"), ("torch", "torch")) if imp
 # augmentation) at the precision `auto` picks on a JAX GPU, on the tiny net to stay quick.
 TRAIN_ONE_STEP = """
 import sys, numpy as np, keras
-sys.path.insert(0, sys.argv[2])
 from ferflow.core.params import default_params
 from ferflow.core.presets import load_preset
 from ferflow.model.training import fit_model
-assert keras.backend.backend() == sys.argv[3], keras.backend.backend()
+assert keras.backend.backend() == sys.argv[2], keras.backend.backend()
 p = default_params()["train"]
 p.update(load_preset("full")["train"])
 p.update(arch="ferflow_tiny", epochs=1, batch_size=8, deterministic=False, mixed_precision="mixed_bfloat16")
@@ -42,7 +41,7 @@ print("precision", summary["precision"])
 def test_one_training_step_under_another_backend_loads_in_tensorflow(backend, tmp_path):
     env = {**os.environ, "KERAS_BACKEND": backend}
     proc = subprocess.run(
-        [sys.executable, "-c", TRAIN_ONE_STEP, str(tmp_path), str(REPO), backend],
+        [sys.executable, "-c", TRAIN_ONE_STEP, str(tmp_path), backend],
         env=env,
         capture_output=True,
         text=True,

@@ -80,7 +80,7 @@ def assert_full_lineage(repo: Path, r, params_file: Path) -> None:
     import keras
     import tensorflow as tf
 
-    assert tags["arch"] == "ferflow_tiny" and tags["params.count"] == "24087"
+    assert tags["arch"] == "ferflow_tiny" and r.data.metrics["params_count"] == 24087  # a metric, not also a tag
     assert tags["keras.version"] == keras.__version__ and tags["tensorflow.version"] == tf.__version__
     assert tags["device"].startswith("tensorflow:cpu")
     assert re.fullmatch(r"[0-9a-f]{40}", tags["git.commit"]) and tags["git.dirty"] in ("true", "false")
@@ -199,6 +199,8 @@ def test_failing_train_stage_marks_its_run_failed(project, tmp_path):
     proc = run(
         [
             "python", "stages/train.py",
+            "--arrays", "data/arrays", "--label-map", "data/label_map.json", "--index", "data/index.csv",
+            "--data-plots", "data/plots",
             "--history", str(history_is_a_dir),
             "--run-file", str(run_file),
             "--model", str(tmp_path / "model.keras"),
@@ -228,6 +230,8 @@ def test_failing_evaluate_marks_the_reopened_run_failed(project, tmp_path):
     proc = run(
         [
             "python", "stages/evaluate.py",
+            "--arrays", "data/arrays", "--label-map", "data/label_map.json", "--model", "models/model.keras",
+            "--history", "metrics/history.csv",
             "--run-file", str(run_file),
             "--plots", str(plots_is_a_file),
             "--metrics", str(tmp_path / "eval.json"),

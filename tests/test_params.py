@@ -35,6 +35,15 @@ def test_max_per_class_takes_null_int_or_per_split_caps():
     assert flatten(validate_params({"data": {"max_per_class": caps}}))["data.max_per_class"] == caps
 
 
+def test_empty_sections_take_their_defaults():
+    # `train:` or `augment:` with nothing under it is null in YAML
+    assert (
+        validate_params({"train": {"augment": None, "epochs": 3}, "evaluate": None})["train"]["augment"]
+        == (default_params()["train"]["augment"])
+    )
+    assert validate_params(yaml.safe_load("serve:\n"))["serve"] == default_params()["serve"]
+
+
 def test_int_is_accepted_for_float():
     assert validate_params({"train": {"learning_rate": 1}})["train"]["learning_rate"] == 1.0
 
@@ -107,7 +116,8 @@ def test_stage_stops_before_work_with_one_line_error(tmp_path):
     params["data"]["val_fractoin"] = 0.2
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     proc = subprocess.run(
-        [sys.executable, str(REPO / "stages" / "ingest.py"), "--params", "params.yaml", "--out", "out", "--metrics", "m.json"],
+        [sys.executable, str(REPO / "stages" / "ingest.py"), "--params", "params.yaml", "--out", "out"]
+        + ["--rejected", "r.csv", "--metrics", "m.json"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

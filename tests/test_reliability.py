@@ -22,7 +22,7 @@ from ferflow.data.ingest import ingest
 from ferflow.data.sources.synthetic import SyntheticSource
 from support import free_port
 
-TRAIN_ARGS = ["--arrays", "arrays", "--label-map", "label_map.json", "--index", "index.csv"]
+TRAIN_ARGS = ["--arrays", "arrays", "--label-map", "label_map.json", "--index", "index.csv", "--data-plots", "plots"]
 
 
 @pytest.fixture(scope="module")

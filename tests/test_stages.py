@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 from PIL import Image
 
 from ferflow.core.classes import FER_CLASSES
-from ferflow.core.params import load_params
+from ferflow.core.params import load_params, read_params
 from ferflow.data.arrays import extract_arrays, load_label_map, load_split
 from ferflow.data.index import build_index
 from ferflow.data.ingest import ingest, pixel_hash
@@ -141,37 +140,39 @@ def test_load_split_refuses_pickled_or_malformed_arrays(tmp_path):
         load_split(tmp_path, "test")
 
 
-def _namespace(root: Path, params: Path) -> argparse.Namespace:
-    return argparse.Namespace(
-        params=str(params),
-        arrays=str(root / "arrays"),
-        label_map=str(root / "label_map.json"),
-        index=str(root / "index.csv"),
-        model=str(root / "models" / "model.keras"),
-        metrics=str(root / "m" / "train.json"),
-        history=str(root / "m" / "history.csv"),
-        run_file=str(root / "models" / "run.json"),
-        work_dir=str(root / "work"),
-        no_mlflow=False,
-        predictions=str(root / "m" / "predictions.csv"),
-        plots=str(root / "m" / "plots"),
-        eval_metrics=str(root / "m" / "eval.json"),
-        out=str(root / "models" / "export"),
-    )
+def _train(data_dir: Path, params_file: Path, out: Path) -> dict:
+    from ferflow.model.training_run import run_training
+
+    params = read_params(params_file)
+    return run_training(
+        params.train, params.data, params_file,
+        arrays=data_dir / "arrays", label_map=data_dir / "label_map.json", index=data_dir / "index.csv",
+        data_plots=data_dir / "plots",
+        model_path=out / "model.keras", metrics_json=out / "train.json", history_csv=out / "history.csv",
+        run_file=out / "run.json", work_dir=out / "work",
+    )  # fmt: skip
+
+
+def _evaluate(data_dir: Path, params_file: Path, out: Path, metrics_json: Path) -> dict:
+    from ferflow.model.evaluation_run import run_evaluation
+
+    return run_evaluation(
+        read_params(params_file).evaluate,
+        arrays=data_dir / "arrays", label_map=data_dir / "label_map.json", model_path=out / "model.keras",
+        history_csv=out / "history.csv", run_file=out / "run.json", metrics_json=metrics_json,
+        predictions_csv=out / "pred.csv", plots_dir=out / "plots",
+    )  # fmt: skip
 
 
 def test_train_evaluate_export_share_one_mlflow_run(data_dir, tiny_params, tmp_path, monkeypatch):
     import mlflow
 
-    from ferflow import pipeline
+    from ferflow.serving.export import run_export
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    ns = _namespace(data_dir, tiny_params)
-    ns.model, ns.run_file, ns.work_dir = str(tmp_path / "model.keras"), str(tmp_path / "run.json"), str(tmp_path / "work")
-    ns.metrics, ns.history = str(tmp_path / "train.json"), str(tmp_path / "history.csv")
-    train = pipeline.run_training(ns)
+    train = _train(data_dir, tiny_params, tmp_path)
     assert train["epochs_run"] == 2 and train["arch"] == "ferflow_tiny"
     history = pd.read_csv(tmp_path / "history.csv")
     assert list(history["epoch"]) == [1, 2]
@@ -180,8 +181,7 @@ def test_train_evaluate_export_share_one_mlflow_run(data_dir, tiny_params, tmp_p
     )
     assert not (tmp_path / "work").exists()  # finished training leaves nothing to resume
 
-    ns.metrics, ns.predictions, ns.plots = str(tmp_path / "eval.json"), str(tmp_path / "pred.csv"), str(tmp_path / "plots")
-    evaluation = pipeline.run_evaluation(ns)
+    evaluation = _evaluate(data_dir, tiny_params, tmp_path, tmp_path / "eval.json")
     assert 0 <= evaluation["accuracy"] <= 1 and evaluation["n_test"] == 42
     preds = pd.read_csv(tmp_path / "pred.csv")
     assert list(preds.columns[:2]) == ["actual", "predicted"] and len(preds) == 42
@@ -189,8 +189,12 @@ def test_train_evaluate_export_share_one_mlflow_run(data_dir, tiny_params, tmp_p
     for name in ("confusion_matrix.png", "training_curves.png", "classification_report.txt", "per_class.json"):
         assert (tmp_path / "plots" / name).stat().st_size > 0
 
-    ns.eval_metrics, ns.metrics, ns.out = str(tmp_path / "eval.json"), str(tmp_path / "export.json"), str(tmp_path / "export")
-    exported = pipeline.run_export(ns)
+    params = read_params(tiny_params)
+    exported = run_export(
+        params.export, params.serve,
+        arrays=data_dir / "arrays", label_map=data_dir / "label_map.json", model_path=tmp_path / "model.keras",
+        eval_metrics_json=tmp_path / "eval.json", out_dir=tmp_path / "export", metrics_json=tmp_path / "export.json",
+    )  # fmt: skip
     assert (tmp_path / "export" / "MLmodel").exists()
     assert exported["version"] == 1 and exported["champion"] is True
 
@@ -230,25 +234,21 @@ def test_changed_evaluate_params_fork_the_run_instead_of_overwriting_it(data_dir
     import mlflow
     import yaml
 
-    from ferflow import pipeline
-
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    ns = _namespace(tmp_path, tiny_params)
-    ns.arrays, ns.label_map, ns.index = str(data_dir / "arrays"), str(data_dir / "label_map.json"), str(data_dir / "index.csv")
-    pipeline.run_training(ns)
-    train_run = json.loads(Path(ns.run_file).read_text())["run_id"]
-    ns.metrics = str(tmp_path / "m" / "eval.json")
-    first = pipeline.run_evaluation(ns)
-    assert json.loads(Path(ns.metrics).read_text())["mlflow_run_id"] == train_run
+    _train(data_dir, tiny_params, tmp_path)
+    train_run = json.loads((tmp_path / "run.json").read_text())["run_id"]
+    eval_json = tmp_path / "m" / "eval.json"
+    first = _evaluate(data_dir, tiny_params, tmp_path, eval_json)
+    assert json.loads(eval_json.read_text())["mlflow_run_id"] == train_run
 
     params = yaml.safe_load(tiny_params.read_text())
     params["evaluate"]["tta"] = "flip"
     tiny_params.write_text(yaml.safe_dump(params))
     monkeypatch.setenv("DVC_EXP_NAME", "flip-exp")
-    second = pipeline.run_evaluation(ns)
-    fork_id = json.loads(Path(ns.metrics).read_text())["mlflow_run_id"]
+    second = _evaluate(data_dir, tiny_params, tmp_path, eval_json)
+    fork_id = json.loads(eval_json.read_text())["mlflow_run_id"]
     assert fork_id != train_run and second["tta"] == "flip"
 
     client = mlflow.MlflowClient()
@@ -259,3 +259,27 @@ def test_changed_evaluate_params_fork_the_run_instead_of_overwriting_it(data_dir
     assert fork.data.tags["ferflow.train_run_id"] == train_run and fork.info.run_name == "flip-exp"
     assert fork.data.metrics["test_accuracy"] == pytest.approx(second["accuracy"])
     assert fork.info.status == old.info.status == "FINISHED"
+
+
+def test_dvc_yaml_cmds_name_every_path_the_stage_declares():
+    """Paths are written once, in each stage's `cmd`: each path option there is a declared
+    dep or output of that stage (the resume backup excepted), and each declared data dep or
+    output is passed to the script (none hides behind a default)."""
+    import shlex
+
+    import yaml
+
+    stages = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"]
+    for name, spec in stages.items():
+        words = shlex.split(spec["cmd"])
+        assert words[:2] == ["python", f"stages/{name}.py"], name
+        options = dict(zip(words[2::2], words[3::2]))
+        assert all(o.startswith("--") for o in options), (name, words)
+        declared = {
+            next(iter(e)) if isinstance(e, dict) else e for key in ("deps", "outs", "metrics", "plots") for e in spec.get(key, [])
+        }
+        data = {d for d in declared if not d.startswith(("stages/", "ferflow/", "${"))}
+        passed = {path for option, path in options.items() if option != "--work-dir"}
+        assert passed <= declared, (name, passed - declared)
+        # export does not read the run file: the evaluate metrics name the run it logged to
+        assert data - passed <= ({"models/run.json"} if name == "export" else set()), (name, data - passed)

@@ -1,207 +1,201 @@
-"""The one schema for params.yaml, validated once before any stage does work.
+"""The one params model (pydantic), validated once before any stage does work.
 
-Every key has a type, a range or a set of allowed values and a default. An unknown
-key, a wrong type or an out-of-range value raises `ParamsError` naming the dotted
-key, the value and what is allowed (with a did-you-mean for typos).
+`Params` has one section model per params.yaml section (data, train, evaluate, export,
+serve); every key has a type, a range or a set of allowed values and a default, and
+unknown keys are refused. A bad value raises `ParamsError`, one line naming the dotted
+key, the value and what is allowed (with a did-you-mean for typos). The exported
+model's serve_config.json is validated by the same `ServeParams`.
 """
 
 from __future__ import annotations
 
-import copy
 import difflib
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ferflow.core.classes import FER_CLASSES
 
-ARCH_NAMES: tuple[str, ...] = ("seed000", "seed001", "seed003", "seed004", "ferflow_vgg", "ferflow_tiny")
-OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
-LR_SCHEDULES: tuple[str, ...] = ("plateau", "cosine", "constant")
-PRECISIONS: tuple[str, ...] = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
-DEDUP_POLICIES: tuple[str, ...] = ("keep", "drop_cross_split")
-TTA_MODES: tuple[str, ...] = ("none", "flip", "tencrop")
+ArchName = Literal["seed000", "seed001", "seed003", "seed004", "ferflow_vgg", "ferflow_tiny"]
+Optimizer = Literal["adam", "adamw", "sgd"]
+LrSchedule = Literal["plateau", "cosine", "constant"]
+Precision = Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
+DedupPolicy = Literal["keep", "drop_cross_split"]
+TtaMode = Literal["none", "flip", "tencrop"]
+
+ARCH_NAMES: tuple[str, ...] = typing.get_args(ArchName)
+OPTIMIZERS: tuple[str, ...] = typing.get_args(Optimizer)
+LR_SCHEDULES: tuple[str, ...] = typing.get_args(LrSchedule)
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+DEDUP_POLICIES: tuple[str, ...] = typing.get_args(DedupPolicy)
+TTA_MODES: tuple[str, ...] = typing.get_args(TtaMode)
+SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 
 
 class ParamsError(ValueError):
-    """A params.yaml problem, with the dotted key, the value and what is allowed."""
+    """A params problem, with the dotted key, the value and what is allowed."""
 
 
-@dataclass(frozen=True)
-class Field:
-    """One leaf of the schema."""
-
-    kind: str  # "int", "float", "bool", "str", "choice", "classes", "class_map", "caps"
-    default: Any
-    allowed: str = ""  # human description of the allowed values
-    check: Callable[[Any], bool] | None = None
-    choices: tuple[str, ...] = ()
-    nullable: bool = False
+def _int(default: int, ge: int | None = None, le: int | None = None) -> Any:
+    allowed = "an integer" + (f" >= {ge}" if ge is not None else "") + (f" and <= {le}" if le is not None else "")
+    return Field(default, ge=ge, le=le, description=allowed)
 
 
-@dataclass(frozen=True)
-class Section:
-    fields: Mapping[str, Field | Section] = field(default_factory=dict)
+def _float(default: float, allowed: str, **bounds: float) -> Any:
+    return Field(default, description=allowed, **bounds)
 
 
-def _int(default: int, lo: int | None = None, hi: int | None = None, nullable: bool = False) -> Field:
-    desc = "an integer" + (f" >= {lo}" if lo is not None else "") + (f" and <= {hi}" if hi is not None else "")
-    if nullable:
-        desc += " or null"
-    return Field(
-        "int",
-        default,
-        desc,
-        lambda v: (lo is None or v >= lo) and (hi is None or v <= hi),
-        nullable=nullable,
+def _bool(default: bool) -> Any:
+    return Field(default, description="true or false")
+
+
+class _Section(BaseModel):
+    # strict: 2.5 or True is not an epoch count, "yes" is not a bool (an int still counts as a float)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections_take_defaults(cls, raw: Any) -> Any:
+        # an empty YAML section (`augment:`) is null: it means "all defaults", not "not a mapping"
+        if not isinstance(raw, Mapping):
+            return raw
+        return {k: {} if v is None and _is_section(cls.model_fields.get(k)) else v for k, v in raw.items()}
+
+
+def _is_section(field: Any) -> bool:
+    return field is not None and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+
+
+class SyntheticParams(_Section):
+    train_per_class: int = _int(500, 1)
+    test_per_class: int = _int(100, 1)
+
+
+class DataParams(_Section):
+    source: str = Field("synthetic", description="'synthetic' or a path to a folder, .zip or .csv")
+    synthetic: SyntheticParams = SyntheticParams()
+    classes: list[str] = Field(list(FER_CLASSES), description="a non-empty list of distinct names from " + ", ".join(FER_CLASSES))
+    class_map: dict[str, str] = Field({}, description="a mapping of folder name -> one of " + ", ".join(FER_CLASSES))
+    # checked by `_caps`: a union type would report one error per member instead of one line
+    max_per_class: Any = Field(
+        None, description="null, an integer >= 1, or a mapping of split (train/val/test) -> integer >= 1 or null"
     )
+    val_fraction: float = _float(0.1, "a number strictly between 0 and 1", gt=0, lt=1)
+    dedup: DedupPolicy = "drop_cross_split"
+    max_reject_fraction: float = _float(0.01, "a number between 0 and 1", ge=0, le=1)
+    seed: int = _int(42, 0)
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, value: list[str]) -> list[str]:
+        if not value or len(set(value)) != len(value) or not set(value) <= set(FER_CLASSES):
+            raise ValueError("not a non-empty list of distinct FER class names")
+        return value
+
+    @field_validator("class_map")
+    @classmethod
+    def _class_map(cls, value: dict[str, str]) -> dict[str, str]:
+        if not set(value.values()) <= set(FER_CLASSES):
+            raise ValueError("maps to an unknown class")
+        return value
+
+    @field_validator("max_per_class")
+    @classmethod
+    def _caps(cls, value: Any) -> Any:
+        def is_cap(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+        if value is None or is_cap(value):
+            return value
+        if isinstance(value, dict) and all(k in SPLIT_NAMES and (v is None or is_cap(v)) for k, v in value.items()):
+            return value
+        raise ValueError("not a cap")
 
 
-def _float(default: float, desc: str, check: Callable[[float], bool]) -> Field:
-    return Field("float", default, desc, check)
+class AugmentParams(_Section):
+    flip: bool = _bool(False)
+    shift: float = _float(0.0, "a fraction of the image size in [0, 0.5)", ge=0, lt=0.5)
+    rotation: float = _float(0.0, "a fraction of a full turn in [0, 0.5)", ge=0, lt=0.5)
+    zoom: float = _float(0.0, "a fraction in [0, 0.5)", ge=0, lt=0.5)
+    erasing: float = _float(0.0, "a probability in [0, 1]", ge=0, le=1)
 
 
-def _choice(default: str, choices: tuple[str, ...]) -> Field:
-    return Field("choice", default, "one of " + ", ".join(choices), choices=choices)
+class TrainParams(_Section):
+    arch: ArchName = "seed001"
+    width: float = _float(1.0, "a number > 0 (multiplies every conv/dense width)", gt=0)
+    # the largest base dropout rate of the seeds is 0.5: a scale of 2 makes a rate of 1
+    dropout_scale: float = _float(
+        1.0, "a number >= 0 and < 2 (multiplies every dropout rate; 2 or more makes a dropout rate >= 1)", ge=0, lt=2
+    )
+    # < 48: the net sees the centre crop (random crops with augment.shift; TTA tencrop)
+    crop_size: int = _int(48, 16, 48)
+    epochs: int = _int(15, 1)
+    batch_size: int = _int(64, 1)
+    optimizer: Optimizer = "adam"
+    learning_rate: float = _float(0.001, "a number > 0", gt=0)
+    momentum: float = _float(0.9, "a number in [0, 1)", ge=0, lt=1)
+    weight_decay: float = _float(0.0, "a number >= 0", ge=0)
+    label_smoothing: float = _float(0.0, "a number in [0, 1)", ge=0, lt=1)
+    class_weight: bool = _bool(False)
+    lr_schedule: LrSchedule = "plateau"
+    reduce_lr_factor: float = _float(0.5, "a number strictly between 0 and 1", gt=0, lt=1)
+    reduce_lr_patience: int = _int(3, 0)
+    min_learning_rate: float = _float(1e-6, "a number >= 0", ge=0)
+    early_stopping_patience: int = _int(6, 0)
+    # val_loss of the first epochs is noisy while BatchNorm statistics settle
+    early_stopping_start_epoch: int = _int(5, 0)
+    mixed_precision: Precision = "auto"
+    augment: AugmentParams = AugmentParams()
+    deterministic: bool = _bool(True)
+    seed: int = _int(42, 0)
 
 
-def _bool(default: bool) -> Field:
-    return Field("bool", default, "true or false")
+class EvaluateParams(_Section):
+    tta: TtaMode = "none"
+    batch_size: int = _int(256, 1)
 
 
-SCHEMA = Section(
-    {
-        "data": Section(
-            {
-                "source": Field("str", "synthetic", "'synthetic' or a path to a folder, .zip or .csv"),
-                "synthetic": Section(
-                    {
-                        "train_per_class": _int(500, 1),
-                        "test_per_class": _int(100, 1),
-                    }
-                ),
-                "classes": Field(
-                    "classes", list(FER_CLASSES), "a non-empty list of distinct names from " + ", ".join(FER_CLASSES)
-                ),
-                "class_map": Field("class_map", {}, "a mapping of folder name -> one of " + ", ".join(FER_CLASSES)),
-                "max_per_class": Field(
-                    "caps",
-                    None,
-                    "null, an integer >= 1, or a mapping of split (train/val/test) -> integer >= 1 or null",
-                    nullable=True,
-                ),
-                "val_fraction": _float(0.1, "a number strictly between 0 and 1", lambda v: 0 < v < 1),
-                "dedup": _choice("drop_cross_split", DEDUP_POLICIES),
-                "max_reject_fraction": _float(0.01, "a number between 0 and 1", lambda v: 0 <= v <= 1),
-                "seed": _int(42, 0),
-            }
-        ),
-        "train": Section(
-            {
-                "arch": _choice("seed001", ARCH_NAMES),
-                "width": _float(1.0, "a number > 0 (multiplies every conv/dense width)", lambda v: v > 0),
-                "dropout_scale": _float(
-                    1.0, "a number >= 0 (multiplies every dropout rate; result must stay < 1)", lambda v: 0 <= v
-                ),
-                # < 48: the net sees the centre crop (random crops with augment.shift; TTA tencrop)
-                "crop_size": _int(48, 16, 48),
-                "epochs": _int(15, 1),
-                "batch_size": _int(64, 1),
-                "optimizer": _choice("adam", OPTIMIZERS),
-                "learning_rate": _float(0.001, "a number > 0", lambda v: v > 0),
-                "momentum": _float(0.9, "a number in [0, 1)", lambda v: 0 <= v < 1),
-                "weight_decay": _float(0.0, "a number >= 0", lambda v: v >= 0),
-                "label_smoothing": _float(0.0, "a number in [0, 1)", lambda v: 0 <= v < 1),
-                "class_weight": _bool(False),
-                "lr_schedule": _choice("plateau", LR_SCHEDULES),
-                "reduce_lr_factor": _float(0.5, "a number strictly between 0 and 1", lambda v: 0 < v < 1),
-                "reduce_lr_patience": _int(3, 0),
-                "min_learning_rate": _float(1e-6, "a number >= 0", lambda v: v >= 0),
-                "early_stopping_patience": _int(6, 0),
-                # val_loss of the first epochs is noisy while BatchNorm statistics settle
-                "early_stopping_start_epoch": _int(5, 0),
-                "mixed_precision": _choice("auto", PRECISIONS),
-                "augment": Section(
-                    {
-                        "flip": _bool(False),
-                        "shift": _float(0.0, "a fraction of the image size in [0, 0.5)", lambda v: 0 <= v < 0.5),
-                        "rotation": _float(0.0, "a fraction of a full turn in [0, 0.5)", lambda v: 0 <= v < 0.5),
-                        "zoom": _float(0.0, "a fraction in [0, 0.5)", lambda v: 0 <= v < 0.5),
-                        "erasing": _float(0.0, "a probability in [0, 1]", lambda v: 0 <= v <= 1),
-                    }
-                ),
-                "deterministic": _bool(True),
-                "seed": _int(42, 0),
-            }
-        ),
-        "evaluate": Section(
-            {
-                "tta": _choice("none", TTA_MODES),
-                "batch_size": _int(256, 1),
-            }
-        ),
-        "export": Section(
-            {
-                "registered_model_name": Field("str", "ferflow-emotion", "a non-empty string", lambda v: bool(v.strip())),
-                "force_champion": _bool(False),
-            }
-        ),
-        "serve": Section(
-            {
-                "detect_face": _bool(True),
-                "tta": _choice("none", TTA_MODES),
-                "max_image_bytes": _int(10_000_000, 1),
-                "max_image_pixels": _int(25_000_000, 1),
-                "min_image_side": _int(16, 1),
-                "face_margin": _float(0.05, "a fraction of the face size in [0, 1]", lambda v: 0 <= v <= 1),
-            }
-        ),
-    }
-)
+class ExportParams(_Section):
+    registered_model_name: Annotated[str, Field(pattern=r"\S")] = Field("ferflow-emotion", description="a non-empty string")
+    force_champion: bool = _bool(False)
 
 
-def _type_ok(spec: Field, value: Any) -> bool:
-    if value is None:
-        return spec.nullable
-    if spec.kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if spec.kind == "float":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if spec.kind == "bool":
-        return isinstance(value, bool)
-    if spec.kind in ("str", "choice"):
-        return isinstance(value, str)
-    if spec.kind == "classes":
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
-    if spec.kind == "class_map":
-        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
-    if spec.kind == "caps":
-        return _is_cap(value) or isinstance(value, dict)
-    raise AssertionError(spec.kind)
+class ServeParams(_Section):
+    detect_face: bool = _bool(True)
+    tta: TtaMode = "none"
+    max_image_bytes: int = _int(10_000_000, 1)
+    max_image_pixels: int = _int(25_000_000, 1)
+    min_image_side: int = _int(16, 1)
+    face_margin: float = _float(0.05, "a fraction of the face size in [0, 1]", ge=0, le=1)
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> ServeParams:
+        """An exported serve_config.json: keys this version does not know (a newer export's) are
+        skipped; the known ones are checked like params.yaml's `serve` section."""
+        if not isinstance(raw, Mapping):
+            raise ParamsError(f"invalid serve config: expected a mapping of serve keys, got {raw!r}")
+        known = {k: v for k, v in raw.items() if k in cls.model_fields}
+        try:
+            return cls.model_validate(known)
+        except ValidationError as exc:
+            dotted, value, allowed, hint = _explain(exc, {"serve": known}, prefix=("serve",))
+            raise ParamsError(f"invalid serve config: {dotted} = {value!r} is not allowed: expected {allowed}.{hint}") from None
 
 
-def _is_cap(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+class Params(_Section):
+    data: DataParams = DataParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
+    serve: ServeParams = ServeParams()
 
 
-def _value_ok(spec: Field, value: Any) -> bool:
-    if value is None:
-        return True
-    if spec.kind == "choice":
-        return value in spec.choices
-    if spec.kind == "classes":
-        return bool(value) and len(set(value)) == len(value) and all(v in FER_CLASSES for v in value)
-    if spec.kind == "class_map":
-        return all(v in FER_CLASSES for v in value.values())
-    if spec.kind == "caps" and isinstance(value, dict):
-        return all(k in ("train", "val", "test") and (v is None or _is_cap(v)) for k, v in value.items())
-    if spec.kind == "caps":
-        return _is_cap(value)
-    return spec.check is None or spec.check(value)
+# ---------------------------------------------------------------- one-line messages
 
 
 def _did_you_mean(key: str, known: list[str]) -> str:
@@ -209,51 +203,60 @@ def _did_you_mean(key: str, known: list[str]) -> str:
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
-def _validate(section: Section, raw: Any, prefix: str, source: str) -> dict[str, Any]:
+def _allowed(field: Any) -> tuple[str, tuple[str, ...]]:
+    choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is Literal else ()
+    return (field.description or ("one of " + ", ".join(choices))), choices
+
+
+def _explain(exc: ValidationError, raw: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> tuple[str, Any, str, str]:
+    """(dotted key, its value, what is allowed, did-you-mean) of the error to report."""
+    errors = exc.errors()
+    # a misspelt key first: its misplaced value may also make a later key look wrong
+    error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc = prefix + tuple(str(part) for part in error["loc"])
+    # from the top (Params) or, for an export's serve config, from its section model
+    model: type[BaseModel] = ServeParams if prefix else Params
+    value: Any = raw[prefix[0]] if prefix else raw
+    path = list(prefix)
+    for part in loc[len(prefix) :]:
+        if part not in model.model_fields:  # an unknown key (extra_forbidden)
+            known = list(model.model_fields)
+            dotted = ".".join([*path, part])
+            raise ParamsError(f"unknown key `{dotted}`.{_did_you_mean(part, known)} Known keys here: {', '.join(known)}")
+        field = model.model_fields[part]
+        path.append(part)
+        value = value.get(part) if isinstance(value, Mapping) else None
+        if _is_section(field):
+            if not isinstance(value, Mapping):
+                raise ParamsError(f"`{'.'.join(path)}` must be a mapping, got {value!r}")
+            model = field.annotation
+            continue
+        if field.annotation is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # the value as the model holds it
+        allowed, choices = _allowed(field)
+        hint = _did_you_mean(value, list(choices)) if choices and isinstance(value, str) else ""
+        return ".".join(path), value, allowed, hint
+    raise ParamsError(f"`{'.'.join(path) or '<top level>'}` must be a mapping, got {value!r}")
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """The typed params of a raw mapping, defaults filled in. Raises ParamsError (one line)."""
     if raw is None:
         raw = {}
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{source}: `{prefix.rstrip('.') or '<top level>'}` must be a mapping, got {raw!r}")
-    known = list(section.fields)
-    for key in raw:
-        if key not in section.fields:
-            raise ParamsError(
-                f"{source}: unknown key `{prefix}{key}`.{_did_you_mean(str(key), known)} Known keys here: {', '.join(known)}"
-            )
-    out: dict[str, Any] = {}
-    for key, spec in section.fields.items():
-        dotted = prefix + key
-        if isinstance(spec, Section):
-            out[key] = _validate(spec, raw.get(key), dotted + ".", source)
-            continue
-        value = copy.deepcopy(raw.get(key, spec.default))
-        if spec.kind == "float" and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not _type_ok(spec, value) or not _value_ok(spec, value):
-            hint = _did_you_mean(value, list(spec.choices)) if spec.kind == "choice" and isinstance(value, str) else ""
-            raise ParamsError(f"{source}: `{dotted}` = {value!r} is not allowed: expected {spec.allowed}.{hint}")
-        out[key] = value
-    return out
+    if not isinstance(raw, Mapping):
+        raise ParamsError(f"{source}: `<top level>` must be a mapping, got {raw!r}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        try:
+            dotted, value, allowed, hint = _explain(exc, raw)
+        except ParamsError as structural:
+            raise ParamsError(f"{source}: {structural}") from None
+        raise ParamsError(f"{source}: `{dotted}` = {value!r} is not allowed: expected {allowed}.{hint}") from None
 
 
-def validate_params(raw: Any, source: str = "params.yaml") -> dict[str, Any]:
-    """Validate a whole params mapping, filling defaults. Raises ParamsError."""
-    params = _validate(SCHEMA, raw, "", source)
-    drop = params["train"]["dropout_scale"]
-    if drop * 0.5 >= 1:  # the largest seed dropout is 0.5
-        raise ParamsError(
-            f"{source}: `train.dropout_scale` = {drop!r} makes a dropout rate >= 1 (largest base rate is 0.5): "
-            "expected a number < 2"
-        )
-    return params
-
-
-def default_params() -> dict[str, Any]:
-    return validate_params({})
-
-
-def load_params(path: str | os.PathLike[str] = "params.yaml") -> dict[str, Any]:
-    """Read and validate params.yaml (all sections, so a typo anywhere stops any stage)."""
+def read_params(path: str | os.PathLike[str] = "params.yaml") -> Params:
+    """Read and validate a params file (all sections, so a typo anywhere stops any stage)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -263,7 +266,23 @@ def load_params(path: str | os.PathLike[str] = "params.yaml") -> dict[str, Any]:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
-    return validate_params(raw, str(path))
+    return parse_params(raw, str(path))
+
+
+# Plain-dict views, for what serializes params (MLflow params, preset overrides, JSON).
+
+
+def validate_params(raw: Any, source: str = "params.yaml") -> dict[str, Any]:
+    """Validate a whole params mapping, filling defaults; the result as plain data."""
+    return parse_params(raw, source).model_dump()
+
+
+def default_params() -> dict[str, Any]:
+    return Params().model_dump()
+
+
+def load_params(path: str | os.PathLike[str] = "params.yaml") -> dict[str, Any]:
+    return read_params(path).model_dump()
 
 
 def load_section(section: str, path: str | os.PathLike[str] = "params.yaml") -> dict[str, Any]:
@@ -271,11 +290,16 @@ def load_section(section: str, path: str | os.PathLike[str] = "params.yaml") -> 
     return load_params(path)[section]
 
 
-def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'train': {'epochs': 3}} -> {'train.epochs': 3}; lists, class_map and max_per_class stay whole."""
+def flatten(params: Mapping[str, Any] | BaseModel, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'epochs': 3}} -> {'train.epochs': 3} (models or plain mappings, at any level);
+    lists, class_map and max_per_class stay whole."""
+    if isinstance(params, BaseModel):
+        params = params.model_dump()
     flat: dict[str, Any] = {}
     for key, value in params.items():
         dotted = f"{prefix}{key}"
+        if isinstance(value, BaseModel):
+            value = value.model_dump()
         if isinstance(value, Mapping) and key not in ("class_map", "max_per_class"):
             flat.update(flatten(value, dotted + "."))
         else:

@@ -1,4 +1,4 @@
-"""Shared plumbing for `stages/*.py`: argument parsing, logging and clean error exits."""
+"""Shared plumbing for `stages/*.py`: path options, logging and clean error exits."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from ferflow.core.errors import UserError
 from ferflow.core.params import ParamsError
@@ -22,9 +23,13 @@ log = logging.getLogger("ferflow")
 USER_ERRORS: tuple[type[BaseException], ...] = (ParamsError, UserError, FileNotFoundError, ValueError)
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str, *paths: str) -> argparse.ArgumentParser:
+    """`--params` plus one required `--<path>` option (a Path) per name: the paths are
+    written once, in the stage's `cmd` in dvc.yaml, never as defaults here."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    for name in paths:
+        p.add_argument(f"--{name}", type=Path, required=True)
     return p
 
 

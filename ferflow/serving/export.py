@@ -28,8 +28,9 @@ import pandas as pd
 
 from ferflow.core import files
 from ferflow.core.imports import imported_modules, module_path
+from ferflow.core.params import ExportParams, ServeParams, flatten
 
-SERVING_PACKAGES = ("mlflow", "keras", "tensorflow-cpu", "numpy", "pandas", "pillow", "opencv-python-headless")
+SERVING_PACKAGES = ("mlflow", "keras", "tensorflow-cpu", "numpy", "pandas", "pillow", "opencv-python-headless", "pydantic")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 SOURCE_ROOT = PACKAGE_DIR.parent
 MODEL_CODE = PACKAGE_DIR / "serving" / "pyfunc.py"
@@ -217,3 +218,48 @@ def register_and_promote(run_kwargs: dict[str, Any], name: str, test_accuracy: f
         "previous_champion": previous,
         "model_uri": info.model_uri,
     }
+
+
+def run_export(
+    export: ExportParams,
+    serve: ServeParams,
+    arrays: Path,
+    label_map: Path,
+    model_path: Path,
+    eval_metrics_json: Path,
+    out_dir: Path,
+    metrics_json: Path,
+) -> dict[str, Any]:
+    """The export stage's work: the pyfunc directory, then (when evaluate logged to a run) a
+    registered version in that run, promoted to `champion` if it is better."""
+    from ferflow.data.arrays import load_split
+    from ferflow.tracking.runs import resume_run
+    from ferflow.tracking.signals import interrupts_held
+
+    eval_metrics = files.read_json(eval_metrics_json)
+    x_test, _ = load_split(arrays, "test")
+    example = np.rint(x_test[0, :, :, 0] * 255).astype(np.uint8)
+    config_path = out_dir.parent / ".serve_config.json"
+    files.write_json(config_path, serve.model_dump())
+    try:
+        kwargs = model_kwargs(model_path, label_map, config_path, example)
+        save_pyfunc(out_dir, kwargs)
+        result: dict[str, Any] = {"export_dir": str(out_dir), "test_accuracy": eval_metrics["accuracy"]}
+        # evaluate recorded the run it logged to (the training run, or a fork of it)
+        eval_run_id = eval_metrics.get("mlflow_run_id")
+        if eval_run_id:
+            import mlflow
+
+            with resume_run(eval_run_id, flatten({"export": export, "serve": serve}), str(eval_metrics_json)) as run_id:
+                result["mlflow_run_id"] = run_id
+                with interrupts_held():
+                    result |= register_and_promote(
+                        kwargs, export.registered_model_name, eval_metrics["accuracy"], export.force_champion
+                    )
+                    # the lock of this working copy (DVC writes export's own entry after the stage)
+                    if Path("dvc.lock").exists():
+                        mlflow.log_artifact("dvc.lock")
+    finally:
+        config_path.unlink(missing_ok=True)
+    files.write_json(metrics_json, result)
+    return result

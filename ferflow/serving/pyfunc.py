@@ -33,7 +33,7 @@ import json
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import mlflow
@@ -43,7 +43,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 
-from ferflow.core.params import TTA_MODES
+from ferflow.core import files
+from ferflow.core.params import TTA_MODES, ServeParams
 from ferflow.data.preprocessing import IMAGE_SIZE, ImageError, decode_image, normalize, prepare_batch
 from ferflow.model.evaluation import predict_proba, renormalize
 from ferflow.serving.faces import BOX_COLUMNS, Box, FaceDetector, centre_square
@@ -74,46 +75,8 @@ class RequestError(MlflowException, ValueError):
             self._request_message = value
 
 
-@dataclass(frozen=True)
-class ServeConfig:
-    """params.yaml `serve`, as baked into the export. Defaults apply to keys a config omits."""
-
-    detect_face: bool = True
-    tta: str = "none"
-    max_image_bytes: int = 10_000_000
-    max_image_pixels: int = 25_000_000
-    min_image_side: int = 16
-    face_margin: float = 0.05
-
-    @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any]) -> ServeConfig:
-        """Known keys only (others belong to newer exports or other tools); each checked."""
-        known = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in raw.items() if k in known})
-        checks = {
-            "detect_face": isinstance(cfg.detect_face, bool),
-            "tta": cfg.tta in TTA_MODES,
-            "max_image_bytes": _positive_int(cfg.max_image_bytes),
-            "max_image_pixels": _positive_int(cfg.max_image_pixels),
-            "min_image_side": _positive_int(cfg.min_image_side),
-            "face_margin": isinstance(cfg.face_margin, (int, float)) and 0 <= cfg.face_margin <= 1,
-        }
-        bad = [f"serve.{k} = {getattr(cfg, k)!r}" for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(
-                f"invalid serve config: {', '.join(bad)} (expected detect_face bool, tta one of {TTA_MODES}, "
-                "limits integers >= 1, face_margin in [0, 1])"
-            )
-        return cfg
-
-    @classmethod
-    def from_json(cls, path: str) -> ServeConfig:
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_mapping(json.load(fh))
-
-
-def _positive_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+# params.yaml `serve`, as baked into the export: the one params model validates both
+ServeConfig = ServeParams
 
 
 # ---------------------------------------------------------------- request parsing
@@ -286,7 +249,7 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
         self.setup(
             context.artifacts["keras_model"],
             context.artifacts["label_map"],
-            ServeConfig.from_json(context.artifacts["serve_config"]),
+            ServeConfig.from_mapping(files.read_json(context.artifacts["serve_config"])),
         )
 
     def setup(self, keras_model_path: str, label_map_json: str, config: ServeConfig) -> None:

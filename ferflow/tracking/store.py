@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from ferflow.core.errors import UserError
+from ferflow.core.repo import find_root
 
 EXPERIMENT_NAME = "ferflow"
 log = logging.getLogger(__name__)
@@ -20,17 +21,6 @@ log = logging.getLogger(__name__)
 
 class TrackingError(UserError):
     """The MLflow store cannot be reached or used."""
-
-
-def find_root(start: str | os.PathLike[str] | None = None) -> Path:
-    """DVC_ROOT, else the nearest ancestor of `start` (cwd) holding .dvc or .git."""
-    if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
-    here = Path(start or os.getcwd()).resolve()
-    for candidate in (here, *here.parents):
-        if (candidate / ".dvc").is_dir() or (candidate / ".git").exists():
-            return candidate
-    return here
 
 
 def tracking_uri(root: str | os.PathLike[str] | None = None) -> str:

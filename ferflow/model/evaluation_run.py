@@ -1,0 +1,59 @@
+"""The evaluate stage's work: the test split through the model, logged to the pipeline's MLflow run.
+
+Kept apart from `ferflow.model.evaluation` (metrics, TTA, plots), which the served model
+imports: the exported model ships only what its pyfunc imports, not the tracking glue.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ferflow.core.params import EvaluateParams, flatten
+from ferflow.model.evaluation import evaluate
+
+
+def run_evaluation(
+    params: EvaluateParams,
+    arrays: Path,
+    label_map: Path,
+    model_path: Path,
+    history_csv: Path,
+    run_file: Path,
+    metrics_json: Path,
+    predictions_csv: Path,
+    plots_dir: Path,
+) -> dict[str, Any]:
+    """The evaluate stage's work: the test split through the model, logged to the training run
+    (or to a linked fork when the evaluate params changed since)."""
+    import keras
+
+    from ferflow.data.arrays import load_label_map, load_split
+    from ferflow.tracking.runs import recorded_run_id, resume_run
+    from ferflow.tracking.signals import interrupts_held
+
+    classes = load_label_map(label_map)
+    x_test, y_test = load_split(arrays, "test")
+    model = keras.models.load_model(model_path, compile=False)
+
+    def work(run_id: str | None) -> dict[str, Any]:
+        return evaluate(
+            model, x_test, y_test, classes, history_csv, plots_dir, metrics_json, predictions_csv, params.tta, params.batch_size,
+            extra={"mlflow_run_id": run_id},
+        )  # fmt: skip
+
+    train_run_id = recorded_run_id(run_file)
+    if not train_run_id:
+        return work(None)
+    import mlflow
+
+    with resume_run(train_run_id, flatten({"evaluate": params}), str(run_file)) as run_id:
+        metrics = work(run_id)
+        with interrupts_held():
+            mlflow.log_metrics({f"test_{k}": metrics[k] for k in ("accuracy", "loss", "macro_f1")})
+            mlflow.log_metrics({f"test_f1_{c}": v["f1"] for c, v in metrics["per_class"].items()})
+            for name in ("confusion_matrix.png", "training_curves.png", "classification_report.txt", "per_class.json"):
+                mlflow.log_artifact(str(plots_dir / name), "evaluation")
+            mlflow.log_artifact(str(predictions_csv), "evaluation")
+            mlflow.log_artifact(str(metrics_json), "evaluation")
+    return metrics
