@@ -25,6 +25,7 @@ LR_SCHEDULES: tuple[str, ...] = ("plateau", "cosine", "constant")
 PRECISIONS: tuple[str, ...] = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 DEDUP_POLICIES: tuple[str, ...] = ("keep", "drop_cross_split")
 TTA_MODES: tuple[str, ...] = ("none", "flip", "tencrop")
+FACE_DETECTORS: tuple[str, ...] = ("haar", "mtcnn")
 
 
 class ParamsError(ValueError):
@@ -158,6 +159,7 @@ SCHEMA = Section(
                 "max_image_pixels": _int(25_000_000, 1),
                 "min_image_side": _int(16, 1),
                 "face_margin": _float(0.05, "a fraction of the face size in [0, 1]", lambda v: 0 <= v <= 1),
+                "face_detector": _choice("haar", FACE_DETECTORS),
             }
         ),
     }

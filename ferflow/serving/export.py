@@ -27,7 +27,7 @@ import pandas as pd
 
 from ferflow.core import files
 
-SERVING_PACKAGES = ("mlflow", "keras", "tensorflow-cpu", "numpy", "pandas", "pillow", "opencv-python-headless")
+SERVING_PACKAGES = ("mlflow", "keras", "tensorflow-cpu", "numpy", "pandas", "pillow", "opencv-python-headless", "mtcnn")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 MODEL_CODE = PACKAGE_DIR / "serving" / "pyfunc.py"
 CHAMPION = "champion"
@@ -73,6 +73,7 @@ def signature(classes: list[str], serve_config: dict[str, Any]):
             ParamSpec("detect_face", "boolean", bool(serve_config.get("detect_face", True))),
             ParamSpec("tta", "string", str(serve_config.get("tta", "none"))),
             ParamSpec("pixel_range", "string", "auto"),
+            ParamSpec("faces", "string", "largest"),
         ]
     )
     # required=False only so that MLflow's own "missing inputs" check, whose message

@@ -1,0 +1,129 @@
+"""Per-video summary of `ferflow watch`: which emotion dominates, for whom, and when.
+
+Shares count face-frames: each face in each processed frame adds one vote for its label
+(the smoothed one under --smooth), so a face on screen twice as long weighs twice as much.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ferflow.serving.video import WatchResult
+
+TIMELINE_BINS = 60  # at most this many time bins in the JSON timeline and the PNG
+
+
+def _shares(counts: Counter[str], classes: list[str]) -> dict[str, float]:
+    total = sum(counts.values())
+    return {c: round(counts[c] / total, 4) if total else 0.0 for c in classes}
+
+
+def _dominant(counts: Counter[str], classes: list[str]) -> str | None:
+    # ties go to the earlier class in the model's order, so the result is deterministic
+    return max(classes, key=lambda c: (counts[c], -classes.index(c))) if counts else None
+
+
+def summarize(result: WatchResult, classes: list[str], every: int, smooth: int, detector: str) -> dict[str, Any]:
+    """The JSON summary: counts, dominant emotion overall and per face, shares, timeline."""
+    overall: Counter[str] = Counter()
+    per_face: dict[int, dict[str, Any]] = {}
+    for frame in result.frames:
+        for face in frame.faces:
+            label = classes[int(np.argmax(face.probs))]
+            overall[label] += 1
+            entry = per_face.setdefault(face.face_id, {"counts": Counter(), "first_s": frame.time_s, "first_frame": frame.index})
+            entry["counts"][label] += 1
+            entry["last_s"], entry["last_frame"] = frame.time_s, frame.index
+    duration = result.frames[-1].time_s if result.frames else 0.0
+    return {
+        "source": result.info.name,
+        "width": result.size[0],
+        "height": result.size[1],
+        "fps": round(result.info.fps, 3),
+        "frames_read": result.frames_read,
+        "frames_processed": len(result.frames),
+        "every": every,
+        "smooth": smooth,
+        "detector": detector,
+        "interrupted": result.interrupted,
+        "duration_s": round(duration, 3),
+        "frames_with_faces": sum(1 for f in result.frames if f.faces),
+        "face_detections": sum(overall.values()),
+        "faces": len(per_face),
+        "dominant_emotion": _dominant(overall, classes),
+        "emotion_share": _shares(overall, classes),
+        "per_face": [
+            {
+                "face_id": face_id,
+                "detections": sum(e["counts"].values()),
+                "first_frame": e["first_frame"],
+                "last_frame": e["last_frame"],
+                "first_s": round(e["first_s"], 3),
+                "last_s": round(e["last_s"], 3),
+                "dominant_emotion": _dominant(e["counts"], classes),
+                "emotion_share": _shares(e["counts"], classes),
+            }
+            for face_id, e in sorted(per_face.items())
+        ],
+        "timeline": timeline(result, classes, duration),
+    }
+
+
+def timeline(result: WatchResult, classes: list[str], duration: float) -> list[dict[str, Any]]:
+    """Emotion shares in equal time bins (at most TIMELINE_BINS, at least one frame period wide)."""
+    if not result.frames:
+        return []
+    period = 1.0 / result.info.fps
+    width = max(duration / TIMELINE_BINS, period) if duration > 0 else period
+    n_bins = int(duration // width) + 1
+    counts: list[Counter[str]] = [Counter() for _ in range(n_bins)]
+    for frame in result.frames:
+        b = min(int(frame.time_s // width), n_bins - 1)
+        for face in frame.faces:
+            counts[b][classes[int(np.argmax(face.probs))]] += 1
+    return [
+        {
+            "start_s": round(i * width, 3),
+            "end_s": round((i + 1) * width, 3),
+            "face_detections": sum(c.values()),
+            "dominant_emotion": _dominant(c, classes),
+            "emotion_share": _shares(c, classes),
+        }
+        for i, c in enumerate(counts)
+    ]
+
+
+def plot_timeline(summary: dict[str, Any], classes: list[str], out: str | Path) -> Path:
+    """Stacked area of emotion shares over time (bins without faces left blank); PNG written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    from ferflow.core import files
+
+    bins = summary["timeline"]
+    mids = np.array([(b["start_s"] + b["end_s"]) / 2 for b in bins])
+    shares = np.array([[b["emotion_share"][c] if b["face_detections"] else np.nan for c in classes] for b in bins]).T
+    fig, ax = plt.subplots(figsize=(10, 3.6), dpi=110)
+    colours = sns.color_palette("tab10", len(classes))
+    if len(bins):
+        ax.stackplot(mids, np.nan_to_num(shares), labels=classes, colors=colours, step="mid", alpha=0.9)
+        ax.set_xlim(bins[0]["start_s"], bins[-1]["end_s"])
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("share of faces")
+    dominant = summary["dominant_emotion"] or "no faces"
+    ax.set_title(f"{Path(summary['source']).name}: {summary['faces']} face(s), dominant: {dominant}")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    out = Path(out)
+    with files.atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return out
