@@ -18,6 +18,7 @@ import csv
 import math
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -75,7 +76,9 @@ class FrameResult:
 @contextlib.contextmanager
 def _quiet_opencv() -> Iterator[None]:
     # a missing camera or an odd file makes OpenCV/FFmpeg print WARN lines of its own;
-    # the caller reports one clear error instead
+    # the caller reports one clear error instead. FFmpeg's own log level is read from
+    # the environment when OpenCV first opens a file: quiet (-8) unless the user set one.
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     import cv2
 
     previous = cv2.utils.logging.getLogLevel()
@@ -123,7 +126,9 @@ def open_source(source: str | None, camera: int | None) -> tuple[Any, SourceInfo
         ok, frame = cap.read() if opened else (False, None)
     if not opened:
         cap.release()
-        raise VideoError(f"{path}: not a video OpenCV can open (unknown container, damaged, or not a video)")
+        raise VideoError(
+            f"{path}: not a video OpenCV can decode (not a video, damaged, or a container/codec this OpenCV build lacks)"
+        )
     if not ok:
         count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         codec = _fourcc_text(cap.get(cv2.CAP_PROP_FOURCC))
@@ -384,8 +389,16 @@ def watch(
         stack.callback(bar.close)
         last: list[FaceResult] = []
         reader = FrameReader(cap, first)
+        # Ctrl-C only raises a flag, checked between frames: a KeyboardInterrupt in the
+        # middle of a frame would leave the CSV, the video and the summary disagreeing.
+        stop_requested = threading.Event()
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, lambda *_: stop_requested.set()) if on_main_thread else None
         try:
             for frame in reader:
+                if stop_requested.is_set():
+                    interrupted = True
+                    break
                 index = frames_read
                 frames_read += 1
                 if (frame.shape[1], frame.shape[0]) != size:
@@ -405,9 +418,9 @@ def watch(
                     if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
                         break
                 bar.update(1)
-        except KeyboardInterrupt:
-            interrupted = True
         finally:
+            if on_main_thread:
+                signal.signal(signal.SIGINT, previous)
             reader.close()
             sink.close()
             if options.show:

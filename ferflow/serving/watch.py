@@ -52,6 +52,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # before the first frame (loading the model): nothing written yet
+        print("interrupted before processing began; nothing written", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from ferflow.serving import video
@@ -88,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
         result = video.watch(cap, info, first, classify, classes, options, out_video, out_csv)
     except video.VideoError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. the disk filled up while writing
+        print(f"error: writing the outputs failed: {exc}", file=sys.stderr)
         return 2
     from ferflow.core import files
     from ferflow.serving.video_summary import plot_timeline, summarize
