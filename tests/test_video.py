@@ -217,3 +217,117 @@ def test_ctrl_c_keeps_valid_outputs(model_dir: Path, tmp_path: Path) -> None:
     assert len(rows) == s["face_detections"] and all(r["surprise"] != "" for r in rows)  # whole rows only
     assert count_frames(out)[0] == s["frames_read"]
     assert not list(tmp_path.glob(".*.tmp*"))
+
+
+# ---------------------------------------------------------------- every face of still images
+
+
+@pytest.fixture(scope="module")
+def group_photo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[Box]]:
+    """A 960x480 PNG with three faces at known boxes, and a PNG with none."""
+    d = tmp_path_factory.mktemp("photos")
+    frames, truth = synthetic_frames(1, size=(960, 480), n_faces=3, patch_side=150)
+    cv2.imwrite(str(d / "group.png"), frames[0])
+    from ferflow.serving.video_synth import background
+
+    cv2.imwrite(str(d / "wall.png"), background((320, 240))[:, :320])
+    return d / "group.png", d / "wall.png", truth[0]
+
+
+def test_serving_param_faces_all_returns_every_face(model_dir: Path, group_photo) -> None:
+    import base64
+
+    import mlflow
+    import pandas as pd
+
+    group, wall, truth = group_photo
+    crop = generate_face(np.random.default_rng(1), "happy")
+    _, png = cv2.imencode(".png", crop)
+    images = [base64.b64encode(p.read_bytes()).decode() for p in (group, wall)] + [base64.b64encode(png.tobytes()).decode()]
+    model = mlflow.pyfunc.load_model(str(model_dir))
+    request = pd.DataFrame({"image": images})
+
+    default = model.predict(request)
+    assert len(default) == 3 and "image_index" not in default.columns  # unchanged: one row per image
+
+    every = model.predict(request, params={"faces": "all"})
+    assert every["image_index"].tolist() == [0, 0, 0, 1, 2]
+    assert every["face_found"].tolist() == [True, True, True, False, False]
+    boxes = [Box(*(int(v) for v in row)) for row in every[["face_x", "face_y", "face_w", "face_h"]].to_numpy()[:3]]
+    assert sorted(max(range(3), key=lambda i: iou(b, truth[i])) for b in boxes) == [0, 1, 2]
+    assert min(max(iou(b, t) for t in truth) for b in boxes) >= 0.5
+    # the largest face comes first, and it is the default mode's answer for that image
+    assert every.iloc[0][["face_x", "face_y", "label"]].tolist() == default.iloc[0][["face_x", "face_y", "label"]].tolist()
+    assert every.iloc[3:].drop(columns="image_index").reset_index(drop=True).equals(default.iloc[1:].reset_index(drop=True))
+
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="param 'faces' = 'every'"):
+        model.predict(request, params={"faces": "every"})
+
+
+def test_predict_all_faces_cli(capsys, model_dir: Path, group_photo, tmp_path: Path) -> None:
+    group, wall, _ = group_photo
+    rc = main(["predict", "--model", str(model_dir), "--all-faces", "--json", str(group), str(wall)])
+    records = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert [len(r["faces"]) for r in records] == [3, 1]
+    assert all(f["face_found"] for f in records[0]["faces"]) and not records[1]["faces"][0]["face_found"]
+    assert records[0]["face_box"] == records[0]["faces"][0]["face_box"]  # top-level fields: the largest face
+
+    rc = main(["predict", "--model", str(model_dir), "--all-faces", str(group), "--annotate", str(tmp_path / "a.png")])
+    table = capsys.readouterr().out
+    assert rc == 0
+    assert [f"group.png#{k}" in table for k in range(3)] == [True] * 3
+    assert cv2.imread(str(tmp_path / "a.png")).shape == (480, 960, 3)
+
+
+def test_detectors_find_the_astronaut() -> None:
+    from skimage import data
+
+    from ferflow.serving.faces import make_detector
+    from ferflow.serving.video_synth import ASTRONAUT_FACE
+
+    photo = data.astronaut()
+    for name in ("haar", "mtcnn"):
+        detector = make_detector(name)
+        found = detector.detect_all(photo)
+        assert len(found) == 1 and iou(found[0], ASTRONAUT_FACE) >= 0.5, (name, found)
+    with pytest.raises(ValueError, match="face detector 'dlib': expected one of haar, mtcnn"):
+        make_detector("dlib")
+
+
+def test_face_detector_setting_is_checked(tmp_path: Path) -> None:
+    from conftest import write_params
+    from ferflow.core.params import ParamsError, load_params
+    from ferflow.serving.pyfunc import ServeConfig
+
+    write_params(tmp_path / "params.yaml", {"serve": {"face_detector": "yolo"}})
+    with pytest.raises(ParamsError, match="serve.face_detector"):
+        load_params(tmp_path / "params.yaml")
+    with pytest.raises(ValueError, match="serve.face_detector = 'yolo'"):
+        ServeConfig.from_mapping({"face_detector": "yolo"})
+    assert ServeConfig.from_mapping({"face_detector": "mtcnn"}).face_detector == "mtcnn"
+
+
+def test_mtcnn_serving_and_watch(capsys, model_dir: Path, tmp_path: Path) -> None:
+    from skimage import data
+
+    from ferflow.serving.pyfunc import EmotionModel, ServeConfig
+    from ferflow.serving.video_synth import ASTRONAUT_FACE
+
+    emotion = EmotionModel()
+    emotion.setup(
+        str(model_dir.parent / "model.keras"), str(model_dir.parent / "label_map.json"), ServeConfig(face_detector="mtcnn")
+    )
+    _, png = cv2.imencode(".png", cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
+    out = emotion.predict(None, {"image": [png.tobytes()]}, params={"faces": "all"})
+    assert out["face_found"].tolist() == [True]
+    assert iou(Box(*(int(v) for v in out.iloc[0][["face_x", "face_y", "face_w", "face_h"]])), ASTRONAUT_FACE) >= 0.5
+
+    frames, _ = synthetic_frames(4, size=(320, 240), n_faces=1, patch_side=120)
+    video = write_video(tmp_path / "one.mp4", frames)
+    rc, _, err = watch(capsys, str(video), "--model", str(model_dir), "--detector", "mtcnn", "--csv", str(tmp_path / "f.csv"))
+    assert rc == 0, err
+    rows = read_csv(tmp_path / "f.csv")
+    assert [r["frame"] for r in rows] == ["0", "1", "2", "3"] and {r["face_id"] for r in rows} == {"0"}

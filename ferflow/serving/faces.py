@@ -233,7 +233,7 @@ class MtcnnDetector(FaceDetector):
         if min(rgb.shape[:2]) < MIN_FACE:
             return []
         with self._lock:
-            found = self._mtcnn.detect_faces(rgb, min_face_size=MIN_FACE)
+            found = self._mtcnn.detect_faces(rgb)  # its default min_face_size (20); 24 misses faces (mtcnn 1.0.0)
         boxes = [
             Box(round(x / scale), round(y / scale), round(w / scale), round(h / scale))
             for x, y, w, h in (f["box"] for f in found if f["confidence"] >= self.min_confidence)
