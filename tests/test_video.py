@@ -173,6 +173,7 @@ def test_bad_inputs_are_one_line_errors(capsys, model_dir: Path, four_faces, tmp
         ([str(video), "--out", str(tmp_path / "a.gif")], "expected a file ending in .mp4"),
         ([str(video), "--csv", str(tmp_path)], "--csv"),
         ([str(video), "--every", "0"], "--every 0: expected an integer >= 1"),
+        ([str(video), "--detect-side", "50"], "--detect-side 50: expected >= 96 pixels"),
         ([str(video), "--model", str(tmp_path)], "not an exported model"),
         ([str(video), "--show"], "--show"),
     ]
