@@ -332,3 +332,33 @@ def test_mtcnn_serving_and_watch(capsys, model_dir: Path, tmp_path: Path) -> Non
     assert rc == 0, err
     rows = read_csv(tmp_path / "f.csv")
     assert [r["frame"] for r in rows] == ["0", "1", "2", "3"] and {r["face_id"] for r in rows} == {"0"}
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*An input example was not provided:UserWarning")
+def test_watch_with_a_registered_model_uri(capsys, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    from ferflow.serving.export import model_kwargs, register_and_promote
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    previous_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        exp = mlflow.MlflowClient().create_experiment("video-test", artifact_location=(tmp_path / "artifacts").as_uri())
+        work = model_dir.parent
+        face = generate_face(np.random.default_rng(0), "sad")
+        kwargs = model_kwargs(work / "model.keras", work / "label_map.json", {"face_detector": "haar"}, face)
+        kwargs.pop("input_example")
+        with mlflow.start_run(experiment_id=exp):
+            register_and_promote(kwargs, "ferflow-video", 0.5, False)
+        frames, _ = synthetic_frames(3, size=(320, 240), n_faces=1, patch_side=120)
+        video = write_video(tmp_path / "one.mp4", frames)
+        rc, out, err = watch(capsys, str(video), "--model", "models:/ferflow-video@champion", "--csv", str(tmp_path / "f.csv"))
+        assert rc == 0, err
+        assert len(read_csv(tmp_path / "f.csv")) == 3
+        rc, _, err = watch(capsys, str(video), "--model", "models:/ferflow-video@nobody")
+        assert rc == 2 and "--model models:/ferflow-video@nobody: cannot load the model" in err and err.count("\n") == 1, err
+    finally:
+        mlflow.set_tracking_uri(previous_uri)

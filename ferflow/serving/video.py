@@ -183,12 +183,16 @@ def check_display() -> None:
 
 
 class FrameReader:
-    """Decoded frames, read ahead in a thread so decoding overlaps detection."""
+    """Decoded frames, read ahead in a thread so decoding overlaps detection.
 
-    def __init__(self, cap: Any, first: np.ndarray) -> None:
-        self.cap, self.first = cap, first
+    `latest_only` (cameras): keep just the newest frame, dropping older ones, so a live
+    view slower than the camera stays current instead of falling further behind.
+    """
+
+    def __init__(self, cap: Any, first: np.ndarray, latest_only: bool = False) -> None:
+        self.cap, self.first, self.latest_only = cap, first, latest_only
         self.stop = threading.Event()
-        self.buffer: queue.Queue[np.ndarray | None] = queue.Queue(QUEUE_FRAMES)
+        self.buffer: queue.Queue[np.ndarray | None] = queue.Queue(1 if latest_only else QUEUE_FRAMES)
         self.thread = threading.Thread(target=self._read, name="ferflow-decode", daemon=True)
         self.thread.start()
 
@@ -204,6 +208,9 @@ class FrameReader:
                 ok, frame = self.cap.read()
                 if not ok:
                     break
+                if self.latest_only:
+                    with contextlib.suppress(queue.Empty):
+                        self.buffer.get_nowait()  # the consumer has not taken it: it is stale now
                 self._put(frame)
         finally:
             self._put(None)
@@ -388,7 +395,7 @@ def watch(
         bar = tqdm(total=info.frame_count, unit="frame", disable=not options.progress, dynamic_ncols=True, leave=True)
         stack.callback(bar.close)
         last: list[FaceResult] = []
-        reader = FrameReader(cap, first)
+        reader = FrameReader(cap, first, latest_only=info.is_camera)
         # Ctrl-C only raises a flag, checked between frames: a KeyboardInterrupt in the
         # middle of a frame would leave the CSV, the video and the summary disagreeing.
         stop_requested = threading.Event()

@@ -84,8 +84,7 @@ def _run(args: argparse.Namespace) -> int:
             video.check_display()
         cap, info, first = video.open_source(args.source, args.camera)
         try:
-            model = load_model(args.model)
-            emotion = model.unwrap_python_model()
+            emotion = _load_emotion_model(args.model, load_model, video.VideoError)
             detector_name = args.detector or emotion.config.face_detector
             detector = emotion.detector if detector_name == emotion.detector.name else _make_detector(detector_name, emotion)
         except BaseException:
@@ -150,6 +149,23 @@ def _options(args: argparse.Namespace, video):
         show=args.show,
         progress=not args.quiet,
     )
+
+
+def _load_emotion_model(uri: str, load_model, error: type[Exception]):
+    """The ferflow pyfunc behind an export directory or MLflow URI, or a one-line error."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = load_model(uri)
+    except (MlflowException, OSError) as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        raise error(
+            f"--model {uri}: cannot load the model: {message.splitlines()[0] if message else type(exc).__name__}"
+        ) from None
+    emotion = model.unwrap_python_model() if hasattr(model, "unwrap_python_model") else None
+    if not all(hasattr(emotion, a) for a in ("predictor", "classes", "config", "detector")):
+        raise error(f"--model {uri}: not a ferflow emotion model (exported by the export stage)")
+    return emotion
 
 
 def _make_detector(name: str, emotion):
