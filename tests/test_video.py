@@ -349,7 +349,10 @@ def test_watch_with_a_registered_model_uri(capsys, model_dir: Path, tmp_path: Pa
         exp = mlflow.MlflowClient().create_experiment("video-test", artifact_location=(tmp_path / "artifacts").as_uri())
         work = model_dir.parent
         face = generate_face(np.random.default_rng(0), "sad")
-        kwargs = model_kwargs(work / "model.keras", work / "label_map.json", {"face_detector": "haar"}, face)
+        from ferflow.core import files
+
+        files.write_json(tmp_path / "serve.json", {"face_detector": "haar"})
+        kwargs = model_kwargs(work / "model.keras", work / "label_map.json", tmp_path / "serve.json", face)
         kwargs.pop("input_example")
         with mlflow.start_run(experiment_id=exp):
             register_and_promote(kwargs, "ferflow-video", 0.5, False)
