@@ -67,7 +67,8 @@ def test_signature_and_input_example(exported: Path) -> None:
     assert outputs == ["label", "confidence", *FER_CLASSES, "face_found", "face_x", "face_y", "face_w", "face_h"]
     params = {p.name: p.default for p in meta.signature.params.params}
     # defaults from the serve config
-    assert params == {"detect_face": True, "tta": "flip", "pixel_range": "auto", "faces": "largest"}
+    expected = {"detect_face": True, "tta": "flip", "pixel_range": "auto", "faces": "largest", "face_detector": "haar"}
+    assert params == expected
     serving_example = json.loads((exported / "serving_input_example.json").read_text())
     (value,) = serving_example["dataframe_split"]["data"][0]
     assert Image.open(io.BytesIO(base64.b64decode(value, validate=True))).size == (48, 48)

@@ -315,7 +315,7 @@ def test_mtcnn_serving_and_watch(capsys, model_dir: Path, tmp_path: Path) -> Non
     from skimage import data
 
     from ferflow.serving.pyfunc import EmotionModel, ServeConfig
-    from ferflow.serving.video_synth import ASTRONAUT_FACE
+    from ferflow.serving.video_synth import ASTRONAUT_FACE, CAMERAMAN_FACE
 
     emotion = EmotionModel()
     emotion.setup(
@@ -325,6 +325,14 @@ def test_mtcnn_serving_and_watch(capsys, model_dir: Path, tmp_path: Path) -> Non
     out = emotion.predict(None, {"image": [png.tobytes()]}, params={"faces": "all"})
     assert out["face_found"].tolist() == [True]
     assert iou(Box(*(int(v) for v in out.iloc[0][["face_x", "face_y", "face_w", "face_h"]])), ASTRONAUT_FACE) >= 0.5
+
+    # the cameraman (three-quarter profile): Haar, the export's detector, misses him; --detector mtcnn finds him
+    cv2.imwrite(str(tmp_path / "camera.png"), data.camera())
+    for extra, found in (([], False), (["--detector", "mtcnn"], True)):
+        assert main(["predict", "--model", str(model_dir), "--json", str(tmp_path / "camera.png"), *extra]) == 0
+        record = json.loads(capsys.readouterr().out)[0]
+        assert record["face_found"] is found
+        assert not found or iou(Box(*record["face_box"]), CAMERAMAN_FACE) >= 0.5
 
     frames, _ = synthetic_frames(4, size=(320, 240), n_faces=1, patch_side=120)
     video = write_video(tmp_path / "one.mp4", frames)

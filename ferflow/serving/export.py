@@ -74,6 +74,7 @@ def signature(classes: list[str], serve_config: dict[str, Any]):
             ParamSpec("tta", "string", str(serve_config.get("tta", "none"))),
             ParamSpec("pixel_range", "string", "auto"),
             ParamSpec("faces", "string", "largest"),
+            ParamSpec("face_detector", "string", str(serve_config.get("face_detector", "haar"))),
         ]
     )
     # required=False only so that MLflow's own "missing inputs" check, whose message

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from ferflow.core.params import TTA_MODES
+from ferflow.core.params import FACE_DETECTORS, TTA_MODES
 
 # Only light imports here: `ferflow --help` imports this module to list the subcommand.
 
@@ -45,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     parser.add_argument("--no-detect-face", action="store_true", help="classify whole images (skip the Haar face detector)")
+    parser.add_argument("--detector", choices=FACE_DETECTORS, help="face detector (default: the model's serve.face_detector)")
     parser.add_argument(
         "--all-faces", action="store_true", help="classify every face of each image, each with its box (default: the largest)"
     )
@@ -283,6 +284,8 @@ def run(args: argparse.Namespace) -> int:
         params["tta"] = args.tta
     if args.all_faces:
         params["faces"] = "all"
+    if args.detector:
+        params["face_detector"] = args.detector
     progress = Progress(len(paths), enabled=sys.stderr.isatty() and len(paths) > 1)
     records = predict_files(model, paths, params, args.batch_size, progress)
     if args.annotate:

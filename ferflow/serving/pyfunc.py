@@ -15,7 +15,8 @@ Input: one column `image` (signature type Any, because a value may be either kin
   as 1 make integers out of floats).
 Request params (defaults from params.yaml `serve`): detect_face, tta, pixel_range, and
 faces ("largest", the default: one row per image; "all": one row per detected face, with
-column image_index naming the request row; an image without a face keeps its one row).
+column image_index naming the request row; an image without a face keeps its one row),
+face_detector ("haar" or "mtcnn"; the other one than serve.face_detector loads on first use).
 Output per row: label, confidence, one probability column per class, face_found and
 face_x/face_y/face_w/face_h (the square that was classified, in input pixels). Encoded
 images go through the Haar detector (`faces.FaceDetector`) unless detect_face is off or
@@ -40,6 +41,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -57,7 +59,7 @@ from PIL import Image
 from ferflow.core.params import FACE_DETECTORS, TTA_MODES
 from ferflow.data.preprocessing import IMAGE_SIZE, ImageError, decode_image, normalize, prepare_batch
 from ferflow.model.evaluation import predict_proba
-from ferflow.serving.faces import Box, centre_square, make_detector
+from ferflow.serving.faces import Box, FaceDetector, centre_square, make_detector
 
 INPUT_COLUMN = "image"
 PIXEL_RANGES = ("auto", "0-255", "0-1")
@@ -317,6 +319,8 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
         if n_out != len(self.classes):
             raise ValueError(f"{label_map_json}: {len(self.classes)} classes but the model has {n_out} outputs")
         self.detector = make_detector(config.face_detector, config.face_margin)
+        self._detectors = {self.detector.name: self.detector}
+        self._detectors_lock = threading.Lock()
         workers = min(os.cpu_count() or 1, 4)
         self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ferflow-prep") if workers > 1 else None
         self.predictor.warm_up()
@@ -325,6 +329,7 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
         """Validate and preprocess a request (no model call)."""
         cfg = self.config
         every_face = _param(params, "faces", "largest", FACES_MODES) == "all"
+        detector = self.detector_for(_param(params, "face_detector", cfg.face_detector, FACE_DETECTORS))
         detect = _param(params, "detect_face", cfg.detect_face, (True, False))
         pixel_range = _param(params, "pixel_range", "auto", PIXEL_RANGES)
         values = _column_values(model_input)
@@ -348,12 +353,12 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
 
         def one(item: tuple[int, Any]) -> tuple[np.ndarray, Box, bool]:
             img = decode_request_image(item[1], item[0], cfg)
-            crop, box, found = self.detector.locate(img) if detect else (img, centre_square(*img.size), False)
+            crop, box, found = detector.locate(img) if detect else (img, centre_square(*img.size), False)
             # THE preprocessing, per image: only 48x48 pixels outlive this call, not a 25 MP photo
             return prepare_batch([crop])[0], box, found
 
         def every(item: tuple[int, Any]) -> list[tuple[np.ndarray, Box, bool]]:
-            located = self.detector.locate_all(decode_request_image(item[1], item[0], cfg)) if detect else []
+            located = detector.locate_all(decode_request_image(item[1], item[0], cfg)) if detect else []
             if not located:  # no face: the image still gets its one (whole-image) row, face_found false
                 return [one(item)]
             return [(pixels, box, True) for pixels, (_, box) in zip(prepare_batch([c for c, _ in located]), located)]
@@ -367,6 +372,13 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
         results = [r for faces in mapped for r in faces] if every_face else mapped
         batch = np.stack([r[0] for r in results]) if results else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 1), np.float32)
         return Prepared(batch, [r[1] for r in results], [r[2] for r in results], index)
+
+    def detector_for(self, name: str) -> FaceDetector:
+        """The configured detector, or another one loaded on first use (request param face_detector)."""
+        with self._detectors_lock:
+            if name not in self._detectors:
+                self._detectors[name] = make_detector(name, self.config.face_margin)
+            return self._detectors[name]
 
     # model_input: MLflow hands over a DataFrame (column signature); a DataFrame hint is
     # also the one MLflow neither validates nor warns about. Dicts/arrays work when called directly.
