@@ -123,6 +123,22 @@ def test_every_nth_frame(capsys, model_dir: Path, four_faces, tmp_path: Path) ->
     assert count_frames(out)[0] == N_FRAMES  # skipped frames are still in the video, with the latest boxes
 
 
+def test_video_without_faces(capsys, model_dir: Path, tmp_path: Path) -> None:
+    from ferflow.serving.video_synth import background
+
+    wall = background((320, 240))
+    video = write_video(tmp_path / "wall.mp4", [cv2.cvtColor(wall[:, i : i + 320], cv2.COLOR_RGB2BGR) for i in range(6)])
+    table, summary, plot = tmp_path / "f.csv", tmp_path / "s.json", tmp_path / "t.png"
+    argv = ["--model", str(model_dir), "--csv", str(table), "--summary", str(summary), "--timeline", str(plot)]
+    rc, stdout, err = watch(capsys, str(video), *argv)
+    assert rc == 0, err
+    assert "0 face detections" in stdout and read_csv(table) == []
+    s = json.loads(summary.read_text())
+    assert (s["frames_processed"], s["faces"], s["dominant_emotion"], s["per_face"]) == (6, 0, None, [])
+    assert set(s["emotion_share"].values()) == {0.0}
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_tracker_keeps_ids_and_smooths() -> None:
     tracker = IouTracker(min_iou=0.3, max_missed=2, smooth=3)
     a, b = Box(0, 0, 50, 50), Box(200, 0, 50, 50)

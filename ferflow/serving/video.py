@@ -392,7 +392,8 @@ def watch(
             csv_file = stack.enter_context(open(tmp_csv, "w", newline="", encoding="utf-8"))
             csv.writer(csv_file).writerow(csv_header(classes))
         sink = _Sink(video, csv_file, classes)
-        bar = tqdm(total=info.frame_count, unit="frame", disable=not options.progress, dynamic_ncols=True, leave=True)
+        # disable=None: tqdm stays silent when stderr is not a terminal (logs, CI)
+        bar = tqdm(total=info.frame_count, unit="frame", disable=None if options.progress else True, dynamic_ncols=True)
         stack.callback(bar.close)
         last: list[FaceResult] = []
         reader = FrameReader(cap, first, latest_only=info.is_camera)
