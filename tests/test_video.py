@@ -111,15 +111,19 @@ def test_every_face_tracked_and_written(capsys, model_dir: Path, four_faces, tmp
     assert [f["face_id"] for f in s["per_face"]] == [0, 1, 2, 3]
     assert all(f["detections"] == N_FRAMES and f["first_frame"] == 0 for f in s["per_face"])
     assert sum(b["face_detections"] for b in s["timeline"]) == 4 * N_FRAMES
+    assert [b["face_detections"] for b in s["timeline"]] == [4] * N_FRAMES  # one frame per bin: no empty gaps
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_every_nth_frame(capsys, model_dir: Path, four_faces, tmp_path: Path) -> None:
     video, _ = four_faces
-    out, table = tmp_path / "a.avi", tmp_path / "f.csv"
-    rc, _, err = watch(capsys, str(video), "--model", str(model_dir), "--every", "3", "--out", str(out), "--csv", str(table))
+    out, table, summary = tmp_path / "a.avi", tmp_path / "f.csv", tmp_path / "s.json"
+    argv = ["--model", str(model_dir), "--every", "3", "--out", str(out), "--csv", str(table), "--summary", str(summary)]
+    rc, _, err = watch(capsys, str(video), *argv)
     assert rc == 0, err
     assert sorted({int(r["frame"]) for r in read_csv(table)}) == list(range(0, N_FRAMES, 3))
+    timeline = json.loads(summary.read_text())["timeline"]
+    assert [b["face_detections"] for b in timeline] == [4] * 7  # bins 3 frames wide: one processed frame each
     assert count_frames(out)[0] == N_FRAMES  # skipped frames are still in the video, with the latest boxes
 
 

@@ -69,20 +69,22 @@ def summarize(result: WatchResult, classes: list[str], every: int, smooth: int, 
             }
             for face_id, e in sorted(per_face.items())
         ],
-        "timeline": timeline(result, classes, duration),
+        "timeline": timeline(result, classes, duration, every),
     }
 
 
-def timeline(result: WatchResult, classes: list[str], duration: float) -> list[dict[str, Any]]:
-    """Emotion shares in equal time bins (at most TIMELINE_BINS, at least one frame period wide)."""
+def timeline(result: WatchResult, classes: list[str], duration: float, every: int = 1) -> list[dict[str, Any]]:
+    """Emotion shares in equal time bins: at most TIMELINE_BINS, and at least one processed
+    frame period wide (`every` frames), so no bin falls between two processed frames."""
     if not result.frames:
         return []
-    period = 1.0 / result.info.fps
+    period = every / result.info.fps
     width = max(duration / TIMELINE_BINS, period) if duration > 0 else period
-    n_bins = int(duration // width) + 1
+    n_bins = int(duration / width + 1e-6) + 1
     counts: list[Counter[str]] = [Counter() for _ in range(n_bins)]
     for frame in result.frames:
-        b = min(int(frame.time_s // width), n_bins - 1)
+        # the epsilon: frame i at i/fps must land in bin i, not i-1, when width == 1/fps
+        b = min(int(frame.time_s / width + 1e-6), n_bins - 1)
         for face in frame.faces:
             counts[b][classes[int(np.argmax(face.probs))]] += 1
     return [
@@ -108,12 +110,14 @@ def plot_timeline(summary: dict[str, Any], classes: list[str], out: str | Path) 
     from ferflow.core import files
 
     bins = summary["timeline"]
-    mids = np.array([(b["start_s"] + b["end_s"]) / 2 for b in bins])
-    shares = np.array([[b["emotion_share"][c] if b["face_detections"] else np.nan for c in classes] for b in bins]).T
+    # bin edges with step="post": each bin is drawn over its whole span, the last one included
+    edges = np.array([b["start_s"] for b in bins] + [bins[-1]["end_s"]] if bins else [])
+    shares = np.array([[b["emotion_share"][c] for c in classes] for b in bins]).reshape(len(bins), len(classes)).T
+    shares = np.concatenate([shares, shares[:, -1:]], axis=1) if bins else shares
     fig, ax = plt.subplots(figsize=(10, 3.6), dpi=110)
     colours = sns.color_palette("tab10", len(classes))
     if len(bins):
-        ax.stackplot(mids, np.nan_to_num(shares), labels=classes, colors=colours, step="mid", alpha=0.9)
+        ax.stackplot(edges, shares, labels=classes, colors=colours, step="post", alpha=0.9)
         ax.set_xlim(bins[0]["start_s"], bins[-1]["end_s"])
     ax.set_ylim(0, 1)
     ax.set_xlabel("time (s)")
