@@ -32,10 +32,10 @@ def summarize(result: WatchResult, classes: list[str], every: int, smooth: int, 
     overall: Counter[str] = Counter()
     per_face: dict[int, dict[str, Any]] = {}
     for frame in result.frames:
-        for face in frame.faces:
-            label = classes[int(np.argmax(face.probs))]
+        for face_id, label_index in frame.faces:
+            label = classes[label_index]
             overall[label] += 1
-            entry = per_face.setdefault(face.face_id, {"counts": Counter(), "first_s": frame.time_s, "first_frame": frame.index})
+            entry = per_face.setdefault(face_id, {"counts": Counter(), "first_s": frame.time_s, "first_frame": frame.index})
             entry["counts"][label] += 1
             entry["last_s"], entry["last_frame"] = frame.time_s, frame.index
     duration = result.frames[-1].time_s if result.frames else 0.0
@@ -85,8 +85,8 @@ def timeline(result: WatchResult, classes: list[str], duration: float, every: in
     for frame in result.frames:
         # the epsilon: frame i at i/fps must land in bin i, not i-1, when width == 1/fps
         b = min(int(frame.time_s / width + 1e-6), n_bins - 1)
-        for face in frame.faces:
-            counts[b][classes[int(np.argmax(face.probs))]] += 1
+        for _, label_index in frame.faces:
+            counts[b][classes[label_index]] += 1
     return [
         {
             "start_s": round(i * width, 3),
