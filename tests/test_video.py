@@ -143,6 +143,37 @@ def test_video_without_faces(capsys, model_dir: Path, tmp_path: Path) -> None:
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
+class FakeCamera:
+    """A capture that produces numbered frames faster than the consumer takes them."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.i, self.released = n, 0, False
+
+    def read(self) -> tuple[bool, np.ndarray | None]:
+        if self.i >= self.n:
+            return False, None
+        self.i += 1
+        time.sleep(0.001)
+        return True, np.full((2, 2), self.i, np.int32)
+
+    def release(self) -> None:
+        self.released = True
+
+
+def test_camera_reader_keeps_only_the_newest_frame() -> None:
+    from ferflow.serving.video import FrameReader
+
+    camera = FakeCamera(200)
+    reader = FrameReader(camera, np.zeros((2, 2), np.int32), latest_only=True)
+    seen = []
+    for frame in reader:
+        seen.append(int(frame[0, 0]))
+        time.sleep(0.02)  # a slow consumer: the camera runs ahead
+    reader.close()
+    assert camera.released and seen[0] == 0 and seen[-1] == 200
+    assert seen == sorted(seen) and len(seen) < 150  # stale frames were dropped (201 without), order kept
+
+
 def test_tracker_keeps_ids_and_smooths() -> None:
     tracker = IouTracker(min_iou=0.3, max_missed=2, smooth=3)
     a, b = Box(0, 0, 50, 50), Box(200, 0, 50, 50)
