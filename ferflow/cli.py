@@ -1,4 +1,4 @@
-"""`ferflow` command line: models, preset, leaderboard, predict, validate-params.
+"""`ferflow` command line: models, preset, leaderboard, predict, watch, validate-params.
 
 Heavy libraries (keras, mlflow) are imported only by the subcommand that runs, so
 `ferflow --help` is instant.
@@ -71,10 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_preset)
 
     # these modules keep heavy imports (keras, mlflow) inside their functions
-    from ferflow.serving import predict
+    from ferflow.serving import predict, watch
     from ferflow.tracking import leaderboard
 
-    for name, mod in (("leaderboard", leaderboard), ("predict", predict)):
+    for name, mod in (("leaderboard", leaderboard), ("predict", predict), ("watch", watch)):
         p = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0])
         mod.add_arguments(p)
         p.set_defaults(func=mod.run)

@@ -100,7 +100,9 @@ def test_signature_and_input_example(exported: Path) -> None:
     outputs = [c["name"] for c in meta.signature.outputs.to_dict()]
     assert outputs == ["label", "confidence", *FER_CLASSES, "face_found", "face_x", "face_y", "face_w", "face_h"]
     params = {p.name: p.default for p in meta.signature.params.params}
-    assert params == {"detect_face": True, "tta": "flip", "pixel_range": "auto"}  # defaults from the serve config
+    # defaults from the serve config
+    expected = {"detect_face": True, "tta": "flip", "pixel_range": "auto", "faces": "largest", "face_detector": "haar"}
+    assert params == expected
     serving_example = json.loads((exported / "serving_input_example.json").read_text())
     (value,) = serving_example["dataframe_split"]["data"][0]
     assert Image.open(io.BytesIO(base64.b64decode(value, validate=True))).size == (48, 48)

@@ -27,6 +27,7 @@ LrSchedule = Literal["plateau", "cosine", "constant"]
 Precision = Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
 DedupPolicy = Literal["keep", "drop_cross_split"]
 TtaMode = Literal["none", "flip", "tencrop"]
+FaceDetector = Literal["haar", "mtcnn"]
 
 ARCH_NAMES: tuple[str, ...] = typing.get_args(ArchName)
 OPTIMIZERS: tuple[str, ...] = typing.get_args(Optimizer)
@@ -34,6 +35,7 @@ LR_SCHEDULES: tuple[str, ...] = typing.get_args(LrSchedule)
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 DEDUP_POLICIES: tuple[str, ...] = typing.get_args(DedupPolicy)
 TTA_MODES: tuple[str, ...] = typing.get_args(TtaMode)
+FACE_DETECTORS: tuple[str, ...] = typing.get_args(FaceDetector)
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 
 
@@ -172,6 +174,7 @@ class ServeParams(_Section):
     max_image_pixels: int = _int(25_000_000, 1)
     min_image_side: int = _int(16, 1)
     face_margin: float = _float(0.05, "a fraction of the face size in [0, 1]", ge=0, le=1)
+    face_detector: FaceDetector = "haar"
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> ServeParams:

@@ -30,7 +30,9 @@ from ferflow.core import files
 from ferflow.core.imports import imported_modules, module_path
 from ferflow.core.params import ExportParams, ServeParams, flatten
 
-SERVING_PACKAGES = ("mlflow", "keras", "tensorflow-cpu", "numpy", "pandas", "pillow", "opencv-python-headless", "pydantic")
+SERVING_PACKAGES = (
+    "mlflow", "keras", "tensorflow-cpu", "numpy", "pandas", "pillow", "opencv-python-headless", "pydantic", "mtcnn",
+)  # fmt: skip
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 SOURCE_ROOT = PACKAGE_DIR.parent
 MODEL_CODE = PACKAGE_DIR / "serving" / "pyfunc.py"
@@ -99,6 +101,8 @@ def signature(classes: list[str], serve_config: dict[str, Any]):
             ParamSpec("detect_face", "boolean", bool(serve_config.get("detect_face", True))),
             ParamSpec("tta", "string", str(serve_config.get("tta", "none"))),
             ParamSpec("pixel_range", "string", "auto"),
+            ParamSpec("faces", "string", "largest"),
+            ParamSpec("face_detector", "string", str(serve_config.get("face_detector", "haar"))),
         ]
     )
     # required=False only so that MLflow's own "missing inputs" check, whose message

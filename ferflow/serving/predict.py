@@ -1,6 +1,6 @@
 """Classify facial expressions in image files with the exported model (table, JSON, annotated PNG).
 
-    ferflow predict photo.jpg faces/ [--model models/export] [--annotate OUT.png] [--json]
+    ferflow predict photo.jpg faces/ [--model models/export] [--annotate OUT.png] [--json] [--all-faces]
 
 Runs the same MLflow pyfunc that `mlflow models serve` serves (face detection,
 preprocessing, optional TTA), in-process. Directories are searched recursively.
@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ferflow.core.params import TTA_MODES
+from ferflow.core.params import FACE_DETECTORS, TTA_MODES
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -46,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     parser.add_argument("--no-detect-face", action="store_true", help="classify whole images (skip the Haar face detector)")
+    parser.add_argument("--detector", choices=FACE_DETECTORS, help="face detector (default: the model's serve.face_detector)")
+    parser.add_argument(
+        "--all-faces", action="store_true", help="classify every face of each image, each with its box (default: the largest)"
+    )
     parser.add_argument("--tta", choices=TTA_MODES, default=None, help="test-time augmentation (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
 
@@ -93,7 +97,7 @@ def model_classes(model: Any) -> list[str]:
 
     outputs = model.metadata.get_output_schema()
     names = outputs.input_names() if outputs is not None else []
-    skip = {"label", "confidence", "face_found", *BOX_COLUMNS}
+    skip = {"label", "confidence", "face_found", "image_index", *BOX_COLUMNS}
     return [n for n in names if n not in skip]
 
 
@@ -111,6 +115,36 @@ def _record(path: Path, row: dict[str, Any], classes: Sequence[str]) -> dict[str
         "top3": [[c, p] for c, p in top],
         "probabilities": probs,
     }
+
+
+def _records(paths: Sequence[Path], out: Any, classes: Sequence[str]) -> dict[Path, dict[str, Any]]:
+    """Prediction rows -> one record per file. With faces="all" (column image_index) the
+    record is its largest face's, plus "faces": every face, largest first."""
+    rows = out.to_dict("records")
+    if "image_index" not in out.columns:
+        return {p: _record(p, row, classes) for p, row in zip(paths, rows)}
+    faces: dict[int, list[dict[str, Any]]] = {}
+    for row in rows:
+        faces.setdefault(int(row["image_index"]), []).append(row)
+    records = {}
+    for i, p in enumerate(paths):
+        found = [_record(p, row, classes) for row in faces[i]]
+        for face in found:
+            del face["file"]
+        records[p] = {**_record(p, faces[i][0], classes), "faces": found}
+    return records
+
+
+def face_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One table record per face ("file#k" for the k-th face of a file with several); errors kept."""
+    out = []
+    for r in records:
+        faces = r.get("faces")
+        if not faces or len(faces) == 1:
+            out.append(r)
+            continue
+        out.extend({**face, "file": f"{r['file']}#{k}"} for k, face in enumerate(faces))
+    return out
 
 
 def predict_files(
@@ -135,13 +169,12 @@ def predict_files(
         if payload:
             try:
                 out = model.predict(pd.DataFrame({"image": [b for _, b in payload]}), params=params)
-                results = {p: _record(p, row, classes) for (p, _), row in zip(payload, out.to_dict("records"))}
+                results = _records([p for p, _ in payload], out, classes)
             except MlflowException:
                 # one bad file fails the whole batch: redo it file by file to name the culprit
                 for p, data in payload:
                     try:
-                        row = model.predict(pd.DataFrame({"image": [data]}), params=params).to_dict("records")[0]
-                        results[p] = _record(p, row, classes)
+                        results[p] = _records([p], model.predict(pd.DataFrame({"image": [data]}), params=params), classes)[p]
                     except MlflowException as exc:
                         errors[p] = exc.message.replace("row 0: ", "")
         for p in chunk:
@@ -185,17 +218,18 @@ def annotate(image_path: Path, record: dict[str, Any], out: str | Path) -> Path:
     with Image.open(image_path) as src:
         img = _to_rgb(src)
     draw = ImageDraw.Draw(img)
-    x, y, w, h = record["face_box"]
     thickness = max(1, round(min(img.size) / 150))
-    colour = (40, 220, 60) if record["face_found"] else (255, 190, 0)  # green: detected face; amber: whole image
-    if record["face_found"]:
-        draw.rectangle((x, y, x + w - 1, y + h - 1), outline=colour, width=thickness)
-    text = f"{record['label']} {record['confidence']:.2f}" + ("" if record["face_found"] else " (no face found)")
     font = ImageFont.load_default(size=max(10, round(min(img.size) / 18)))
-    tx, ty = (x, max(0, y - font.size - 2 * thickness)) if record["face_found"] else (2, 2)
-    left, top, right, bottom = draw.textbbox((tx, ty), text, font=font)
-    draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=(0, 0, 0))
-    draw.text((tx, ty), text, fill=colour, font=font)
+    for face in record.get("faces") or [record]:  # --all-faces: every face; else the one classified
+        x, y, w, h = face["face_box"]
+        colour = (40, 220, 60) if face["face_found"] else (255, 190, 0)  # green: detected face; amber: whole image
+        if face["face_found"]:
+            draw.rectangle((x, y, x + w - 1, y + h - 1), outline=colour, width=thickness)
+        text = f"{face['label']} {face['confidence']:.2f}" + ("" if face["face_found"] else " (no face found)")
+        tx, ty = (x, max(0, y - font.size - 2 * thickness)) if face["face_found"] else (2, 2)
+        left, top, right, bottom = draw.textbbox((tx, ty), text, font=font)
+        draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=(0, 0, 0))
+        draw.text((tx, ty), text, fill=colour, font=font)
     out = Path(out)
     with files.atomic_path(out) as tmp:
         img.save(tmp, format="PNG")
@@ -234,6 +268,10 @@ def run(args: argparse.Namespace) -> int:
         params["detect_face"] = False
     if args.tta:
         params["tta"] = args.tta
+    if args.all_faces:
+        params["faces"] = "all"
+    if args.detector:
+        params["face_detector"] = args.detector
     from tqdm import tqdm
 
     with tqdm(total=len(paths), unit="image", disable=not sys.stderr.isatty() or len(paths) < 2) as progress:
@@ -245,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(records, indent=2))
     else:
-        print(format_table(records))
+        print(format_table(face_records(records) if args.all_faces else records))
     failed = sum("error" in r for r in records)
     if failed:
         print(f"{failed} of {len(records)} file(s) could not be classified", file=sys.stderr)

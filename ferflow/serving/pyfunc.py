@@ -13,7 +13,10 @@ Input: one column `image` (signature type Any, because a value may be either kin
   Pixel scale (request param `pixel_range`): "auto" (default) takes integers as 0..255
   and floats as 0..1; "0-255" or "0-1" say it explicitly (JSON writers that print 1.0
   as 1 make integers out of floats).
-Request params (defaults from params.yaml `serve`): detect_face, tta, pixel_range.
+Request params (defaults from params.yaml `serve`): detect_face, tta, pixel_range, and
+faces ("largest", the default: one row per image; "all": one row per detected face, with
+column image_index naming the request row; an image without a face keeps its one row),
+face_detector ("haar" or "mtcnn"; the other one than serve.face_detector loads on first use).
 Output per row: label, confidence, one probability column per class, face_found and
 face_x/face_y/face_w/face_h (the square that was classified, in input pixels). Encoded
 images go through the Haar detector (`faces.FaceDetector`) unless detect_face is off or
@@ -32,6 +35,7 @@ import concurrent.futures
 import json
 import math
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,13 +48,14 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 
 from ferflow.core import files
-from ferflow.core.params import TTA_MODES, ServeParams
+from ferflow.core.params import FACE_DETECTORS, TTA_MODES, ServeParams
 from ferflow.data.preprocessing import IMAGE_SIZE, ImageError, decode_image, normalize, prepare_batch
 from ferflow.model.evaluation import predict_proba, renormalize
-from ferflow.serving.faces import BOX_COLUMNS, Box, FaceDetector, centre_square
+from ferflow.serving.faces import BOX_COLUMNS, Box, FaceDetector, centre_square, make_detector
 
 INPUT_COLUMN = "image"
 PIXEL_RANGES = ("auto", "0-255", "0-1")
+FACES_MODES = ("largest", "all")  # request param `faces`: one row per image (default) or one per face
 INFER_BATCH = 256  # images per model call; bounds activation memory for large requests
 PARALLEL_MIN = 8  # decode + detect in a thread pool from this many images per request
 _PIXEL_SHAPES = "(N,48,48), (N,48,48,1) or (N,2304)"
@@ -240,6 +245,7 @@ class Prepared:
     batch: np.ndarray
     boxes: list[Box]
     face_found: list[bool]
+    image_index: list[int] | None = None  # with faces="all": the request row each face came from
 
 
 class EmotionModel(mlflow.pyfunc.PythonModel):
@@ -263,7 +269,9 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
         n_out = int(self.predictor.model.output_shape[-1])
         if n_out != len(self.classes):
             raise ValueError(f"{label_map_json}: {len(self.classes)} classes but the model has {n_out} outputs")
-        self.detector = FaceDetector(config.face_margin)
+        self.detector = make_detector(config.face_detector, config.face_margin)
+        self._detectors = {self.detector.name: self.detector}
+        self._detectors_lock = threading.Lock()
         workers = min(os.cpu_count() or 1, 4)
         self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ferflow-prep") if workers > 1 else None
         self.predictor.warm_up()
@@ -271,6 +279,8 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
     def prepare(self, model_input: Any, params: Mapping[str, Any] | None = None) -> Prepared:
         """Validate and preprocess a request (no model call)."""
         cfg = self.config
+        every_face = _param(params, "faces", "largest", FACES_MODES) == "all"
+        detector = self.detector_for(_param(params, "face_detector", cfg.face_detector, FACE_DETECTORS))
         detect = _param(params, "detect_face", cfg.detect_face, (True, False))
         pixel_range = _param(params, "pixel_range", "auto", PIXEL_RANGES)
         values = _column_values(model_input)
@@ -289,20 +299,37 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
             raise RequestError("column 'image' mixes encoded images and pixel arrays: send one kind per request")
         if kinds == {"pixels"}:
             batch = pixels_to_batch(values, pixel_range)
-            return Prepared(batch, [Box(0, 0, IMAGE_SIZE, IMAGE_SIZE)] * len(batch), [False] * len(batch))
+            n = len(batch)
+            return Prepared(batch, [Box(0, 0, IMAGE_SIZE, IMAGE_SIZE)] * n, [False] * n, list(range(n)) if every_face else None)
 
         def one(item: tuple[int, Any]) -> tuple[np.ndarray, Box, bool]:
             img = decode_request_image(item[1], item[0], cfg)
-            crop, box, found = self.detector.locate(img) if detect else (img, centre_square(*img.size), False)
+            crop, box, found = detector.locate(img) if detect else (img, centre_square(*img.size), False)
             # THE preprocessing, per image: only 48x48 pixels outlive this call, not a 25 MP photo
             return prepare_batch([crop])[0], box, found
+
+        def every(item: tuple[int, Any]) -> list[tuple[np.ndarray, Box, bool]]:
+            located = detector.locate_all(decode_request_image(item[1], item[0], cfg)) if detect else []
+            if not located:  # no face: the image still gets its one (whole-image) row, face_found false
+                return [one(item)]
+            return [(pixels, box, True) for pixels, (_, box) in zip(prepare_batch([c for c, _ in located]), located)]
 
         items = list(enumerate(values))
         # PIL decoding and the cascade release the GIL: spread a batch over the cores.
         # map() yields in order, so the first bad row (by index) is the one reported.
-        results = list(self.pool.map(one, items)) if len(items) >= PARALLEL_MIN and self.pool else list(map(one, items))
+        work = every if every_face else one
+        mapped = list(self.pool.map(work, items)) if len(items) >= PARALLEL_MIN and self.pool else list(map(work, items))
+        index = [i for i, faces in enumerate(mapped) for _ in faces] if every_face else None
+        results = [r for faces in mapped for r in faces] if every_face else mapped
         batch = np.stack([r[0] for r in results]) if results else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 1), np.float32)
-        return Prepared(batch, [r[1] for r in results], [r[2] for r in results])
+        return Prepared(batch, [r[1] for r in results], [r[2] for r in results], index)
+
+    def detector_for(self, name: str) -> FaceDetector:
+        """The configured detector, or another one loaded on first use (request param face_detector)."""
+        with self._detectors_lock:
+            if name not in self._detectors:
+                self._detectors[name] = make_detector(name, self.config.face_margin)
+            return self._detectors[name]
 
     # model_input: MLflow hands over a DataFrame (column signature); a DataFrame hint is
     # also the one MLflow neither validates nor warns about. Dicts/arrays work when called directly.
@@ -310,7 +337,10 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
         tta = _param(params, "tta", self.config.tta, TTA_MODES)  # before any decoding work
         prepared = self.prepare(model_input, params)
         probs = predict_proba(self.predictor, prepared.batch, tta, INFER_BATCH)
-        return result_frame(probs, self.classes, prepared.boxes, prepared.face_found)
+        frame = result_frame(probs, self.classes, prepared.boxes, prepared.face_found)
+        if prepared.image_index is not None:
+            frame.insert(0, "image_index", np.array(prepared.image_index, dtype=np.int64))
+        return frame
 
 
 def _describe(value: Any) -> str:
