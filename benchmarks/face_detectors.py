@@ -32,7 +32,7 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # video_synth.py: composited test images
 
 import numpy as np  # noqa: E402
 
@@ -60,7 +60,7 @@ def backgrounds() -> list[np.ndarray]:
     import cv2
     from skimage import data
 
-    from ferflow.serving.video_synth import background
+    from video_synth import background
 
     out = []
     for img in (data.coffee(), data.rocket(), data.chelsea()):
@@ -73,7 +73,7 @@ def composites(faces: list[np.ndarray], n_images: int, rng: np.random.Generator)
     import cv2
 
     from ferflow.serving.faces import Box
-    from ferflow.serving.tracker import iou
+    from ferflow.video.tracker import iou
 
     bgs = backgrounds()
     out, face_i = [], 0
@@ -103,7 +103,7 @@ def _near(a: Any, b: Any, gap: int = 8) -> bool:
 
 def match(found: list[Any], truth: list[Any], min_iou: float) -> list[bool]:
     """Which true boxes were hit (greedy by overlap, one detection per true box)."""
-    from ferflow.serving.tracker import iou
+    from ferflow.video.tracker import iou
 
     pairs = sorted(((iou(f, t), fi, ti) for fi, f in enumerate(found) for ti, t in enumerate(truth)), reverse=True)
     used_f, hit = set(), [False] * len(truth)
@@ -159,8 +159,8 @@ def main() -> int:
     from skimage import data
 
     from ferflow.serving.faces import DETECT_MAX_SIDE, SCALE_FACTOR, make_detector
-    from ferflow.serving.video import VIDEO_DETECT_MAX_SIDE, VIDEO_SCALE_FACTOR
-    from ferflow.serving.video_synth import ASTRONAUT_FACE, CAMERAMAN_FACE
+    from ferflow.video.analyze import VIDEO_DETECT_MAX_SIDE, VIDEO_SCALE_FACTOR
+    from video_synth import ASTRONAUT_FACE, CAMERAMAN_FACE
 
     rng = np.random.default_rng(args.seed)
     faces, origin = fer_faces(args.fer_zip, 4 * args.images, rng)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # video_synth.py: test videos
 
 FPS = 30.0
 SIZE = (640, 480)
@@ -70,7 +70,7 @@ def passthrough(path: Path, out: Path) -> float:
 
 
 def end_to_end(emotion: Any, detector: Any, path: Path, work: Path) -> dict[str, Any]:
-    from ferflow.serving import video
+    from ferflow.video import analyze as video
 
     options = video.WatchOptions(progress=False)
     classes = list(emotion.classes)
@@ -101,7 +101,7 @@ def main() -> int:
 
     from ferflow.serving.faces import make_detector
     from ferflow.serving.predict import load_model
-    from ferflow.serving.video_synth import synthetic_frames, write_video
+    from video_synth import synthetic_frames, write_video
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_preset)
 
     # these modules keep heavy imports (keras, mlflow) inside their functions
-    from ferflow.serving import predict, watch
+    from ferflow.serving import predict
     from ferflow.tracking import leaderboard
+    from ferflow.video import watch
 
     for name, mod in (("leaderboard", leaderboard), ("predict", predict), ("watch", watch)):
         p = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0])

@@ -19,6 +19,7 @@ ALLOWED = {
     "model": {"core", "data", "tracking", "model"},  # training logs to MLflow as it goes
     "tracking": {"core", "tracking"},
     "serving": {"core", "data", "model", "tracking", "serving"},
+    "video": {"core", "data", "model", "serving", "video"},  # `ferflow watch` uses the served model's code
 }
 
 

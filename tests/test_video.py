@@ -24,8 +24,8 @@ from ferflow.cli import main
 from ferflow.core.classes import FER_CLASSES
 from ferflow.data.sources.synthetic import generate_face
 from ferflow.serving.faces import Box
-from ferflow.serving.tracker import IouTracker, iou
-from ferflow.serving.video_synth import synthetic_frames, write_video
+from ferflow.video.tracker import IouTracker, iou
+from video_synth import synthetic_frames, write_video
 
 REPO = Path(__file__).resolve().parents[1]
 N_FRAMES = 20
@@ -128,7 +128,7 @@ def test_every_nth_frame(capsys, model_dir: Path, four_faces, tmp_path: Path) ->
 
 
 def test_video_without_faces(capsys, model_dir: Path, tmp_path: Path) -> None:
-    from ferflow.serving.video_synth import background
+    from video_synth import background
 
     wall = background((320, 240))
     video = write_video(tmp_path / "wall.mp4", [cv2.cvtColor(wall[:, i : i + 320], cv2.COLOR_RGB2BGR) for i in range(6)])
@@ -161,7 +161,7 @@ class FakeCamera:
 
 
 def test_camera_reader_keeps_only_the_newest_frame() -> None:
-    from ferflow.serving.video import FrameReader
+    from ferflow.video.analyze import FrameReader
 
     camera = FakeCamera(200)
     reader = FrameReader(camera, np.zeros((2, 2), np.int32), latest_only=True)
@@ -280,7 +280,7 @@ def group_photo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, l
     d = tmp_path_factory.mktemp("photos")
     frames, truth = synthetic_frames(1, size=(960, 480), n_faces=3, patch_side=150)
     cv2.imwrite(str(d / "group.png"), frames[0])
-    from ferflow.serving.video_synth import background
+    from video_synth import background
 
     cv2.imwrite(str(d / "wall.png"), background((320, 240))[:, :320])
     return d / "group.png", d / "wall.png", truth[0]
@@ -338,7 +338,7 @@ def test_detectors_find_the_astronaut() -> None:
     from skimage import data
 
     from ferflow.serving.faces import make_detector
-    from ferflow.serving.video_synth import ASTRONAUT_FACE
+    from video_synth import ASTRONAUT_FACE
 
     photo = data.astronaut()
     for name in ("haar", "mtcnn"):
@@ -366,7 +366,7 @@ def test_mtcnn_serving_and_watch(capsys, model_dir: Path, tmp_path: Path) -> Non
     from skimage import data
 
     from ferflow.serving.pyfunc import EmotionModel, ServeConfig
-    from ferflow.serving.video_synth import ASTRONAUT_FACE, CAMERAMAN_FACE
+    from video_synth import ASTRONAUT_FACE, CAMERAMAN_FACE
 
     emotion = EmotionModel()
     emotion.setup(

@@ -69,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from ferflow.serving import video
     from ferflow.serving.predict import UsageError, load_model
+    from ferflow.video import analyze as video
 
     try:
         options = _options(args, video)
@@ -107,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: writing the outputs failed: {exc}", file=sys.stderr)
         return 2
     from ferflow.core import files
-    from ferflow.serving.video_summary import plot_timeline, summarize
+    from ferflow.video.summary import plot_timeline, summarize
 
     summary = summarize(result, classes, options.every, options.smooth, detector.name)
     if out_summary is not None:

@@ -4,7 +4,7 @@ Per processed frame: every face is detected (Haar or MTCNN), tracked (`tracker.I
 stable face ids), cropped like still images (`faces.square_with_margin`), and all crops
 go through the exported model in ONE call. Outputs, all optional: the annotated video
 (every input frame, boxes and labels drawn), a CSV with one row per face per processed
-frame, a JSON summary and a PNG timeline of emotion shares (`ferflow.serving.video_summary`).
+frame, a JSON summary and a PNG timeline of emotion shares (`ferflow.video.summary`).
 
 Decoding and encoding run in their own threads (OpenCV releases the GIL), so on two
 cores they overlap with detection. Ctrl-C stops reading; what was processed is written
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ferflow.serving.faces import Box, FaceDetector, square_with_margin
-from ferflow.serving.tracker import IouTracker
+from ferflow.video.tracker import IouTracker
 
 # Frames whose longer side exceeds this are downscaled (keeping the aspect ratio) before
 # anything else: detection and the annotated video then work at this size. 1920 keeps

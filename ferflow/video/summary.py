@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ferflow.serving.video import WatchResult
+from ferflow.video.analyze import WatchResult
 
 TIMELINE_BINS = 60  # at most this many time bins in the JSON timeline and the PNG
 

@@ -1,0 +1,1 @@
+"""Video: `ferflow watch` (every face in every frame, tracked and smoothed), per-video summary."""
