@@ -258,3 +258,29 @@ def test_fresh_clone_gets_data_model_and_experiment_through_git_and_dvc_remotes_
     model = mlflow.pyfunc.load_model(str(b / "models" / "export"))  # B serves what A trained
     (label,) = model.predict(pd.DataFrame({"image": [face_png_b64()]}))["label"]
     assert label in FER_CLASSES
+
+
+# ---------------------------------------------------------------- the `ferflow tracking-server` command
+
+
+def test_tracking_server_command_without_postgresql_says_what_to_install(tmp_path, monkeypatch, capsys):
+    from ferflow import cli
+    from ferflow.tracking import server
+
+    monkeypatch.setattr(server, "postgres_binary", lambda _name: None)
+    assert cli.main(["tracking-server", "--dir", str(tmp_path / "state")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("tracking-server: error: PostgreSQL server programs not found (initdb, pg_ctl, postgres)")
+    assert "apt-get install -y postgresql" in line
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or bool(postgres_missing()), reason="needs root and PostgreSQL's server programs")
+def test_as_root_a_state_folder_postgres_cannot_enter_is_refused_naming_the_user(tmp_path, capsys):
+    from ferflow import cli
+
+    hidden = tmp_path / "private"
+    hidden.mkdir(mode=0o700)  # pytest's tmp_path is 0700 too: `nobody` cannot enter it
+    assert cli.main(["tracking-server", "--dir", str(hidden / "state"), "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "PostgreSQL runs as user 'nobody' (it refuses root) and cannot reach" in err and "Traceback" not in err
+    assert not (hidden / "state" / "pgdata").exists()
