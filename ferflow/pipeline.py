@@ -19,6 +19,7 @@ import pandas as pd
 from ferflow.core import files
 from ferflow.core.params import flatten, load_params
 from ferflow.tracking.runs import (
+    backfill_epochs,
     device_name,
     dvc_tags,
     git_info,
@@ -139,6 +140,7 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
 
     from ferflow.data.arrays import load_label_map, load_split
     from ferflow.model.evaluation import evaluate
+    from ferflow.model.training import read_history
 
     p = load_params(args.params)["evaluate"]
     classes = load_label_map(args.label_map)
@@ -159,6 +161,9 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     with resume_run(train_run_id, flatten({"evaluate": p}), args.run_file) as run_id:
         metrics = work(run_id)
         with interrupts_held():
+            added = backfill_epochs(train_run_id, read_history(Path(args.history)))  # server lost mid-training
+            if added:
+                log.info("logged epochs %s to MLflow run %s (trained while the server was unreachable)", added, train_run_id)
             mlflow.log_metrics({f"test_{k}": metrics[k] for k in ("accuracy", "loss", "macro_f1")})
             mlflow.log_metrics({f"test_f1_{c}": v["f1"] for c, v in metrics["per_class"].items()})
             for name in ("confusion_matrix.png", "training_curves.png", "classification_report.txt", "per_class.json"):
