@@ -119,6 +119,26 @@ def test_postgres_store_that_is_down_fails_fast_naming_the_uri_without_its_passw
     assert "s3cret-pw" not in message and "\n" not in message
 
 
+@pytest.mark.usefixtures("restore_tracking_uri")
+def test_workers_racing_to_create_the_experiment_all_use_the_one_created(tmp_path, monkeypatch):
+    """Two queue workers on an empty store: both look the experiment up, find none, create it;
+    the loser got RESOURCE_ALREADY_EXISTS and failed its experiment (seen with `-j 2`)."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    winner = mlflow.MlflowClient(uri).create_experiment("ferflow")
+    real_lookup = mlflow.MlflowClient.get_experiment_by_name
+    lookups = []
+
+    def lookup_before_the_winner_created_it(self, name):
+        lookups.append(name)
+        return None if len(lookups) == 1 else real_lookup(self, name)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_experiment_by_name", lookup_before_the_winner_created_it)
+    assert configure(tmp_path) == winner and len(lookups) == 2
+
+
 # ---------------------------------------------------------------- against the team server
 
 

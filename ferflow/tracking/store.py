@@ -124,6 +124,20 @@ def _unreachable(uri: str, exc: BaseException) -> TrackingError:
     )
 
 
+def _create_experiment(client, location: str | None) -> str:
+    """Create the project's experiment; parallel workers starting on an empty store race to
+    create it, and the losers use the winner's."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(EXPERIMENT_NAME, artifact_location=location)
+    except MlflowException as exc:
+        existing = client.get_experiment_by_name(EXPERIMENT_NAME) if exc.error_code == "RESOURCE_ALREADY_EXISTS" else None
+        if existing is None:
+            raise
+        return existing.experiment_id
+
+
 def configure(root: str | os.PathLike[str] | None = None) -> str:
     """Point mlflow at the project store, check it answers (fail fast), return the experiment id."""
     import mlflow
@@ -142,7 +156,7 @@ def configure(root: str | os.PathLike[str] | None = None) -> str:
         client = mlflow.MlflowClient()
         experiment = client.get_experiment_by_name(EXPERIMENT_NAME)
         if experiment is None:
-            experiment_id = client.create_experiment(EXPERIMENT_NAME, artifact_location=artifact_location(uri, root))
+            experiment_id = _create_experiment(client, artifact_location(uri, root))
         else:
             experiment_id = experiment.experiment_id
             if is_remote_server(uri) and experiment.artifact_location.startswith("file:"):
