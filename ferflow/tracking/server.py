@@ -257,6 +257,11 @@ class TeamServer:
                 raise ServerError(f"mlflow server did not answer {self.url}/health within 180 s; see {log}")
             time.sleep(0.5)
 
+    def wait(self) -> None:
+        """Block until the mlflow server process ends."""
+        if self._mlflow is not None:
+            self._mlflow.wait()
+
     def stop_mlflow(self) -> None:
         if self._mlflow is not None and self._mlflow.poll() is None:
             os.killpg(self._mlflow.pid, signal.SIGTERM)
@@ -283,6 +288,10 @@ class TeamServer:
         self.stop()
 
 
+def _interrupt(signum, frame) -> None:  # noqa: ARG001
+    raise KeyboardInterrupt
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", type=Path, default=Path(".ferflow/team-server"), help="state folder (default: .ferflow/team-server)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -295,11 +304,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Start a local team tracking server (PostgreSQL + mlflow server) and wait for Ctrl-C."""
     server = TeamServer(args.dir, args.host, args.port, args.pg_port, args.auth, args.workers)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops both servers cleanly, like Ctrl-C
     try:
-        server.start()
+        server.start()  # stops what it started if it fails or is interrupted
     except ServerError as exc:
         print(f"tracking-server: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
     print(f"MLflow tracking server on {server.url} (PostgreSQL on 127.0.0.1:{server.pg_port}, artifacts in {server.artifacts})")
     print(f"  export MLFLOW_TRACKING_URI={server.url}")
     if server.auth:
@@ -308,11 +320,8 @@ def run(args: argparse.Namespace) -> int:
     if server.host not in ("127.0.0.1", "localhost", "::1"):
         print("  warning: bound beyond loopback; see docs/team.md for authentication and TLS", file=sys.stderr)
     print(f"Logs in {server.state_dir / 'logs'}. Ctrl-C stops both.")
-    stop = signal.Signals.SIGTERM
-    signal.signal(stop, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        while server._mlflow is not None and server._mlflow.poll() is None:
-            time.sleep(1)
+        server.wait()
         print(f"tracking-server: error: mlflow server exited; see {server.state_dir / 'logs' / 'mlflow.log'}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
