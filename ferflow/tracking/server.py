@@ -304,7 +304,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Start a local team tracking server (PostgreSQL + mlflow server) and wait for Ctrl-C."""
     server = TeamServer(args.dir, args.host, args.port, args.pg_port, args.auth, args.workers)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops both servers cleanly, like Ctrl-C
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops both servers cleanly, like Ctrl-C
+    try:
+        return _serve(server)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _serve(server: TeamServer) -> int:
     try:
         server.start()  # stops what it started if it fails or is interrupted
     except ServerError as exc:
