@@ -18,9 +18,11 @@ PostgreSQL refuses to run as root; as root, initdb and postgres run as `FERFLOW_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -29,6 +31,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +80,16 @@ def _as_postgres_user() -> list[str]:
     if os.geteuid() != 0:
         return []
     return ["runuser", "-u", os.environ.get("FERFLOW_PG_OS_USER", "nobody"), "--"]
+
+
+@contextlib.contextmanager
+def _private_files() -> Iterator[None]:
+    """Files created inside are readable by their owner only (they hold passwords)."""
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
 
 
 def _check(cmd: list[str], what: str, log: Path | None = None) -> None:
@@ -147,7 +160,8 @@ class TeamServer:
             key: current.get(key) or secrets.token_urlsafe(24) for key in ("db_password", "admin_password", "flask_secret_key")
         }
         if wanted != current:
-            files.write_json(path, wanted)
+            with _private_files():
+                files.write_json(path, wanted)
         os.chmod(path, 0o600)
 
     def _start_postgres(self) -> None:
@@ -165,7 +179,8 @@ class TeamServer:
         if not (self.pgdata / "PG_VERSION").exists():
             self.pgdata.mkdir(mode=0o700, exist_ok=True)
             pwfile = self.state_dir / "logs" / ".initdb-password"
-            pwfile.write_text(self.secrets["db_password"] + "\n")
+            with _private_files():
+                pwfile.write_text(self.secrets["db_password"] + "\n")
             if prefix:
                 shutil.chown(self.pgdata, user=prefix[2])
                 shutil.chown(pwfile, user=prefix[2])
@@ -178,7 +193,7 @@ class TeamServer:
             finally:
                 pwfile.unlink(missing_ok=True)
         # sockets in the data folder (not /var/run/postgresql, which may not exist or be writable)
-        options = f"-p {self.pg_port} -c listen_addresses=127.0.0.1 -k {self.pgdata}"
+        options = f"-p {self.pg_port} -c listen_addresses=127.0.0.1 -k {shlex.quote(str(self.pgdata))}"  # pg_ctl runs it via sh
         _check(
             [
                 *prefix,
