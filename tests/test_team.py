@@ -18,6 +18,7 @@ import io
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -157,6 +158,40 @@ def test_server_refuses_clients_without_or_with_wrong_credentials_naming_the_var
         configure(tmp_path)
     # stages print this TrackingError as one line and exit 2, like the unreachable server in
     # tests/test_reliability.py::test_unreachable_tracking_server_fails_before_the_first_epoch
+
+
+def test_a_teammate_account_created_as_docs_team_md_shows_can_log_runs_once_granted_edit(team_server, as_admin, monkeypatch):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.server import get_app_client
+
+    name, password = f"ana{free_port()}", secrets.token_urlsafe(16)
+    auth = get_app_client("basic-auth", tracking_uri=team_server.url)  # as admin (as_admin's variables)
+    auth.create_user(username=name, password=password)
+    experiment_id = mlflow.MlflowClient(team_server.url).create_experiment(f"permissions-{name}")
+    model = mlflow.MlflowClient(team_server.url).create_registered_model(f"model-{name}").name
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", name)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    teammate = mlflow.MlflowClient(team_server.url)
+    assert teammate.get_experiment(experiment_id).name == f"permissions-{name}"  # default_permission = READ
+    with pytest.raises(MlflowException, match="403"):
+        teammate.create_run(experiment_id)
+    with pytest.raises(MlflowException, match="403"):
+        teammate.set_registered_model_tag(model, "owner", name)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN_USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", as_admin["MLFLOW_TRACKING_PASSWORD"])
+    auth.grant_user_permission(name, "experiment", experiment_id, "EDIT")
+    auth.grant_user_permission(name, "registered_model", model, "EDIT")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", name)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    run_id = teammate.create_run(experiment_id).info.run_id
+    teammate.log_metric(run_id, "test_accuracy", 0.5)
+    teammate.set_terminated(run_id, "FINISHED")
+    assert teammate.get_run(run_id).info.status == "FINISHED"
+    teammate.set_registered_model_tag(model, "owner", name)
+    assert teammate.get_registered_model(model).tags["owner"] == name
 
 
 @pytest.mark.usefixtures("restore_tracking_uri")
