@@ -4,6 +4,11 @@ MLFLOW_TRACKING_URI if set, else `sqlite:///<root>/mlflow.db` with artifacts in
 `<root>/mlartifacts`, where <root> is DVC_ROOT when DVC runs the stage (DVC points it at
 the main repo also for `dvc exp run --temp/--queue`, whose working copies are deleted),
 else the repo root found from the working directory.
+
+For an `http(s)://` tracking server the experiment is created without an artifact location,
+so the server's own store holds models and plots (docs/team.md); a PostgreSQL/MySQL URI is
+probed with a short connect timeout; SQLite runs in WAL mode with a busy timeout so that
+parallel queue workers can share it.
 """
 
 from __future__ import annotations
