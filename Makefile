@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_FLAGS ?= --disable-pip-version-check --no-input -q
 
-.PHONY: repro test lint venv install install-dev clean-outputs
+.PHONY: repro test lint venv install install-dev clean-outputs system-deps tracking-server
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,22 @@ install-dev: $(VENV)/.installed-dev
 repro: $(VENV)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-test: $(VENV)/.installed-dev
+# PostgreSQL's server programs, for the team-server tests (tests/test_team.py) and
+# `make tracking-server`. Installed from Debian only when missing and only as root (CI);
+# elsewhere those tests skip and say why.
+system-deps:
+	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	else \
+		echo "note: PostgreSQL is not installed (sudo apt-get install postgresql): tests/test_team.py's server tests will skip"; \
+	fi
+
+# A local team tracking server (PostgreSQL + mlflow server on 127.0.0.1:5000); docs/team.md
+tracking-server: system-deps $(VENV)/.installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/ferflow tracking-server $(SERVER_ARGS)
+
+test: system-deps $(VENV)/.installed-dev
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev

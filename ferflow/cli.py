@@ -1,4 +1,4 @@
-"""`ferflow` command line: models, preset, leaderboard, predict, watch, validate-params.
+"""`ferflow` command line: models, preset, leaderboard, predict, watch, validate-params, tracking-server.
 
 Heavy libraries (keras, mlflow) are imported only by the subcommand that runs, so
 `ferflow --help` is instant.
@@ -72,10 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     # these modules keep heavy imports (keras, mlflow) inside their functions
     from ferflow.serving import predict
-    from ferflow.tracking import leaderboard
+    from ferflow.tracking import leaderboard, server
     from ferflow.video import watch
 
-    for name, mod in (("leaderboard", leaderboard), ("predict", predict), ("watch", watch)):
+    for name, mod in (("leaderboard", leaderboard), ("predict", predict), ("watch", watch), ("tracking-server", server)):
         p = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0])
         mod.add_arguments(p)
         p.set_defaults(func=mod.run)

@@ -119,7 +119,7 @@ def test_queued_experiments_each_land_in_the_project_store(project):
     before = {r.info.run_id for r in all_runs(project)}
     seeds = ",".join(map(str, QUEUED_SEEDS))
     run(["dvc", "exp", "run", "--queue", "-S", f"train.seed={seeds}"], project)
-    run(["dvc", "queue", "start"], project)
+    run(["dvc", "queue", "start", "-j", "2"], project)  # two workers writing one SQLite store (WAL + busy timeout)
     deadline = time.monotonic() + 420  # two tiny experiments take ~1-2 min on 2 shared cores
     while True:
         status = run(["dvc", "queue", "status"], project).stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -178,12 +180,12 @@ def test_sigterm_marks_the_run_killed_and_leaves_a_resumable_backup(workdir, tmp
 
 
 @pytest.mark.slow
-def test_tracking_server_lost_mid_run_keeps_the_trained_model(workdir, tmp_path):
-    port = free_port()
+@contextlib.contextmanager
+def _mlflow_server(port: int, db: Path, cwd: Path) -> Iterator[subprocess.Popen]:
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--workers", "1"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+         "--backend-store-uri", f"sqlite:///{db}", "--workers", "1"],
+        cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
         deadline = time.time() + 120
@@ -194,6 +196,16 @@ def test_tracking_server_lost_mid_run_keeps_the_trained_model(workdir, tmp_path)
             except OSError:
                 assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
                 time.sleep(0.5)
+        yield server
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def test_tracking_server_lost_mid_run_keeps_the_trained_model(workdir, tmp_path):
+    port = free_port()
+    with _mlflow_server(port, tmp_path / "server.db", tmp_path) as server:
         params = _resume_params(tmp_path / "params.yaml")
         out = tmp_path / "out"
         uri = f"http://127.0.0.1:{port}"
@@ -208,14 +220,29 @@ def test_tracking_server_lost_mid_run_keeps_the_trained_model(workdir, tmp_path)
         _wait_for_epochs(out / "work" / "history.csv", 1, proc)
         os.killpg(server.pid, signal.SIGKILL)
         output, _ = proc.communicate(timeout=300)
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
     assert proc.returncode == 0, output[-3000:]
     assert "MLflow logging failed at epoch" in output and "training continues" in output
     assert (out / "model.keras").stat().st_size > 0
     summary = json.loads((out / "train.json").read_text())
     assert summary["epochs_run"] == 4 and summary["tracking_error"]
+
+    # completing the run later (docs/team.md): the server is back, evaluate reruns (as `dvc repro` would)
+    with _mlflow_server(port, tmp_path / "server.db", tmp_path):
+        evaluate = subprocess.run(
+            [sys.executable, str(REPO / "stages" / "evaluate.py"), "--params", str(params), "--arrays", "arrays",
+             "--label-map", "label_map.json", "--model", str(out / "model.keras"), "--history", str(out / "history.csv"),
+             "--run-file", str(out / "run.json"), "--metrics", str(out / "eval.json"),
+             "--predictions", str(out / "predictions.csv"), "--plots", str(out / "plots")],
+            cwd=workdir, env=_env(tmp_path, MLFLOW_TRACKING_URI=uri), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+        import mlflow
+
+        client = mlflow.MlflowClient(uri)
+        run_id = json.loads((out / "run.json").read_text())["run_id"]
+        completed = client.get_run(run_id)
+        assert completed.info.status == "FINISHED" and "test_accuracy" in completed.data.metrics
+        assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2, 3, 4]  # the lost epochs too
 
 
 @pytest.fixture

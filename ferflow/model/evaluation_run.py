@@ -6,11 +6,14 @@ imports: the exported model ships only what its pyfunc imports, not the tracking
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from ferflow.core.params import EvaluateParams, flatten
 from ferflow.model.evaluation import evaluate
+
+log = logging.getLogger("ferflow")
 
 
 def run_evaluation(
@@ -29,7 +32,8 @@ def run_evaluation(
     import keras
 
     from ferflow.data.arrays import load_label_map, load_split
-    from ferflow.tracking.runs import recorded_run_id, resume_run
+    from ferflow.model.training import read_history
+    from ferflow.tracking.runs import backfill_epochs, recorded_run_id, resume_run
     from ferflow.tracking.signals import interrupts_held
 
     classes = load_label_map(label_map)
@@ -50,6 +54,9 @@ def run_evaluation(
     with resume_run(train_run_id, flatten({"evaluate": params}), str(run_file)) as run_id:
         metrics = work(run_id)
         with interrupts_held():
+            added = backfill_epochs(train_run_id, read_history(history_csv))  # the server was lost mid-training
+            if added:
+                log.info("logged epochs %s to MLflow run %s (trained while the server was unreachable)", added, train_run_id)
             mlflow.log_metrics({f"test_{k}": metrics[k] for k in ("accuracy", "loss", "macro_f1")})
             mlflow.log_metrics({f"test_f1_{c}": v["f1"] for c, v in metrics["per_class"].items()})
             for name in ("confusion_matrix.png", "training_curves.png", "classification_report.txt", "per_class.json"):

@@ -160,6 +160,24 @@ def mark_training_complete(run_file: str | os.PathLike[str]) -> None:
     files.write_json(run_file, record)
 
 
+def backfill_epochs(run_id: str, rows: list[dict[str, Any]]) -> list[int]:
+    """Log to run `run_id` the epochs of `rows` (metrics/history.csv) missing from its MLflow
+    history, i.e. those trained while the tracking server was unreachable; return their numbers.
+    Lets a run whose server went away mid-training be completed by rerunning evaluate."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    logged = {m.step for m in client.get_metric_history(run_id, "loss")}
+    missing = [row for row in rows if row["epoch"] not in logged]
+    now = int(time.time() * 1000)
+    metrics = [
+        mlflow.entities.Metric(k, float(v), now, int(row["epoch"])) for row in missing for k, v in row.items() if k != "epoch"
+    ]
+    for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+    return [int(row["epoch"]) for row in missing]
+
+
 def recorded_run_id(run_file: str | os.PathLike[str]) -> str | None:
     """The MLflow run id the train stage recorded (None when it trained without MLflow)."""
     return files.read_json(run_file).get("run_id")

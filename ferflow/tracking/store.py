@@ -4,12 +4,19 @@ MLFLOW_TRACKING_URI if set, else `sqlite:///<root>/mlflow.db` with artifacts in
 `<root>/mlartifacts`, where <root> is DVC_ROOT when DVC runs the stage (DVC points it at
 the main repo also for `dvc exp run --temp/--queue`, whose working copies are deleted),
 else the repo root found from the working directory.
+
+For an `http(s)://` tracking server the experiment is created without an artifact location,
+so the server's own store holds models and plots (docs/team.md); a PostgreSQL/MySQL URI is
+probed with a short connect timeout; SQLite runs in WAL mode with a busy timeout so that
+parallel queue workers can share it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 from pathlib import Path
 
 from ferflow.core.errors import UserError
@@ -30,8 +37,102 @@ def tracking_uri(root: str | os.PathLike[str] | None = None) -> str:
     return f"sqlite:///{Path(root or find_root()) / 'mlflow.db'}"
 
 
-def artifact_location(root: str | os.PathLike[str] | None = None) -> str:
+def is_remote_server(uri: str) -> bool:
+    return uri.split(":", 1)[0].lower() in ("http", "https")
+
+
+def artifact_location(uri: str, root: str | os.PathLike[str] | None = None) -> str | None:
+    """Where a new experiment keeps its artifacts: the server's own store for an HTTP tracking
+    server (None lets it choose, e.g. `mlflow-artifacts:/` proxied to its --artifacts-destination;
+    a path of this machine would never reach it), else `<root>/mlartifacts`."""
+    if is_remote_server(uri):
+        return None
     return (Path(root or find_root()) / "mlartifacts").as_uri()
+
+
+def redacted(text: str, uri: str | None = None) -> str:
+    """`text` (by default the URI itself) with the URI's password replaced by ***."""
+    from urllib.parse import urlsplit
+
+    try:
+        password = urlsplit(uri or text).password
+    except ValueError:
+        password = None
+    return text.replace(f":{password}@", ":***@").replace(password, "***") if password else text
+
+
+def _check_database(uri: str) -> None:
+    """Connect to a PostgreSQL/MySQL store once with a short timeout: MLflow itself retries a
+    refused connection for about 100 s before failing."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 10}, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        engine.connect().close()
+    finally:
+        engine.dispose()
+
+
+def _sqlite_waits_for_locks(uri: str) -> None:
+    """Parallel queue workers share one SQLite file: switch it to WAL (readers never block the
+    writer) and let every connection wait up to 60 s for the write lock instead of failing
+    with "database is locked" after SQLite's default 5 s."""
+    import sqlite3
+
+    import sqlalchemy
+
+    global _BUSY_TIMEOUT_HOOKED
+    if not _BUSY_TIMEOUT_HOOKED:
+
+        @sqlalchemy.event.listens_for(sqlalchemy.engine.Engine, "connect")
+        def _busy_timeout(dbapi_connection, _record) -> None:
+            if isinstance(dbapi_connection, sqlite3.Connection):
+                dbapi_connection.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+
+        _BUSY_TIMEOUT_HOOKED = True
+    path = uri.removeprefix("sqlite:///")
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.closing(sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)) as db:
+            db.execute("PRAGMA journal_mode = WAL")  # persistent: stored in the database file
+
+
+SQLITE_BUSY_TIMEOUT_MS = 60_000
+_BUSY_TIMEOUT_HOOKED = False
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+
+
+def _unreachable(uri: str, exc: BaseException) -> TrackingError:
+    # MLflow's REST client reports a refused login as "... failed with error code 401 != 200"
+    status = re.search(r"error code (40[13]) != 200", str(exc))
+    if status:
+        who = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        hint = (
+            f"user {who!r} was not accepted or lacks permission: check MLFLOW_TRACKING_PASSWORD and the user's permissions"
+            if who
+            else "it requires authentication: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
+        return TrackingError(f"MLflow tracking server {redacted(uri)!r} refused the request (HTTP {status[1]}); {hint}.")
+    detail = redacted(" ".join(str(exc).split()), uri)[:300]  # one line, no password
+    return TrackingError(
+        f"MLflow tracking store {redacted(uri)!r} is not reachable ({type(exc).__name__}: {detail}). "
+        "Start the server, or unset MLFLOW_TRACKING_URI to use the local store "
+        "sqlite:///<repo>/mlflow.db."
+    )
+
+
+def _create_experiment(client, location: str | None) -> str:
+    """Create the project's experiment; parallel workers starting on an empty store race to
+    create it, and the losers use the winner's."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(EXPERIMENT_NAME, artifact_location=location)
+    except MlflowException as exc:
+        existing = client.get_experiment_by_name(EXPERIMENT_NAME) if exc.error_code == "RESOURCE_ALREADY_EXISTS" else None
+        if existing is None:
+            raise
+        return existing.experiment_id
 
 
 def configure(root: str | os.PathLike[str] | None = None) -> str:
@@ -43,19 +144,29 @@ def configure(root: str | os.PathLike[str] | None = None) -> str:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     uri = tracking_uri(root)
     mlflow.set_tracking_uri(uri)
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
     try:
+        if scheme in DATABASE_SCHEMES:
+            _check_database(uri)
+        elif scheme == "sqlite":
+            _sqlite_waits_for_locks(uri)
         client = mlflow.MlflowClient()
         experiment = client.get_experiment_by_name(EXPERIMENT_NAME)
         if experiment is None:
-            experiment_id = client.create_experiment(EXPERIMENT_NAME, artifact_location=artifact_location(root))
+            experiment_id = _create_experiment(client, artifact_location(uri, root))
         else:
             experiment_id = experiment.experiment_id
+            if is_remote_server(uri) and experiment.artifact_location.startswith("file:"):
+                log.warning(
+                    "experiment %r on %s stores artifacts at %s, a path on one machine: other machines will not "
+                    "find the models. Unless that path is a shared mount, rename the experiment in the MLflow UI "
+                    "so ferflow creates a new one in the server's artifact store.",
+                    EXPERIMENT_NAME,
+                    redacted(uri),
+                    experiment.artifact_location,
+                )
     except Exception as exc:  # mlflow raises many types for an unreachable store
-        raise TrackingError(
-            f"MLflow tracking store {uri!r} is not reachable ({type(exc).__name__}: {str(exc)[:300]}). "
-            "Start the server, or unset MLFLOW_TRACKING_URI to use the local store "
-            f"sqlite:///<repo>/mlflow.db."
-        ) from None
+        raise _unreachable(uri, exc) from None
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 

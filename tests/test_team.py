@@ -1,0 +1,349 @@
+"""A team on several machines (docs/team.md), tested for real on loopback.
+
+- one PostgreSQL + `mlflow server` (basic-auth, users in PostgreSQL, proxied artifacts) per
+  test session: two queued experiments run by two parallel DVC workers land in it, and the
+  champion is served from it after the training clone is deleted;
+- fail-fast and clear messages for a PostgreSQL store that is down and for missing or
+  wrong credentials;
+- data, models and experiments shared through a bare git remote and a DVC directory remote.
+
+Without PostgreSQL's server programs the server tests skip, saying why; under CI=true they fail.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+import json
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+from conftest import TINY_OVERRIDES, clone_repo, run, write_params
+from ferflow.core.classes import FER_CLASSES
+from ferflow.data.sources.synthetic import generate_face
+from ferflow.tracking.server import ADMIN_USER, TeamServer, free_port, postgres_missing
+from ferflow.tracking.store import TrackingError, configure
+
+GIT = ["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci"]
+MODEL_NAME = "ferflow-emotion"
+SERVER_ARTIFACTS = ("evaluation/confusion_matrix.png", "evaluation/training_curves.png", "model_summary.txt", "params.yaml")
+
+
+def tiny_project(dest: Path, **data: object) -> Path:
+    repo = clone_repo(dest)
+    overrides = copy.deepcopy(TINY_OVERRIDES)
+    overrides["train"]["epochs"] = 1
+    overrides["data"].update(data)
+    write_params(repo / "params.yaml", overrides)
+    run([*GIT, "commit", "-qam", "tiny params"], repo)
+    return repo
+
+
+def face_png_b64(seed: int = 3) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(generate_face(np.random.default_rng(seed), "happy")).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+@pytest.fixture(autouse=True)
+def patient_client(monkeypatch):
+    """MLflow's client gives up on a request after 10 s; a loaded 2-core CI machine running the
+    server, PostgreSQL and the suite can take longer than that to answer one."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
+
+
+@pytest.fixture(scope="session")
+def team_server():
+    """PostgreSQL + mlflow server with basic-auth, on loopback, for the whole session."""
+    reason = postgres_missing()
+    if reason:  # CI installs PostgreSQL (Makefile `system-deps`): there a missing one is a failure
+        (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(reason)
+    # as root PostgreSQL runs as `nobody`, which must be able to enter the state folder
+    state = Path(tempfile.mkdtemp(prefix="ferflow-team-"))
+    state.chmod(0o755)
+    server = TeamServer(state, port=free_port(), auth=True, workers=1)
+    try:
+        with server:
+            yield server
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture
+def as_admin(team_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN_USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", team_server.secrets["admin_password"])
+    return {
+        "MLFLOW_TRACKING_URI": team_server.url,
+        "MLFLOW_TRACKING_USERNAME": ADMIN_USER,
+        "MLFLOW_TRACKING_PASSWORD": team_server.secrets["admin_password"],
+    }
+
+
+@pytest.fixture
+def restore_tracking_uri():
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    yield
+    mlflow.set_tracking_uri(before)
+
+
+# ---------------------------------------------------------------- the store's own checks (no server needed)
+
+
+def test_experiment_artifacts_go_to_the_server_for_http_and_to_the_repo_for_local_stores(tmp_path):
+    from ferflow.tracking.store import artifact_location
+
+    assert artifact_location("http://mlflow.internal:5000", tmp_path) is None  # the server's artifact store decides
+    assert artifact_location("https://mlflow.example.com", tmp_path) is None
+    assert artifact_location(f"sqlite:///{tmp_path}/mlflow.db", tmp_path) == (tmp_path / "mlartifacts").as_uri()
+
+
+@pytest.mark.usefixtures("restore_tracking_uri")
+def test_postgres_store_that_is_down_fails_fast_naming_the_uri_without_its_password(monkeypatch, tmp_path):
+    uri = f"postgresql+psycopg://ferflow:s3cret-pw@127.0.0.1:{free_port()}/mlflow"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    started = time.monotonic()
+    with pytest.raises(TrackingError) as err:
+        configure(tmp_path)
+    assert time.monotonic() - started < 15  # MLflow alone retries for ~100 s
+    message = str(err.value)
+    assert "postgresql+psycopg://ferflow:***@127.0.0.1:" in message and "is not reachable" in message
+    assert "s3cret-pw" not in message and "\n" not in message
+
+
+@pytest.mark.usefixtures("restore_tracking_uri")
+def test_workers_racing_to_create_the_experiment_all_use_the_one_created(tmp_path, monkeypatch):
+    """Two queue workers on an empty store: both look the experiment up, find none, create it;
+    the loser got RESOURCE_ALREADY_EXISTS and failed its experiment (seen with `-j 2`)."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    winner = mlflow.MlflowClient(uri).create_experiment("ferflow")
+    real_lookup = mlflow.MlflowClient.get_experiment_by_name
+    lookups = []
+
+    def lookup_before_the_winner_created_it(self, name):
+        lookups.append(name)
+        return None if len(lookups) == 1 else real_lookup(self, name)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_experiment_by_name", lookup_before_the_winner_created_it)
+    assert configure(tmp_path) == winner and len(lookups) == 2
+
+
+# ---------------------------------------------------------------- against the team server
+
+
+@pytest.mark.usefixtures("restore_tracking_uri")
+def test_server_refuses_clients_without_or_with_wrong_credentials_naming_the_variables(team_server, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team_server.url)
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    with pytest.raises(
+        TrackingError, match=r"refused the request \(HTTP 401\).*set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+    ):
+        configure(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN_USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
+    with pytest.raises(TrackingError, match=r"user 'admin' was not accepted.*check MLFLOW_TRACKING_PASSWORD"):
+        configure(tmp_path)
+    # stages print this TrackingError as one line and exit 2, like the unreachable server in
+    # tests/test_reliability.py::test_unreachable_tracking_server_fails_before_the_first_epoch
+
+
+def test_a_teammate_account_created_as_docs_team_md_shows_can_log_runs_once_granted_edit(team_server, as_admin, monkeypatch):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.server import get_app_client
+
+    name, password = f"ana{free_port()}", secrets.token_urlsafe(16)
+    auth = get_app_client("basic-auth", tracking_uri=team_server.url)  # as admin (as_admin's variables)
+    auth.create_user(username=name, password=password)
+    experiment_id = mlflow.MlflowClient(team_server.url).create_experiment(f"permissions-{name}")
+    model = mlflow.MlflowClient(team_server.url).create_registered_model(f"model-{name}").name
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", name)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    teammate = mlflow.MlflowClient(team_server.url)
+    assert teammate.get_experiment(experiment_id).name == f"permissions-{name}"  # default_permission = READ
+    with pytest.raises(MlflowException, match="403"):
+        teammate.create_run(experiment_id)
+    with pytest.raises(MlflowException, match="403"):
+        teammate.set_registered_model_tag(model, "owner", name)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN_USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", as_admin["MLFLOW_TRACKING_PASSWORD"])
+    auth.grant_user_permission(name, "experiment", experiment_id, "EDIT")
+    auth.grant_user_permission(name, "registered_model", model, "EDIT")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", name)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    run_id = teammate.create_run(experiment_id).info.run_id
+    teammate.log_metric(run_id, "test_accuracy", 0.5)
+    teammate.set_terminated(run_id, "FINISHED")
+    assert teammate.get_run(run_id).info.status == "FINISHED"
+    teammate.set_registered_model_tag(model, "owner", name)
+    assert teammate.get_registered_model(model).tags["owner"] == name
+
+
+@pytest.mark.usefixtures("restore_tracking_uri")
+def test_wrong_database_password_fails_fast_without_printing_it(team_server, monkeypatch, tmp_path):
+    uri = f"postgresql+psycopg://ferflow:wrong-pw@127.0.0.1:{team_server.pg_port}/mlflow"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(TrackingError, match="password authentication failed") as err:
+        configure(tmp_path)
+    assert "wrong-pw" not in str(err.value) and f"ferflow:***@127.0.0.1:{team_server.pg_port}" in str(err.value)
+
+
+@pytest.mark.slow
+def test_two_parallel_workers_log_everything_to_the_team_server_and_the_champion_outlives_the_clone(
+    team_server, as_admin, tmp_path
+):
+    import mlflow
+
+    from ferflow.serving.pyfunc import local_server
+
+    repo = tiny_project(tmp_path / "clone-a")
+    run(["dvc", "exp", "run", "--queue", "-S", "train.seed=7,8"], repo, env=as_admin)
+    run(["dvc", "queue", "start", "-j", "2"], repo, env=as_admin)
+    deadline = time.monotonic() + 600
+    while True:
+        status = run(["dvc", "queue", "status"], repo).stdout
+        if not re.search(r"\b(Queued|Running|Preparing)\b", status):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+    run(["dvc", "queue", "stop"], repo)
+    assert status.count("Success") == 2, status
+
+    exp_names = set(run(["dvc", "exp", "list", "--name-only"], repo).stdout.split())
+    client = mlflow.MlflowClient(team_server.url)
+    experiment = client.get_experiment_by_name("ferflow")
+    assert experiment.artifact_location.startswith("mlflow-artifacts:/")  # the server's store, not a path of clone A
+    runs = client.search_runs([experiment.experiment_id])
+    assert {r.info.run_name for r in runs} == exp_names and len(runs) == 2
+    for r in runs:
+        assert r.info.status == "FINISHED" and r.data.tags["dvc.exp.name"] == r.info.run_name
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_loss")] == [1]
+        assert {"test_accuracy", "test_macro_f1", "train_time_s"} <= set(r.data.metrics)
+        listed = {a.path for a in client.list_artifacts(r.info.run_id)} | {
+            a.path for a in client.list_artifacts(r.info.run_id, "evaluation")
+        }
+        assert set(SERVER_ARTIFACTS) <= listed
+        stored = list(team_server.artifacts.rglob(f"{r.info.run_id}/artifacts/evaluation/confusion_matrix.png"))
+        assert len(stored) == 1 and stored[0].stat().st_size > 0  # in the server's --artifacts-destination
+    assert not (repo / "mlartifacts").exists() and not (repo / "mlflow.db").exists()
+
+    versions = client.search_model_versions(f"name='{MODEL_NAME}'")
+    assert len(versions) == 2 and {v.run_id for v in versions} <= {r.info.run_id for r in runs}
+    # which version holds the alias is not checked: two exports racing to move it is a known
+    # lost update (docs/team.md, section 4), fixed in ferflow/serving/export.py separately
+    champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert champion.version in {v.version for v in versions}
+
+    shutil.rmtree(repo)  # the training clone is gone: the model must come from the server
+    other = tmp_path / "clone-b"
+    other.mkdir()
+    with local_server(f"models:/{MODEL_NAME}@champion", env=as_admin, log_path=other / "serve.log") as url:
+        response = requests.post(f"{url}/invocations", json={"dataframe_records": [{"image": face_png_b64()}]}, timeout=120)
+    assert response.status_code == 200, response.text[:2000]
+    (row,) = response.json()["predictions"]
+    assert row["label"] in FER_CLASSES and 0 < row["confidence"] <= 1
+
+
+# ---------------------------------------------------------------- git + DVC remotes (no server needed)
+
+
+def write_fer_zip(path: Path, train_per_class: int, test_per_class: int) -> Path:
+    """A FER-2013-style zip (train/<class>/*.png, test/<class>/*.png) of synthetic faces."""
+    rng = np.random.default_rng(11)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        for split, count in (("train", train_per_class), ("test", test_per_class)):
+            for name in FER_CLASSES:
+                for i in range(count):
+                    buf = io.BytesIO()
+                    Image.fromarray(generate_face(rng, name)).save(buf, format="PNG")
+                    zf.writestr(f"{split}/{name}/{i:04d}.png", buf.getvalue())
+    return path
+
+
+@pytest.mark.slow
+def test_fresh_clone_gets_data_model_and_experiment_through_git_and_dvc_remotes_without_training(tmp_path):
+    import mlflow
+
+    origin, store = tmp_path / "origin.git", tmp_path / "dvc-store"
+    run(["git", "init", "-q", "--bare", str(origin)], tmp_path)
+    a = tiny_project(tmp_path / "a", source="data/faces.zip")
+    # the dataset lives in the repo, versioned by DVC: `data.source` means the same on every machine
+    write_fer_zip(a / "data" / "faces.zip", train_per_class=30, test_per_class=8)
+    run(["dvc", "add", "data/faces.zip"], a)
+    run(["dvc", "remote", "add", "-d", "shared", str(store)], a)
+    run([*GIT, "add", "data/faces.zip.dvc", "data/.gitignore", ".dvc/config"], a)
+    run([*GIT, "commit", "-qm", "dataset under DVC, shared remote"], a)
+    run(["git", "remote", "add", "origin", str(origin)], a)
+    run(["git", "push", "-q", "origin", "HEAD"], a)
+    run(["dvc", "push"], a)
+
+    run(["dvc", "exp", "run", "-n", "shared-exp"], a)
+    run(["dvc", "exp", "push", "origin", "shared-exp"], a)
+    run(["dvc", "push"], a)
+
+    b = tmp_path / "b"
+    run(["git", "clone", "-q", str(origin), str(b)], tmp_path)
+    assert not (b / "data" / "faces.zip").exists() and not (b / "models").exists()
+    run(["dvc", "exp", "pull", "origin", "shared-exp"], b)
+    run(["dvc", "exp", "apply", "shared-exp"], b)
+    run(["dvc", "pull"], b)
+    for rel in ("data/faces.zip", "models/model.keras", "data/arrays/test.npz"):
+        assert (b / rel).read_bytes() == (a / rel).read_bytes(), rel
+    for rel in ("metrics/eval.json", "metrics/train.json"):
+        assert json.loads((b / rel).read_text()) == json.loads((a / rel).read_text()), rel
+    assert yaml.safe_load((b / "params.yaml").read_text())["data"]["source"] == "data/faces.zip"
+
+    out = run(["dvc", "repro"], b).stdout
+    assert "Running stage" not in out and "up to date" in out, out
+    model = mlflow.pyfunc.load_model(str(b / "models" / "export"))  # B serves what A trained
+    (label,) = model.predict(pd.DataFrame({"image": [face_png_b64()]}))["label"]
+    assert label in FER_CLASSES
+
+
+# ---------------------------------------------------------------- the `ferflow tracking-server` command
+
+
+def test_tracking_server_command_without_postgresql_says_what_to_install(tmp_path, monkeypatch, capsys):
+    from ferflow import cli
+    from ferflow.tracking import server
+
+    monkeypatch.setattr(server, "postgres_binary", lambda _name: None)
+    assert cli.main(["tracking-server", "--dir", str(tmp_path / "state")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("tracking-server: error: PostgreSQL server programs not found (initdb, pg_ctl, postgres)")
+    assert "apt-get install -y postgresql" in line
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or bool(postgres_missing()), reason="needs root and PostgreSQL's server programs")
+def test_as_root_a_state_folder_postgres_cannot_enter_is_refused_naming_the_user(tmp_path, capsys):
+    from ferflow import cli
+
+    hidden = tmp_path / "private"
+    hidden.mkdir(mode=0o700)  # pytest's tmp_path is 0700 too: `nobody` cannot enter it
+    assert cli.main(["tracking-server", "--dir", str(hidden / "state"), "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "PostgreSQL runs as user 'nobody' (it refuses root) and cannot reach" in err and "Traceback" not in err
+    assert not (hidden / "state" / "pgdata").exists()
