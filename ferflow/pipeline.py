@@ -59,6 +59,9 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
 
     all_params = load_params(args.params)
     p = all_params["train"]
+    layout = _distribution_setup(p)
+    if not layout.is_writer:
+        return _train_without_outputs(args, p)
     classes = load_label_map(args.label_map)
     x_train, y_train = load_split(args.arrays, "train")
     x_val, y_val = load_split(args.arrays, "val")
@@ -74,6 +77,7 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
             "data.hash": data_hash,
             "arch": p["arch"],
             "device": device_name(),
+            **layout.tags(),
         }
         run_id = start_training_run(
             run_name(p["arch"]),
@@ -110,6 +114,35 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
         else:
             files.write_json(args.run_file, {"run_id": None, "complete": True})
         files.write_json(args.metrics, summary)
+    return summary
+
+
+# --- train.distribution (ferflow/model/distribution.py) -------------------------------
+
+
+def _distribution_setup(p: dict[str, Any]):
+    """Before anything asks for devices: join the other processes, if any, and lay out the
+    devices; a backend that cannot distribute stops here, before training."""
+    from ferflow.model import distribution
+
+    return distribution.setup(p["distribution"], p["batch_size"])
+
+
+def _train_without_outputs(args: argparse.Namespace, p: dict[str, Any]) -> dict[str, Any]:
+    """Processes other than 0 of a multi-process run: train their share of each batch and
+    write nothing (process 0 writes the outputs and logs to MLflow)."""
+    import tempfile
+
+    from ferflow.data.arrays import load_label_map, load_split
+    from ferflow.model.training import fit_model
+
+    classes = load_label_map(args.label_map)
+    x_train, y_train = load_split(args.arrays, "train")
+    x_val, y_val = load_split(args.arrays, "val")
+    with tempfile.TemporaryDirectory(prefix="ferflow-worker-") as scratch:
+        _, summary = fit_model(
+            p, x_train, y_train, x_val, y_val, len(classes), f"{scratch}/model.keras", f"{scratch}/history.csv", f"{scratch}/work"
+        )
     return summary
 
 

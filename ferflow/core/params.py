@@ -25,6 +25,7 @@ LR_SCHEDULES: tuple[str, ...] = ("plateau", "cosine", "constant")
 PRECISIONS: tuple[str, ...] = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 DEDUP_POLICIES: tuple[str, ...] = ("keep", "drop_cross_split")
 TTA_MODES: tuple[str, ...] = ("none", "flip", "tencrop")
+DISTRIBUTIONS: tuple[str, ...] = ("none", "data_parallel")
 
 
 class ParamsError(ValueError):
@@ -125,6 +126,8 @@ SCHEMA = Section(
                 # val_loss of the first epochs is noisy while BatchNorm statistics settle
                 "early_stopping_start_epoch": _int(5, 0),
                 "mixed_precision": _choice("auto", PRECISIONS),
+                # data_parallel: keras.distribution over all devices, JAX backend (docs/distributed.md)
+                "distribution": _choice("none", DISTRIBUTIONS),
                 "augment": Section(
                     {
                         "flip": _bool(False),
