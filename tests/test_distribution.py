@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from test_pipeline_e2e import mlflow_runs
+from test_pipeline_e2e import mlflow_runs, ran_stages
 
 from conftest import REPO, TINY_OVERRIDES, clone_repo, deep_update, run, write_params
 from ferflow.core.params import ParamsError, validate_params
@@ -122,21 +122,22 @@ LOSS_RTOL = 1e-3
 
 @pytest.mark.slow
 def test_data_parallel_repro_matches_one_device_and_loads_in_tensorflow(tmp_path):
+    import keras
+
     repo = clone_repo(tmp_path / "repo")
     base = deep_update(copy.deepcopy(TINY_OVERRIDES), COMPARE_OVERRIDES)
 
-    def train_then_evaluate(mode: str) -> tuple[pd.DataFrame, dict, dict]:
+    def train(mode: str) -> tuple[pd.DataFrame, dict]:
         write_params(repo / "params.yaml", deep_update(copy.deepcopy(base), {"train": {"distribution": mode}}))
         run(["dvc", "repro", "train"], repo, env=TWO_CPU_DEVICES)  # JAX, 2 CPU devices visible
-        run(["dvc", "repro"], repo)  # evaluate and export under TensorFlow, the default backend
-        return (
-            pd.read_csv(repo / "metrics/history.csv"),
-            json.loads((repo / "metrics/train.json").read_text()),
-            json.loads((repo / "metrics/eval.json").read_text()),
-        )
+        return pd.read_csv(repo / "metrics/history.csv"), json.loads((repo / "metrics/train.json").read_text())
 
-    one_history, one_train, one_eval = train_then_evaluate("none")
-    two_history, two_train, two_eval = train_then_evaluate("data_parallel")
+    one_history, one_train = train("none")
+    (repo / "models/model.keras").rename(tmp_path / "one_device.keras")
+    two_history, two_train = train("data_parallel")
+    second = run(["dvc", "repro"], repo)  # evaluate and export under TensorFlow, the default backend
+    assert ran_stages(second.stdout) == ["evaluate", "export"]
+    two_eval = json.loads((repo / "metrics/eval.json").read_text())
 
     assert (one_train["devices"], two_train["devices"]) == (1, 2)
     assert two_train["repeated_images"] == {"train": 0, "val": 0}
@@ -144,9 +145,22 @@ def test_data_parallel_repro_matches_one_device_and_loads_in_tensorflow(tmp_path
     for column in ("loss", "val_loss"):
         np.testing.assert_allclose(two_history[column], one_history[column], rtol=LOSS_RTOL, err_msg=column)
     assert np.abs(two_history["val_accuracy"] - one_history["val_accuracy"]).max() <= 1 / 28 + 1e-6
-    assert abs(two_eval["accuracy"] - one_eval["accuracy"]) <= 1 / 56 + 1e-6
-    assert two_eval["loss"] == pytest.approx(one_eval["loss"], rel=LOSS_RTOL)
     assert (repo / "models/export/MLmodel").exists()
+
+    # both models in TensorFlow (this process's backend) on the test split
+    assert keras.backend.backend() == "tensorflow"
+    with np.load(repo / "data/arrays/test.npz", allow_pickle=False) as arrays:
+        x_test, y_test = arrays["x"], arrays["y"]
+
+    def test_metrics(path) -> tuple[float, float]:
+        probs = keras.models.load_model(path, compile=False).predict(x_test, verbose=0)
+        return float((probs.argmax(axis=1) == y_test).mean()), float(-np.log(probs[np.arange(len(y_test)), y_test]).mean())
+
+    one_accuracy, one_loss = test_metrics(tmp_path / "one_device.keras")
+    two_accuracy, two_loss = test_metrics(repo / "models/model.keras")
+    assert two_accuracy == pytest.approx(two_eval["accuracy"])  # what evaluate measured (tta none)
+    assert abs(two_accuracy - one_accuracy) <= 1 / 56 + 1e-6
+    assert two_loss == pytest.approx(one_loss, rel=LOSS_RTOL)
 
     runs = mlflow_runs(repo)
     assert [r["tags"]["distribution"] for r in runs] == ["none", "data_parallel"]
@@ -155,15 +169,6 @@ def test_data_parallel_repro_matches_one_device_and_loads_in_tensorflow(tmp_path
     assert two["tags"]["distribution.devices"] == "2" and two["tags"]["distribution.layout"] == "batch:2 over cpu:0,cpu:1"
     assert two["metrics"]["test_accuracy"] == pytest.approx(two_eval["accuracy"])
     assert {"loss", "val_loss", "learning_rate"} <= set(two["metrics"])
-
-    import keras
-
-    assert keras.backend.backend() == "tensorflow"
-    model = keras.models.load_model(repo / "models/model.keras", compile=False)
-    with np.load(repo / "data/arrays/test.npz", allow_pickle=False) as arrays:
-        probs = model.predict(arrays["x"], verbose=0)
-        accuracy = float((probs.argmax(axis=1) == arrays["y"]).mean())
-    assert accuracy == pytest.approx(two_eval["accuracy"])  # evaluate's figure (tta none), from TensorFlow
 
 
 def free_port() -> int:
