@@ -171,6 +171,72 @@ def test_data_parallel_repro_matches_one_device_and_loads_in_tensorflow(tmp_path
     assert {"loss", "val_loss", "learning_rate"} <= set(two["metrics"])
 
 
+# Killed (an exception, as a SIGKILL would stop it) right after epoch 2's backup, then rerun.
+KILL_THEN_RESUME = """
+import json, sys
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from ferflow.core.params import default_params
+from ferflow.model import training
+
+class Killed(Exception):
+    pass
+
+out = sys.argv[1]
+p = default_params()["train"]
+p.update(arch="ferflow_tiny", epochs=4, batch_size=16, early_stopping_patience=10, mixed_precision="float32",
+         distribution="data_parallel", augment={**p["augment"], "flip": True, "erasing": 0.5})
+rng = np.random.default_rng(0)
+x = rng.random((67, 48, 48, 1), dtype=np.float32); y = np.arange(67) % 7
+log_epoch_end, log_epoch_begin = training.EpochLogger.on_epoch_end, training.EpochLogger.on_epoch_begin
+
+def killed_after_epoch_2(self, epoch, logs=None):
+    log_epoch_end(self, epoch, logs)
+    if epoch == 1:
+        np.savez(out + "/at_kill.npz", *self.model.get_weights())
+        raise Killed
+
+def record_start(self, epoch, logs=None):
+    if not hasattr(self, "first_epoch"):
+        self.first_epoch = epoch
+        open(out + "/first_epoch.txt", "w").write(str(epoch + 1))
+        np.savez(out + "/at_resume.npz", *self.model.get_weights())
+    log_epoch_begin(self, epoch, logs)
+
+def fit():
+    return training.fit_model(p, x, y, x[:15], y[:15], 7, out + "/model.keras", out + "/h.csv", out + "/work", verbose=0)[1]
+
+training.EpochLogger.on_epoch_end = killed_after_epoch_2
+try:
+    fit()
+except Killed:
+    pass
+training.EpochLogger.on_epoch_end, training.EpochLogger.on_epoch_begin = log_epoch_end, record_start
+summary = fit()
+print(json.dumps(summary))
+"""
+
+
+@pytest.mark.slow
+def test_data_parallel_resumes_after_a_kill_from_the_backup(tmp_path):
+    env = {**os.environ, **TWO_CPU_DEVICES, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_THEN_RESUME, str(tmp_path), str(REPO)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["resumed"] is True and summary["devices"] == 2 and summary["epochs_run"] == 4
+    assert summary["repeated_images"] == {"train": 1, "val": 1}  # 67 and 15 images over 2 devices
+    assert pd.read_csv(tmp_path / "h.csv")["epoch"].tolist() == [1, 2, 3, 4]
+    assert (tmp_path / "first_epoch.txt").read_text() == "3"
+    # the resumed run started at epoch 3 from the distributed weights epoch 2 ended with
+    with np.load(tmp_path / "at_kill.npz") as killed, np.load(tmp_path / "at_resume.npz") as resumed:
+        assert len(killed.files) == len(resumed.files) > 0
+        for name in killed.files:
+            np.testing.assert_array_equal(resumed[name], killed[name], err_msg=name)
+    assert (tmp_path / "model.keras").exists() and not (tmp_path / "work").exists()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
