@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import socket
@@ -19,6 +20,9 @@ from ferflow.core.params import ParamsError, validate_params
 from ferflow.model import distribution
 from ferflow.model.distribution import DistributionError, Layout, local_share, pad_to_multiple
 
+needs_jax = pytest.mark.skipif(
+    importlib.util.find_spec("jax") is None, reason="JAX not installed (requirements-dev.txt pins jax[cpu])"
+)
 # XLA splits the host CPU into 2 devices; read when JAX initialises, so only subprocesses see it.
 TWO_CPU_DEVICES = {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 
@@ -93,6 +97,7 @@ def test_data_parallel_under_tensorflow_stops_before_training_naming_jax(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
 
 
+@needs_jax
 def test_batch_size_that_does_not_split_over_the_devices_is_refused(tmp_path, tiny_params):
     write_params(
         tiny_params, deep_update(copy.deepcopy(TINY_OVERRIDES), {"train": {"distribution": "data_parallel", "batch_size": 33}})
@@ -120,6 +125,7 @@ COMPARE_OVERRIDES = {
 LOSS_RTOL = 1e-3
 
 
+@needs_jax
 @pytest.mark.slow
 def test_data_parallel_repro_matches_one_device_and_loads_in_tensorflow(tmp_path):
     import keras
@@ -217,6 +223,7 @@ print(json.dumps(summary))
 """
 
 
+@needs_jax
 @pytest.mark.slow
 def test_data_parallel_resumes_after_a_kill_from_the_backup(tmp_path):
     env = {**os.environ, **TWO_CPU_DEVICES, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -243,6 +250,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@needs_jax
 @pytest.mark.slow
 def test_two_processes_train_one_run_and_only_process_0_writes(tmp_path):
     from ferflow.core.classes import FER_CLASSES
