@@ -11,7 +11,7 @@ import contextlib
 import io
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -31,6 +31,9 @@ from ferflow.tracking.runs import (
 )
 from ferflow.tracking.signals import interrupts_held, run_status_guard
 from ferflow.tracking.store import configure, find_root
+
+if TYPE_CHECKING:
+    from ferflow.model.distribution import Layout
 
 log = logging.getLogger("ferflow")
 
@@ -120,7 +123,7 @@ def run_training(args: argparse.Namespace) -> dict[str, Any]:
 # --- train.distribution (ferflow/model/distribution.py) -------------------------------
 
 
-def _distribution_setup(p: dict[str, Any]):
+def _distribution_setup(p: dict[str, Any]) -> Layout:
     """Before anything asks for devices: join the other processes, if any, and lay out the
     devices; a backend that cannot distribute stops here, before training."""
     from ferflow.model import distribution
