@@ -17,6 +17,14 @@ Prints images/s and the ratios (c)/(a) (target >= 0.9) and (c)/(b) (target >= 3)
 
 Backend-neutral: with KERAS_BACKEND=jax (or torch) every variant runs without TensorFlow,
 e.g. on a GPU machine that has JAX only.
+
+`--devices N` measures instead (c) under JAX with `train.distribution: none` (1 device)
+and `data_parallel` over N devices, same global batch, and prints images/s and the ratio
+N/1 (docs/distributed.md). Without N accelerators, XLA splits the host CPU into N devices
+(--xla_force_host_platform_device_count), which shows the mechanism, not a speed-up; on a
+GPU machine expose exactly N GPUs (CUDA_VISIBLE_DEVICES).
+
+    .venv/bin/python benchmarks/train_throughput.py --devices 2 [--rounds 2]
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import numpy as np
 from ferflow.core.params import PRECISIONS
 from ferflow.data.preprocessing import INPUT_SHAPE, normalize
 from ferflow.data.sources.synthetic import generate_split
+from ferflow.model import distribution
 from ferflow.model.architectures import build_model
 from ferflow.model.augmentation import build_augmentation
 from ferflow.model.training import build_at_precision
@@ -101,8 +110,15 @@ def measure(variant: str, arch: str, width: float, n_images: int, batch_size: in
     x, y = data(n_images)
     n = len(x)
     compile_args = {"optimizer": "adam", "loss": "categorical_crossentropy", "metrics": ["accuracy"]}
-    if variant == "c":  # ferflow's pipeline also picks the compute precision (train.mixed_precision)
+    if variant in ("c", "c_devices"):  # ferflow's pipeline also picks the compute precision (train.mixed_precision)
         params = {"arch": arch, "width": width, "dropout_scale": 1.0, "crop_size": 48, "mixed_precision": precision, "seed": 0}
+        if variant == "c_devices":  # 1 device: distribution none; N: data_parallel over all N
+            mode = "data_parallel" if int(os.environ["FERFLOW_BENCH_DEVICES"]) > 1 else "none"
+            layout = distribution.setup(mode, batch_size)
+            if mode == "data_parallel" and layout.replicas != int(os.environ["FERFLOW_BENCH_DEVICES"]):
+                raise SystemExit(f"--devices {os.environ['FERFLOW_BENCH_DEVICES']} but JAX sees {layout.devices}")
+            x, y, _ = distribution.pad_to_multiple(x, y, layout.replicas, 0)
+            n = len(x)
         model, _ = build_at_precision(params, 7)
         trainer = keras.Sequential([keras.Input(INPUT_SHAPE), *build_augmentation(SEED003_AUGMENT, 0), model])
         trainer.compile(**compile_args)
@@ -138,7 +154,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="each round runs a, b, b', c (then reversed) in fresh processes")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="(c)'s train.mixed_precision")
     parser.add_argument("--json", help="also write the figures to this JSON file")
-    parser.add_argument("--variant", choices=("a", "b", "b_mem", "c"), help=argparse.SUPPRESS)  # internal: one measurement
+    parser.add_argument("--devices", type=int, help="compare (c) on 1 and on N devices (JAX, data_parallel) instead")
+    parser.add_argument("--variant", choices=("a", "b", "b_mem", "c", "c_devices"), help=argparse.SUPPRESS)  # internal
     args = parser.parse_args()
     if args.variant:
         print(
@@ -153,6 +170,10 @@ def main() -> None:
         )
         return
 
+    if args.devices:
+        compare_devices(args)
+        return
+
     # One process per measurement: TensorFlow in a process that already trained another model
     # runs measurably slower, which would favour whichever variant goes first. Rounds alternate
     # the order and the best of each variant is kept (the least disturbed on a shared machine).
@@ -161,25 +182,7 @@ def main() -> None:
     precisions: dict[str, str] = {}
     for r in range(args.rounds):
         for variant in order if r % 2 == 0 else order[::-1]:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--variant",
-                variant,
-                "--arch",
-                args.arch,
-                "--width",
-                str(args.width),
-                "--images",
-                str(args.images),
-                "--batch-size",
-                str(args.batch_size),
-                "--epochs",
-                str(args.epochs),
-                "--precision",
-                args.precision,
-            ]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(child_command(args, variant), capture_output=True, text=True, check=True).stdout
             measured = json.loads(out.strip().splitlines()[-1])
             samples[variant].append(measured["images_per_s"])
             precisions[variant] = measured["precision"]
@@ -214,6 +217,76 @@ def main() -> None:
     print(f"(b') ImageDataGenerator.flow on in-memory arrays      {b_mem:9.1f} images/s")
     print(f"(c) ferflow in-graph augmentation ({precisions['c']:>14})  {c:9.1f} images/s")
     print(f"(c)/(a) = {c / a:.2f}  (target >= 0.9)    (c)/(b) = {c / b:.2f}  (target >= 3)    (c)/(b') = {c / b_mem:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def child_command(args: argparse.Namespace, variant: str) -> list[str]:
+    return [
+        sys.executable,
+        __file__,
+        "--variant",
+        variant,
+        "--arch",
+        args.arch,
+        "--width",
+        str(args.width),
+        "--images",
+        str(args.images),
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        str(args.epochs),
+        "--precision",
+        args.precision,
+    ]
+
+
+def compare_devices(args: argparse.Namespace) -> None:
+    """(c) with train.distribution none (1 device) vs data_parallel over `args.devices`, under JAX."""
+    if args.devices < 2:
+        raise SystemExit(f"--devices {args.devices}: expected 2 or more (1 device is the baseline it is compared with)")
+    if args.batch_size % args.devices:
+        raise SystemExit(f"--batch-size {args.batch_size} does not split over {args.devices} devices")
+    counts = (1, args.devices)
+    samples: dict[int, list[float]] = {d: [] for d in counts}
+    precisions: dict[int, str] = {}
+    for r in range(args.rounds):
+        for d in counts if r % 2 == 0 else counts[::-1]:
+            env = {
+                **os.environ,
+                "KERAS_BACKEND": "jax",
+                "FERFLOW_BENCH_DEVICES": str(d),
+                # N host CPU devices when there is no accelerator (ignored on GPU/TPU)
+                "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={d}".strip(),
+            }
+            out = subprocess.run(child_command(args, "c_devices"), capture_output=True, text=True, check=True, env=env).stdout
+            measured = json.loads(out.strip().splitlines()[-1])
+            samples[d].append(measured["images_per_s"])
+            precisions[d] = measured["precision"]
+    one, many = max(samples[1]), max(samples[args.devices])
+    import jax
+
+    result = {
+        "arch": args.arch,
+        "width": args.width,
+        "images": per_class_count(args.images) * 7,
+        "global_batch_size": args.batch_size,
+        "cpu_count": os.cpu_count(),
+        "platform": jax.devices()[0].platform,
+        "precision": {str(k): v for k, v in precisions.items()},
+        "rounds": args.rounds,
+        "samples_images_per_s": {str(k): [round(v, 1) for v in vs] for k, vs in samples.items()},
+        "images_per_s": {"1_device": round(one, 1), f"{args.devices}_devices": round(many, 1)},
+        "ratio_n_over_1": round(many / one, 3),
+    }
+    print(
+        f"arch={args.arch} width={args.width} global batch={args.batch_size} rounds={args.rounds} "
+        f"backend=jax platform={result['platform']} cpus={os.cpu_count()} (best of each)"
+    )
+    print(f"1 device  (distribution none)              {one:9.1f} images/s  ({precisions[1]})")
+    print(f"{args.devices} devices (distribution data_parallel)     {many:9.1f} images/s  ({precisions[args.devices]})")
+    print(f"{args.devices} devices / 1 device = {many / one:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

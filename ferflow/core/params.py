@@ -28,6 +28,7 @@ Precision = Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
 DedupPolicy = Literal["keep", "drop_cross_split"]
 TtaMode = Literal["none", "flip", "tencrop"]
 FaceDetector = Literal["haar", "mtcnn"]
+Distribution = Literal["none", "data_parallel"]
 
 ARCH_NAMES: tuple[str, ...] = typing.get_args(ArchName)
 OPTIMIZERS: tuple[str, ...] = typing.get_args(Optimizer)
@@ -36,6 +37,7 @@ PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 DEDUP_POLICIES: tuple[str, ...] = typing.get_args(DedupPolicy)
 TTA_MODES: tuple[str, ...] = typing.get_args(TtaMode)
 FACE_DETECTORS: tuple[str, ...] = typing.get_args(FaceDetector)
+DISTRIBUTIONS: tuple[str, ...] = typing.get_args(Distribution)
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 
 
@@ -152,6 +154,7 @@ class TrainParams(_Section):
     # val_loss of the first epochs is noisy while BatchNorm statistics settle
     early_stopping_start_epoch: int = _int(5, 0)
     mixed_precision: Precision = "auto"
+    distribution: Distribution = "none"
     augment: AugmentParams = AugmentParams()
     deterministic: bool = _bool(True)
     seed: int = _int(42, 0)

@@ -20,6 +20,7 @@ import numpy as np
 
 from ferflow.core import files
 from ferflow.core.signals import interrupts_held
+from ferflow.model import distribution
 from ferflow.model.architectures import build_model
 from ferflow.model.augmentation import build_augmentation
 
@@ -235,6 +236,13 @@ def fit_model(
     """
     work_dir = Path(work_dir)
     history_csv = Path(history_csv)
+    # before the model is built: its variables are laid out on the devices of `layout`
+    layout = distribution.setup(p["distribution"], p["batch_size"])
+    weights_by_class = class_weights(y_train, num_classes) if p["class_weight"] else None
+    n_train = len(x_train)
+    x_train, y_train, padded_train = distribution.local_share(layout, x_train, y_train, p["seed"])
+    x_val, y_val, padded_val = distribution.local_share(layout, x_val, y_val, p["seed"] + 1)
+    n_train += padded_train  # images per epoch, all processes together
     set_determinism(p["seed"], p["deterministic"])
     model, precision = build_at_precision(p, num_classes)
     augmentation = build_augmentation(p["augment"], p["seed"])
@@ -242,7 +250,7 @@ def fit_model(
         keras.Sequential([keras.Input(model.input_shape[1:]), *augmentation, model], name="trainer") if augmentation else model
     )
 
-    steps_per_epoch = int(np.ceil(len(x_train) / p["batch_size"]))
+    steps_per_epoch = int(np.ceil(n_train / p["batch_size"]))
     opt_params = {**p, "_cosine_steps": max(1, steps_per_epoch * p["epochs"])}
     trainer.compile(
         optimizer=make_optimizer(opt_params),
@@ -251,7 +259,8 @@ def fit_model(
     )
     best_weights = work_dir / "best.weights.h5"
     backup_dir = work_dir / "backup"
-    resumed = can_resume(work_dir, p)
+    # processes other than 0 keep no backup, so a multi-process run cannot resume consistently
+    resumed = can_resume(work_dir, p) and layout.num_processes == 1
     if not resumed:  # stale state of another configuration (the MLflow run record stays)
         shutil.rmtree(backup_dir, ignore_errors=True)
         for name in ("best.weights.h5", "history.csv", "train_params.json"):
@@ -273,12 +282,12 @@ def fit_model(
         else None
     )
     callbacks: list[keras.callbacks.Callback] = [
-        keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=True),
+        *([keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=True)] if layout.num_processes == 1 else []),
         checkpoint,
         early,
         *([plateau] if plateau else []),
         RestorePlateauState([r["val_loss"] for r in previous_rows if "val_loss" in r], early, plateau, checkpoint),
-        epoch_logger := EpochLogger([history_csv, work_dir / "history.csv"], len(x_train), log_to_mlflow, previous_rows),
+        epoch_logger := EpochLogger([history_csv, work_dir / "history.csv"], n_train, log_to_mlflow, previous_rows),
     ]
     y_train_1h = keras.utils.to_categorical(y_train, num_classes)
     y_val_1h = keras.utils.to_categorical(y_val, num_classes)
@@ -286,11 +295,11 @@ def fit_model(
     trainer.fit(
         x_train,
         y_train_1h,
-        batch_size=p["batch_size"],
+        batch_size=p["batch_size"] // layout.num_processes,  # each process feeds its share of the global batch
         epochs=p["epochs"],
         validation_data=(x_val, y_val_1h),
         callbacks=callbacks,
-        class_weight=class_weights(y_train, num_classes) if p["class_weight"] else None,
+        class_weight=weights_by_class,
         shuffle=True,
         verbose=verbose,
     )
@@ -313,6 +322,10 @@ def fit_model(
         "this_session_time_s": round(train_seconds, 2),
         "images_per_s": round(float(np.mean([r["images_per_s"] for r in rows])) if rows else 0.0, 1),
         "resumed": resumed,
+        "distribution": layout.mode,
+        "devices": layout.replicas,
+        "processes": layout.num_processes,
+        "repeated_images": {"train": padded_train, "val": padded_val},
         "tracking_error": epoch_logger.tracking_error,
     }
     shutil.rmtree(work_dir, ignore_errors=True)  # finished: nothing left to resume

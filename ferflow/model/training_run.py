@@ -11,7 +11,7 @@ import contextlib
 import io
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -29,6 +29,9 @@ from ferflow.tracking.runs import (
 )
 from ferflow.tracking.signals import interrupts_held, run_status_guard
 from ferflow.tracking.store import configure
+
+if TYPE_CHECKING:
+    from ferflow.model.distribution import Layout
 
 log = logging.getLogger("ferflow")
 
@@ -72,6 +75,9 @@ def run_training(
     from ferflow.model.training import can_resume, fit_model
 
     p = train.model_dump()
+    layout = _distribution_setup(train)
+    if not layout.is_writer:
+        return _train_without_outputs(p, arrays, label_map)
     classes = load_label_map(label_map)
     x_train, y_train = load_split(arrays, "train")
     x_val, y_val = load_split(arrays, "val")
@@ -86,6 +92,7 @@ def run_training(
             "data.hash": data_hash,
             "arch": train.arch,
             "device": device_name(),
+            **layout.tags(),
         }
         run_id = start_training_run(run_name(train.arch), tags, run_file, work_dir / "mlflow_run.json", can_resume(work_dir, p))
         guard = run_status_guard(run_id)
@@ -138,3 +145,32 @@ def _log_training_run(model, summary: dict[str, Any], params_file: Path, data_pl
     for png in sorted(data_plots.glob("*.png")):
         mlflow.log_artifact(str(png), "data")
     mark_training_complete(run_file)
+
+
+# --- train.distribution (ferflow/model/distribution.py) -------------------------------
+
+
+def _distribution_setup(train: TrainParams) -> Layout:
+    """Before anything asks for devices: join the other processes, if any, and lay out the
+    devices; a backend that cannot distribute stops here, before training."""
+    from ferflow.model import distribution
+
+    return distribution.setup(train.distribution, train.batch_size)
+
+
+def _train_without_outputs(p: dict[str, Any], arrays: Path, label_map: Path) -> dict[str, Any]:
+    """Processes other than 0 of a multi-process run: train their share of each batch and
+    write nothing (process 0 writes the outputs and logs to MLflow)."""
+    import tempfile
+
+    from ferflow.data.arrays import load_label_map, load_split
+    from ferflow.model.training import fit_model
+
+    classes = load_label_map(label_map)
+    x_train, y_train = load_split(arrays, "train")
+    x_val, y_val = load_split(arrays, "val")
+    with tempfile.TemporaryDirectory(prefix="ferflow-worker-") as scratch:
+        _, summary = fit_model(
+            p, x_train, y_train, x_val, y_val, len(classes), f"{scratch}/model.keras", f"{scratch}/history.csv", f"{scratch}/work"
+        )
+    return summary
