@@ -227,7 +227,7 @@ def test_train_evaluate_export_share_one_mlflow_run(data_dir, tiny_params, tmp_p
     assert tags["mlflow.experimentKind"] == "custom_model_development"
     view = json.loads(tags[f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"])
     assert (
-        view["selectedColumns"][:3] == ["attributes.`Dataset`", "tags.`arch`", "metrics.`test_accuracy`"]
+        view["selectedColumns"][:2] == ["tags.`arch`", "metrics.`test_accuracy`"]
         and view["orderByAsc"] is False
     )
 

@@ -24,7 +24,6 @@ EXPERIMENT_NAME = "ferflow"
 RUNS_VIEW_KEY = "ferflow-runs"
 RUNS_VIEW_STATE = {
     "selectedColumns": [
-        "attributes.`Dataset`",
         "tags.`arch`",
         "metrics.`test_accuracy`",
         "metrics.`test_macro_f1`",
