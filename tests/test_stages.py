@@ -226,10 +226,7 @@ def test_train_evaluate_export_share_one_mlflow_run(data_dir, tiny_params, tmp_p
     tags = mlflow.MlflowClient().get_experiment(run.info.experiment_id).tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
     view = json.loads(tags[f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"])
-    assert (
-        view["selectedColumns"][:2] == ["tags.`arch`", "metrics.`test_accuracy`"]
-        and view["orderByAsc"] is False
-    )
+    assert view["selectedColumns"][:2] == ["tags.`arch`", "metrics.`test_accuracy`"] and view["orderByAsc"] is False
 
 
 def test_training_is_deterministic_on_cpu(data_dir, tmp_path):
