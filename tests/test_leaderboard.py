@@ -55,11 +55,11 @@ def test_table_is_best_accuracy_first_and_png_is_written(store, tmp_path, capsys
     assert cli.main(["leaderboard", "--tracking-uri", store, "--png", str(png)]) == 0
     out = capsys.readouterr().out.splitlines()
     header, rows = out[0], out[2:]
-    for column in ("run name", "arch", "test acc", "macro-F1", "params", "train time", "epochs", "status"):
+    for column in ("run name", "arch", "data", "test acc", "macro-F1", "params", "train time", "epochs", "status"):
         assert column in header
     assert [line.split()[1] for line in rows] == ["exp-big", "exp-mid", "exp-small", "broken"]
-    assert rows[0].split() == ["1", "exp-big", "seed003", "0.7000", "0.6500", "5,000,000", "50m00s", "3", "FINISHED"]
-    assert rows[-1].split() == ["4", "broken", "seed000", "-", "-", "-", "-", "1", "FAILED"]
+    assert rows[0].split() == ["1", "exp-big", "seed003", "?", "0.7000", "0.6500", "5,000,000", "50m00s", "3", "FINISHED"]
+    assert rows[-1].split() == ["4", "broken", "seed000", "?", "-", "-", "-", "-", "1", "FAILED"]
     assert "elsewhere" not in "\n".join(out)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -89,6 +89,9 @@ def test_json_limit_and_epochs_run(store, capsys):
         "run_id": None,
         "run_name": "exp-small",
         "arch": "seed001",
+        "data": "?",
+        "data_hash": "",
+        "test_set": "",
         "test_accuracy": 0.60,
         "macro_f1": 0.55,
         "params": 600_000,
@@ -130,3 +133,44 @@ def test_cli_lists_the_leaderboard_subcommand():
     args = parser.parse_args(["leaderboard", "--sort", "params", "--limit", "3", "--png", "x.png"])
     assert args.func is leaderboard.run and (args.sort, args.limit, args.png, args.json) == ("params", 3, "x.png", False)
     assert Path(leaderboard.DEFAULT_PNG).suffix == ".png"
+
+
+def test_runs_on_different_test_sets_get_separate_tables_with_a_data_column(tmp_path, capsys):
+    """A synthetic run scoring 0.95 must not rank above FER-2013 runs; --markdown prints the tables."""
+    import mlflow
+    import numpy as np
+
+    from ferflow.tracking.runs import log_datasets
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    exp_id = mlflow.MlflowClient().create_experiment("ferflow", artifact_location=(tmp_path / "art").as_uri())
+    faces, labels = np.zeros((2, 48, 48, 1), np.float32), np.zeros(2, np.int64)
+    # (run, data.source, data hash, test split digest, test accuracy)
+    for name, source, data_hash, test_digest, acc in [
+        ("synth", "synthetic", "aaaa1111aaaa1111", "t-synth", 0.95),
+        ("fer-a", "/data/fer2013.zip", "bbbb2222bbbb2222", "t-fer", 0.66),
+        ("fer-b", "/data/fer2013.zip", "cccc3333cccc3333", "t-fer", 0.60),  # other train cap, same test set
+    ]:
+        with mlflow.start_run(experiment_id=exp_id, run_name=name, tags={"arch": "seed001", "data.hash": data_hash}):
+            mlflow.log_params({"data.source": source})
+            mlflow.log_metrics({"test_accuracy": acc, "train_time_s": 60.0, "params_count": 1000})
+            log_datasets(source, {"test": (faces, labels, test_digest)})
+    mlflow.set_tracking_uri("")
+
+    rows = leaderboard.collect(uri, "ferflow")
+    assert {(r.run_name, r.data, r.test_set) for r in rows} == {
+        ("synth", "synthetic", "t-synth"), ("fer-a", "fer2013.zip", "t-fer"), ("fer-b", "fer2013.zip", "t-fer")
+    }  # fmt: skip
+    assert [[r.run_name for r in g] for g in leaderboard.group_by_test_set(rows)] == [["fer-a", "fer-b"], ["synth"]]
+
+    assert cli.main(["leaderboard", "--tracking-uri", uri, "--markdown", "--png", str(tmp_path / "b.png")]) == 0
+    out, err = capsys.readouterr()
+    fer, synth = out.split("\n\n**")
+    assert fer.startswith("**data fer2013.zip, test set t-fer (2 runs)**") and "synth" not in fer
+    assert "| fer-a " in fer and "fer2013.zip:bbbb2222" in fer and fer.index("fer-a") < fer.index("fer-b")
+    assert synth.startswith("data synthetic") and "| synth " in synth and "synthetic:aaaa1111" in synth
+    assert "2 runs plotted of data fer2013.zip" in err
+
+    assert cli.main(["leaderboard", "--tracking-uri", uri, "--data", "synthetic", "--json", "--png", ""]) == 0
+    assert [r["run_name"] for r in json.loads(capsys.readouterr().out)] == ["synth"]

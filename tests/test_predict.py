@@ -123,7 +123,8 @@ def test_annotate_writes_a_png_of_the_original_size(capsys, model_dir: Path, ima
         capsys, str(images["crop_png"]), str(images["noface"]), "--model", str(model_dir), "--annotate", str(tmp_path / "many")
     )
     assert rc == 0
-    assert Image.open(tmp_path / "many" / "happy.annotated.png").size == (48, 48)
+    small = Image.open(tmp_path / "many" / "happy.annotated.png").size  # enlarged so its label fits
+    assert small[0] == small[1] and small[0] % 48 == 0
     assert Image.open(tmp_path / "many" / "wall.annotated.png").size == (320, 240)
 
 
@@ -158,3 +159,27 @@ def test_helpers() -> None:
     ]
     table = format_table([{"file": "f.png", "error": "not an image"}])
     assert table.splitlines()[1].split()[:3] == ["f.png", "-", "ERROR"]
+
+
+def test_annotate_fits_the_whole_label_on_a_48px_face(capsys, model_dir: Path, images: dict[str, Path], tmp_path: Path) -> None:
+    from PIL import ImageDraw, ImageFont
+
+    from ferflow.serving.predict import MIN_LABEL_FONT_PX
+
+    out_png = tmp_path / "small.png"
+    rc, out, _ = run_cli(capsys, str(images["crop_png"]), "--model", str(model_dir), "--annotate", str(out_png), "--json")
+    assert rc == 0
+    (record,) = json.loads(out)
+    label = f"{record['label']} {record['confidence']:.2f} (no face found)"
+    amber = (255, 190, 0)  # the label colour when the whole image was classified
+
+    def label_pixels(img: Image.Image) -> np.ndarray:
+        rgb = np.asarray(img.convert("RGB")).astype(int)
+        return rgb[..., 0] - rgb[..., 2] > 60  # amber, anti-aliased on black; the face is gray
+
+    drawn = label_pixels(Image.open(out_png))
+    assert drawn.any() and not drawn[:, -1].any()  # the label ends inside the image
+    # every glyph is there: at least as many label pixels as the label at the smallest font, uncut
+    canvas = Image.new("RGB", (600, 60))
+    ImageDraw.Draw(canvas).text((2, 2), label, fill=amber, font=ImageFont.load_default(size=MIN_LABEL_FONT_PX))
+    assert drawn.sum() >= label_pixels(canvas).sum()

@@ -67,3 +67,24 @@ def test_cli_prints_flags_and_lists_presets():
     assert listing.startswith("cpu-quick") and "full" in listing
     bad = subprocess.run([BIN / "ferflow", "preset", "fast"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown preset 'fast'" in bad.stderr
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_the_description_is_one_whole_sentence(name):
+    from ferflow.core.presets import describe_preset
+
+    text = describe_preset(name)
+    assert text.endswith(".") and len(text) > 40, text  # not cut at the first line of a paragraph
+
+
+def test_full_claims_no_accuracy_it_never_reached():
+    from ferflow.core.presets import describe_preset
+
+    text = describe_preset("full")
+    assert "never trained to the end" in text and ">=" not in text
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_the_served_model_uses_the_tta_its_accuracy_was_measured_with(name):
+    flat = flatten(load_preset(name))
+    assert flat["serve.tta"] == flat["evaluate.tta"]

@@ -13,10 +13,11 @@ from PIL import Image
 from ferflow.core.classes import FER_CLASSES
 from ferflow.core.params import load_params, read_params
 from ferflow.data.arrays import extract_arrays, load_label_map, load_split
-from ferflow.data.index import build_index
+from ferflow.data.index import build_index, dataset_hash
 from ferflow.data.ingest import ingest, pixel_hash
 from ferflow.data.preprocessing import prepare_batch
 from ferflow.data.sources.synthetic import SyntheticSource, generate_split
+from ferflow.tracking.store import RUNS_VIEW_KEY
 
 
 def test_synthetic_is_deterministic_and_shaped_like_fer():
@@ -210,6 +211,23 @@ def test_train_evaluate_export_share_one_mlflow_run(data_dir, tiny_params, tmp_p
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
     assert {"evaluation", "model_summary.txt", "params.yaml"} <= artifacts
 
+    # the runs list's Dataset column: each split named after data.source, digest = its content hash
+    index = pd.read_csv(data_dir / "index.csv", keep_default_na=False, dtype={"pixel_hash": str})
+    inputs = {
+        next(t.value for t in i.tags if t.key == "mlflow.data.context"): (i.dataset.name, i.dataset.digest)
+        for i in run.inputs.dataset_inputs
+    }
+    assert inputs == {
+        context: ("synthetic", dataset_hash(index[index["split"] == split]))
+        for context, split in (("training", "train"), ("validation", "val"), ("test", "test"))
+    }
+    assert len({digest for _, digest in inputs.values()}) == 3
+    # the experiment opens as a training (not GenAI) experiment, with a saved runs view
+    tags = mlflow.MlflowClient().get_experiment(run.info.experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(tags[f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"])
+    assert view["selectedColumns"][:2] == ["tags.`arch`", "metrics.`test_accuracy`"] and view["orderByAsc"] is False
+
 
 def test_training_is_deterministic_on_cpu(data_dir, tmp_path):
     """Same params and seed on the same CPU machine -> identical weights and predictions."""
@@ -259,6 +277,7 @@ def test_changed_evaluate_params_fork_the_run_instead_of_overwriting_it(data_dir
     assert fork.data.tags["ferflow.train_run_id"] == train_run and fork.info.run_name == "flip-exp"
     assert fork.data.metrics["test_accuracy"] == pytest.approx(second["accuracy"])
     assert fork.info.status == old.info.status == "FINISHED"
+    assert {i.dataset.digest for i in fork.inputs.dataset_inputs} == {i.dataset.digest for i in old.inputs.dataset_inputs}
 
 
 def test_dvc_yaml_cmds_name_every_path_the_stage_declares():

@@ -22,6 +22,7 @@ from ferflow.tracking.runs import (
     device_name,
     dvc_tags,
     git_info,
+    log_datasets,
     log_params_flat,
     mark_training_complete,
     run_name,
@@ -81,7 +82,8 @@ def run_training(
     classes = load_label_map(label_map)
     x_train, y_train = load_split(arrays, "train")
     x_val, y_val = load_split(arrays, "val")
-    data_hash = dataset_hash(pd.read_csv(index, keep_default_na=False, dtype={"pixel_hash": str}))
+    index_rows = pd.read_csv(index, keep_default_na=False, dtype={"pixel_hash": str})
+    data_hash = dataset_hash(index_rows)
 
     if use_mlflow:
         configure()  # fails fast, before the first epoch, if the store is unreachable
@@ -101,6 +103,8 @@ def run_training(
     with guard:
         if use_mlflow:
             log_params_flat(flatten({"data": data, "train": train}))
+            if not can_resume(work_dir, p):  # a resumed run has its inputs already
+                _log_data_inputs(data.source, arrays, index_rows, (x_train, y_train), (x_val, y_val))
         model, summary = fit_model(
             p, x_train, y_train, x_val, y_val, len(classes), model_path, history_csv, work_dir, log_to_mlflow=use_mlflow
         )
@@ -145,6 +149,22 @@ def _log_training_run(model, summary: dict[str, Any], params_file: Path, data_pl
     for png in sorted(data_plots.glob("*.png")):
         mlflow.log_artifact(str(png), "data")
     mark_training_complete(run_file)
+
+
+def _log_data_inputs(source: str, arrays: Path, index_rows: pd.DataFrame, train_split, val_split) -> None:
+    """train/val/test as the run's MLflow dataset inputs, each with its split's content hash."""
+    from ferflow.data.arrays import load_split
+    from ferflow.data.index import dataset_hash
+
+    digests = {split: dataset_hash(index_rows[index_rows["split"] == split]) for split in ("train", "val", "test")}
+    log_datasets(
+        source,
+        {
+            "training": (*train_split, digests["train"]),
+            "validation": (*val_split, digests["val"]),
+            "test": (*load_split(arrays, "test"), digests["test"]),
+        },
+    )
 
 
 # --- train.distribution (ferflow/model/distribution.py) -------------------------------

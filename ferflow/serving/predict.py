@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -209,24 +210,48 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
+MIN_LABEL_FONT_PX = 8  # smaller is unreadable; a smaller image is enlarged instead
+
+
+def _label(face: dict[str, Any]) -> str:
+    return f"{face['label']} {face['confidence']:.2f}" + ("" if face["face_found"] else " (no face found)")
+
+
 def annotate(image_path: Path, record: dict[str, Any], out: str | Path) -> Path:
-    """Draw the classified square and 'label confidence' onto the original image; write a PNG atomically."""
+    """Draw the classified square and 'label confidence' onto the original image; write a PNG atomically.
+
+    Every label fits inside the image: the font shrinks to fit, down to MIN_LABEL_FONT_PX;
+    an image too narrow even for that (a 48 px face) is enlarged by a whole factor first.
+    """
     from PIL import Image, ImageDraw, ImageFont
 
     from ferflow.core import files
 
     with Image.open(image_path) as src:
         img = _to_rgb(src)
+    faces = record.get("faces") or [record]  # --all-faces: every face; else the one classified
+
+    def widest(size: int) -> float:
+        font = ImageFont.load_default(size=size)
+        return max(font.getlength(_label(face)) for face in faces) + 4  # + the background's margin
+
+    size = max(10, round(min(img.size) / 18))
+    while size > MIN_LABEL_FONT_PX and widest(size) > img.width:
+        size -= 1
+    scale = max(1, math.ceil(widest(size) / img.width))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    font = ImageFont.load_default(size=size)
     draw = ImageDraw.Draw(img)
     thickness = max(1, round(min(img.size) / 150))
-    font = ImageFont.load_default(size=max(10, round(min(img.size) / 18)))
-    for face in record.get("faces") or [record]:  # --all-faces: every face; else the one classified
-        x, y, w, h = face["face_box"]
+    for face in faces:
+        x, y, w, h = (v * scale for v in face["face_box"])
         colour = (40, 220, 60) if face["face_found"] else (255, 190, 0)  # green: detected face; amber: whole image
         if face["face_found"]:
             draw.rectangle((x, y, x + w - 1, y + h - 1), outline=colour, width=thickness)
-        text = f"{face['label']} {face['confidence']:.2f}" + ("" if face["face_found"] else " (no face found)")
+        text = _label(face)
         tx, ty = (x, max(0, y - font.size - 2 * thickness)) if face["face_found"] else (2, 2)
+        tx = max(2, min(tx, img.width - 2 - math.ceil(font.getlength(text))))  # shift left rather than run off
         left, top, right, bottom = draw.textbbox((tx, ty), text, font=font)
         draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=(0, 0, 0))
         draw.text((tx, ty), text, fill=colour, font=font)

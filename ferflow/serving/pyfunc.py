@@ -181,6 +181,13 @@ def pixels_to_batch(array: Any, pixel_range: str = "auto") -> np.ndarray:
 def _column_values(model_input: Any) -> list[Any] | np.ndarray:
     """The `image` values of a request: DataFrame column, dict entry, or a bare tensor."""
     if isinstance(model_input, pd.DataFrame):
+        if len(model_input) == 0:
+            # `{"dataframe_records": []}`, or rows whose columns MLflow's schema step dropped:
+            # both reach the model as a frame with no rows and no columns
+            raise RequestError(
+                "no rows with column 'image' in the request: "
+                'expected rows like {"image": "<base64 PNG/JPEG>"} or a pixel tensor as "inputs"/"instances"'
+            )
         if INPUT_COLUMN not in model_input.columns:
             # MLflow's schema step drops unknown columns, so often there are none left to name
             got = f" (got columns {[str(c) for c in model_input.columns]})" if len(model_input.columns) else ""
@@ -188,8 +195,6 @@ def _column_values(model_input: Any) -> list[Any] | np.ndarray:
                 f'missing column \'image\'{got}: expected rows like {{"image": "<base64 PNG/JPEG>"}} '
                 'or a pixel tensor as "inputs"/"instances"'
             )
-        if len(model_input) == 0:
-            raise RequestError("empty request: column 'image' has no rows")
         return model_input[INPUT_COLUMN].tolist()
     if isinstance(model_input, Mapping):
         if INPUT_COLUMN not in model_input:

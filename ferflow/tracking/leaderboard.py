@@ -1,8 +1,12 @@
 """Leaderboard of the project's MLflow runs: a table, and a PNG of test accuracy vs. training time.
 
 Reads the same store the pipeline writes (MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db)
-with `search_runs`; one row per training run: run name (the DVC experiment name), arch, test
-accuracy, macro-F1, parameters, training time, epochs run and status.
+with `search_runs`; one row per training run: run name (the DVC experiment name), arch, data,
+test accuracy, macro-F1, parameters, training time, epochs run and status.
+
+Runs are ranked only against runs tested on the same test set (the digest of the run's
+MLflow `test` dataset input, else its data hash): one table per test set, so synthetic
+and FER-2013 runs never share a ranking. `--markdown` prints the tables for docs.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ class Row:
     run_id: str
     run_name: str
     arch: str
+    data: str  # data.source's file or folder name ("synthetic" for the generator)
+    data_hash: str  # the index stage's content hash of all splits
+    test_set: str  # content hash of the test split: runs are ranked against the same one only
     test_accuracy: float | None
     macro_f1: float | None
     params: int | None
@@ -62,6 +69,28 @@ def _epochs_run(client: Any, run_id: str) -> int | None:
     """Epochs actually run (early stopping may end before train.epochs): the last logged step."""
     history = client.get_metric_history(run_id, "loss")
     return max((m.step for m in history), default=None)
+
+
+def _test_digest(run: Any) -> str | None:
+    """The digest of the run's `test` dataset input (logged by the train stage)."""
+    for item in getattr(run.inputs, "dataset_inputs", None) or []:
+        if any(t.key == "mlflow.data.context" and t.value == "test" for t in item.tags):
+            return item.dataset.digest
+    return None
+
+
+def group_by_test_set(rows: list[Row]) -> list[list[Row]]:
+    """Rows split by test set, order kept inside each; the set with the newest run first."""
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(row.test_set, []).append(row)
+    return sorted(groups.values(), key=lambda group: -max(row.start_time_ms for row in group))
+
+
+def describe_group(rows: list[Row]) -> str:
+    names = sorted({row.data for row in rows})
+    digest = rows[0].test_set[:8] or "unknown"
+    return f"data {', '.join(names)}, test set {digest} ({len(rows)} run{'s' if len(rows) != 1 else ''})"
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -102,11 +131,15 @@ def collect(tracking_uri: str, experiment: str, sort: str = "accuracy", limit: i
     for r in runs:
         m, tags = r.data.metrics, r.data.tags
         params = _metric(m, "params_count")
+        source = r.data.params.get("data.source", "")
         rows.append(
             Row(
                 run_id=r.info.run_id,
                 run_name=r.info.run_name or r.info.run_id[:8],
                 arch=tags.get("arch") or r.data.params.get("train.arch", "?"),
+                data=Path(source).name or source or "?",
+                data_hash=tags.get("data.hash", ""),
+                test_set=_test_digest(r) or tags.get("data.hash", ""),
                 test_accuracy=_metric(m, "test_accuracy"),
                 macro_f1=_metric(m, "test_macro_f1"),
                 params=int(params) if params is not None else None,
@@ -147,15 +180,16 @@ def _fmt_time(seconds: float | None) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
 
 
-def format_table(rows: list[Row]) -> str:
+def format_table(rows: list[Row], markdown: bool = False) -> str:
     from tabulate import tabulate
 
-    header = ("#", "run name", "arch", "test acc", "macro-F1", "params", "train time", "epochs", "status")
+    header = ("#", "run name", "arch", "data", "test acc", "macro-F1", "params", "train time", "epochs", "status")
     body = [
         (
             str(i),
             row.run_name,
             row.arch,
+            f"{row.data}:{row.data_hash[:8]}" if row.data_hash else row.data,
             _fmt(row.test_accuracy, ".4f"),
             _fmt(row.macro_f1, ".4f"),
             _fmt(row.params, ","),
@@ -165,8 +199,8 @@ def format_table(rows: list[Row]) -> str:
         )
         for i, row in enumerate(rows, 1)
     ]
-    align = ("right", "left", "left", "right", "right", "right", "right", "right", "left")  # numbers right-aligned
-    return tabulate(body, headers=header, tablefmt="simple", colalign=align, disable_numparse=True)
+    align = ("right", "left", "left", "left", "right", "right", "right", "right", "right", "left")  # numbers right
+    return tabulate(body, headers=header, tablefmt="github" if markdown else "simple", colalign=align, disable_numparse=True)
 
 
 def plot(rows: list[Row], out: str | os.PathLike[str], title: str = "ferflow leaderboard") -> int:
@@ -227,20 +261,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--png", default=DEFAULT_PNG, help=f"write the accuracy vs. training time plot here (default: {DEFAULT_PNG}; '' to skip)"
     )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    parser.add_argument("--markdown", action="store_true", help="print Markdown tables (for docs) instead of text tables")
+    parser.add_argument("--data", default=None, help="only runs on this data (data.source's name, or a data hash prefix)")
 
 
 def run(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or tracking_uri()
     try:
-        rows = collect(uri, args.experiment, args.sort, args.limit or None)
+        rows = collect(uri, args.experiment, args.sort)
     except LeaderboardError as exc:
         print(f"leaderboard: error: {exc}", file=sys.stderr)
         return 2
+    if args.data:
+        rows = [row for row in rows if args.data == row.data or (row.data_hash and row.data_hash.startswith(args.data))]
+    groups = [group[: args.limit or None] for group in group_by_test_set(rows)]
     if args.json:
-        print(json.dumps([asdict(row) for row in rows], indent=2))
+        print(json.dumps([asdict(row) for group in groups for row in group], indent=2))
+    elif not groups:
+        print(f"no runs in experiment {args.experiment!r} of {uri}" + (f" on data {args.data!r}" if args.data else ""))
     else:
-        print(format_table(rows) if rows else f"no runs in experiment {args.experiment!r} of {uri}")
+        tables = []
+        for group in groups:
+            table = format_table(group, markdown=args.markdown)
+            if len(groups) > 1:  # name each test set; a single one needs no heading
+                table = (f"**{describe_group(group)}**" if args.markdown else describe_group(group)) + "\n\n" + table
+            tables.append(table)
+        print("\n\n".join(tables))
     if args.png:
-        plotted = plot(rows, args.png, f"{args.experiment}: test accuracy vs. training time")
-        print(f"wrote {args.png} ({plotted} runs plotted)", file=sys.stderr)
+        shown = groups[0] if groups else []  # one test set: accuracies on different ones do not compare
+        plotted = plot(shown, args.png, f"{args.experiment}: test accuracy vs. training time")
+        where = f" of {describe_group(shown)}" if len(groups) > 1 else ""
+        print(f"wrote {args.png} ({plotted} runs plotted{where})", file=sys.stderr)
     return 0

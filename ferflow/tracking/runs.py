@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,8 @@ def _fork_run(run, values: dict[str, str], changed: list[str]) -> str:
     for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
         chunk = list(params.items())[start : start + 100]
         client.log_batch(new.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in chunk])
+    if run.inputs and run.inputs.dataset_inputs:  # the same data: keep the Dataset column filled
+        client.log_inputs(new.info.run_id, datasets=list(run.inputs.dataset_inputs))
     metrics = [mlflow.entities.Metric(k, v, 0, 0) for k, v in run.data.metrics.items() if not k.startswith("test_")]
     for start in range(0, len(metrics), 1000):
         client.log_batch(new.info.run_id, metrics=metrics[start : start + 1000])
@@ -244,3 +247,29 @@ def log_params_flat(params: dict[str, Any]) -> None:
         todo = {k: str(v)[:6000] for k, v in params.items() if k not in existing}
         if todo:
             mlflow.log_params(todo)
+
+
+def log_datasets(source: str, splits: dict[str, tuple[Any, Any, str]]) -> None:
+    """Log each split as an MLflow dataset input of the active run (the runs list's Dataset column).
+
+    `splits` maps an MLflow context ("training", "validation", "test") to (images, labels,
+    content digest). The dataset's name is the data source as `data.source` names it (a
+    path's file or folder name), its digest the split's content hash, its source the path.
+    """
+    import mlflow
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    if source == "synthetic":
+        origin: Any = CodeDatasetSource(tags={"generator": "ferflow.data.sources.synthetic"})
+        name = source
+    else:
+        # two registered local-file source classes match a path; MLflow warns and picks one
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+            origin = resolve_dataset_source(str(Path(source).resolve()))
+        name = Path(source).name or source
+    with interrupts_held():
+        for context, (images, labels, digest) in splits.items():
+            dataset = mlflow.data.from_numpy(images, targets=labels, source=origin, name=name, digest=digest)
+            mlflow.log_input(dataset, context=context)

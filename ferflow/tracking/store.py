@@ -14,6 +14,7 @@ parallel queue workers can share it.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -23,6 +24,31 @@ from ferflow.core.errors import UserError
 from ferflow.core.repo import find_root
 
 EXPERIMENT_NAME = "ferflow"
+
+# The runs list a user should see first (README "MLflow UI"): MLflow 3.x keeps a shareable
+# runs-table view as the experiment tag `mlflow.sharedViewState.<key>` and opens it for
+# `#/experiments/<id>?viewStateShareKey=<key>`; the columns use its `kind.`name`` keys.
+RUNS_VIEW_KEY = "ferflow-runs"
+RUNS_VIEW_STATE = {
+    "selectedColumns": [
+        "tags.`arch`",
+        "metrics.`test_accuracy`",
+        "metrics.`test_macro_f1`",
+        "metrics.`best_val_accuracy`",
+        "metrics.`train_time_s`",
+        "metrics.`epochs_run`",
+        "params.`data.source`",
+        "params.`evaluate.tta`",
+    ],
+    "orderByKey": "metrics.`test_accuracy`",
+    "orderByAsc": False,
+}
+EXPERIMENT_TAGS = {
+    # without it MLflow 3 guesses the experiment's kind and may open on its GenAI pages
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.experiment.primaryMetric.name": "test_accuracy",
+    f"mlflow.sharedViewState.{RUNS_VIEW_KEY}": json.dumps(RUNS_VIEW_STATE, separators=(",", ":")),
+}
 log = logging.getLogger(__name__)
 
 
@@ -127,7 +153,7 @@ def _create_experiment(client, location: str | None) -> str:
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.create_experiment(EXPERIMENT_NAME, artifact_location=location)
+        return client.create_experiment(EXPERIMENT_NAME, artifact_location=location, tags=EXPERIMENT_TAGS)
     except MlflowException as exc:
         existing = client.get_experiment_by_name(EXPERIMENT_NAME) if exc.error_code == "RESOURCE_ALREADY_EXISTS" else None
         if existing is None:
@@ -165,6 +191,9 @@ def configure(root: str | os.PathLike[str] | None = None) -> str:
                     redacted(uri),
                     experiment.artifact_location,
                 )
+            for key, value in EXPERIMENT_TAGS.items():  # stores made before these tags existed
+                if experiment.tags.get(key) != value:
+                    client.set_experiment_tag(experiment_id, key, value)
     except Exception as exc:  # mlflow raises many types for an unreachable store
         raise _unreachable(uri, exc) from None
     mlflow.set_experiment(experiment_id=experiment_id)
