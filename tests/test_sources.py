@@ -400,7 +400,8 @@ def alarm():
     signal.signal(signal.SIGALRM, previous)
 
 
-def test_fifo_in_a_class_folder_is_a_rejected_item_not_a_hang(tmp_path, alarm):
+@pytest.mark.usefixtures("alarm")
+def test_fifo_in_a_class_folder_is_a_rejected_item_not_a_hang(tmp_path):
     import os
 
     root = write_tree(tmp_path / "d", {"train/happy/a.png": png_bytes(1), "test/happy/b.png": png_bytes(2)})
@@ -411,8 +412,9 @@ def test_fifo_in_a_class_folder_is_a_rejected_item_not_a_hang(tmp_path, alarm):
     assert items["train/happy/a.png"].read() == png_bytes(1)
 
 
+@pytest.mark.usefixtures("alarm")
 @pytest.mark.parametrize("name", ["x.csv", "x.zip"])
-def test_fifo_or_device_as_data_source_is_refused(tmp_path, alarm, name):
+def test_fifo_or_device_as_data_source_is_refused(tmp_path, name):
     import os
 
     fifo = tmp_path / name
