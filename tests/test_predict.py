@@ -158,3 +158,13 @@ def test_helpers() -> None:
     ]
     table = format_table([{"file": "f.png", "error": "not an image"}])
     assert table.splitlines()[1].split()[:3] == ["f.png", "-", "ERROR"]
+
+
+def test_collect_images_under_a_hidden_folder_skips_only_hidden_parts_below_it(tmp_path: Path) -> None:
+    # issue #20 item 7: `predict /data/.cache/faces` found nothing
+    root = tmp_path / ".cache" / "faces"
+    (root / ".thumbs").mkdir(parents=True)
+    Image.new("L", (48, 48)).save(root / "a.png")
+    Image.new("L", (48, 48)).save(root / ".thumbs" / "b.png")
+    Image.new("L", (48, 48)).save(root / ".c.png")
+    assert collect_images([root]) == [root / "a.png"]
