@@ -408,3 +408,22 @@ def test_request_params_are_checked_in_process_too(served_model: dict) -> None:
     with pytest.raises(Exception, match="unknown param 'foo'"):
         model.predict(frame, params={"foo": "bar"})
     assert len(model.predict(frame, params={"tta": "flip"})) == 1
+
+
+def test_requests_that_decode_many_pixels_hand_freed_heap_back(served_model: dict, monkeypatch) -> None:
+    # issue #20 item 10: RSS stayed at its high-water mark after big or bad requests
+    from ferflow.serving import pyfunc
+
+    calls: list[int] = []
+    monkeypatch.setattr(pyfunc, "_MALLOC_TRIM", calls.append)
+    monkeypatch.setattr(pyfunc, "TRIM_MIN_PIXELS", 1_000_000)
+    model = mlflow.pyfunc.load_model(str(served_model["export"]))
+    big = b64(encode(np.zeros((600, 1000), np.uint8)))  # two: 1.2 MP, within the 2 MP request limit
+    model.predict(pd.DataFrame({"image": [b64(encode(faces(1)[0]))]}))
+    assert calls == []  # small requests pay nothing
+    model.predict(pd.DataFrame({"image": [big, big]}))
+    assert calls == [0]
+    truncated = b64(encode(np.zeros((600, 1000), np.uint8))[:200])  # header readable, pixels not
+    with pytest.raises(RequestError):
+        model.predict(pd.DataFrame({"image": [big, truncated]}))
+    assert calls == [0, 0]  # a request that fails on the way too

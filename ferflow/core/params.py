@@ -192,8 +192,8 @@ class ServeParams(_Section):
     max_image_pixels: int = _int(25_000_000, 1, 1_000_000_000)
     min_image_side: int = _int(16, 1, 4096)
     # what one request may cost: images (rows) and decoded pixels summed over them
-    max_images_per_request: int = _int(1000, 1, 1_000_000)
-    max_request_pixels: int = _int(100_000_000, 1, 10_000_000_000)
+    max_images_per_request: int = _int(256, 1, 1_000_000)
+    max_request_pixels: int = _int(50_000_000, 1, 10_000_000_000)
     face_margin: float = _float(0.05, "a fraction of the face size in [0, 1]", ge=0, le=1)
     face_detector: FaceDetector = "haar"
 
