@@ -35,7 +35,7 @@ def test_a_stage_that_cannot_write_prints_one_line_naming_the_path(tmp_path, cap
         run(main, None, "evaluate")
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"evaluate: error: cannot write {tmp_path / 'metrics' / 'x.json'}: Permission denied"
+    assert err == f"evaluate: error: {tmp_path / 'metrics' / 'x.json'}: Permission denied"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import io
 import json
@@ -27,10 +28,13 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
 def _naming(exc: OSError, target: Path) -> OSError:
     """The same OS error with the output's path when it has none (a failing write() with
     ENOSPC names no file)."""
-    if exc.filename is not None:
+    if exc.filename is not None or exc.errno not in _WRITE_ERRNOS:  # e.g. a network error inside the body
         return exc
     named = OSError(exc.errno, exc.strerror or str(exc), str(target))
     named.__cause__ = exc

@@ -51,5 +51,5 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace, 
         print(f"{name}: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     except OSError as exc:  # a read-only folder, a full disk: the environment's to fix, one line
-        print(f"{name}: error: cannot write {exc.filename or '(unknown file)'}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"{name}: error: {exc.filename or '(no file named)'}: {exc.strerror or exc}", file=sys.stderr)
         raise SystemExit(2) from None
