@@ -412,18 +412,20 @@ def test_request_params_are_checked_in_process_too(served_model: dict) -> None:
 
 def test_requests_that_decode_many_pixels_hand_freed_heap_back(served_model: dict, monkeypatch) -> None:
     # issue #20 item 10: RSS stayed at its high-water mark after big or bad requests
-    from ferflow.serving import pyfunc
+    import sys
 
     calls: list[int] = []
-    monkeypatch.setattr(pyfunc, "_MALLOC_TRIM", calls.append)
-    monkeypatch.setattr(pyfunc, "TRIM_MIN_PIXELS", 1_000_000)
     model = mlflow.pyfunc.load_model(str(served_model["export"]))
+    # models from code: the model's module is the exported file, run under another name
+    module = sys.modules[type(model.unwrap_python_model()).__module__]
+    monkeypatch.setattr(module, "_MALLOC_TRIM", calls.append)
+    monkeypatch.setattr(module, "TRIM_MIN_PIXELS", 1_000_000)
     big = b64(encode(np.zeros((600, 1000), np.uint8)))  # two: 1.2 MP, within the 2 MP request limit
     model.predict(pd.DataFrame({"image": [b64(encode(faces(1)[0]))]}))
     assert calls == []  # small requests pay nothing
     model.predict(pd.DataFrame({"image": [big, big]}))
     assert calls == [0]
     truncated = b64(encode(np.zeros((600, 1000), np.uint8))[:200])  # header readable, pixels not
-    with pytest.raises(RequestError):
+    with pytest.raises(module.RequestError, match="truncated"):
         model.predict(pd.DataFrame({"image": [big, truncated]}))
     assert calls == [0, 0]  # a request that fails on the way too
