@@ -9,6 +9,12 @@ Measures, in one run:
   * batched throughput over HTTP: batches of 64 PNGs (images/s);
   * the baseline in this process: `model.predict` on one image (the call people write
     first) and on batches of 64, plus `predict_on_batch`, which the pyfunc uses.
+`--mode hostile` (issue #20 item 8): a good client's p50 alone, then while a hostile
+client keeps sending the costliest requests the server still accepts (serve defaults:
+images adding up to serve.max_request_pixels; serve.max_images_per_request faces with
+tta tencrop) plus over-limit ones it refuses; prints the p50 ratio (target <= 2).
+`--mode soak --seconds N` (item 10): N seconds of mixed good and bad requests from two
+clients, the server's RSS (all its processes) sampled every second: start, peak, end.
 Without --model (or when models/export is missing) it exports an untrained `--arch`
 model to a temp dir: speed does not depend on the weights. Not a test: timings on a
 shared 2-core machine vary; run it on a quiet machine for README figures.
@@ -126,6 +132,176 @@ def baseline(keras_path: Path, x: np.ndarray, n: int, batch: int) -> dict[str, A
     }
 
 
+def rows(images: list[str], params: dict[str, Any] | None = None) -> str:
+    """A request body: base64 images as the `image` column, optional params."""
+    body: dict[str, Any] = {"dataframe_split": {"columns": ["image"], "data": [[img] for img in images]}}
+    return json.dumps(body | ({"params": params} if params else {}))
+
+
+def blank_png_b64(width: int, height: int) -> str:
+    return png_b64(np.zeros((height, width), np.uint8))
+
+
+def hostile_payloads(x: np.ndarray) -> dict[str, str]:
+    """The costliest requests the default serve limits accept, and refused ones (issue #20)."""
+    from ferflow.core.params import ServeParams
+
+    limits = ServeParams()
+    side = int((limits.max_request_pixels // 4) ** 0.5)  # 4 images adding up to the pixel limit
+    n = limits.max_images_per_request
+    return {
+        f"accepted: 4 blank {side}x{side} PNGs": rows([blank_png_b64(side, side)] * 4),
+        f"accepted: {n} face PNGs, tta tencrop": rows([png_b64(x[i % len(x)]) for i in range(n)], {"tta": "tencrop"}),
+        "refused: 100 blank 5000x5000 PNGs": rows([blank_png_b64(5000, 5000)] * 100),
+        f"refused: {n + 1} tensors": json.dumps({"inputs": np.zeros((n + 1, 48, 48), np.uint8).tolist()}),
+    }
+
+
+def server_rss_mb() -> float:
+    """RSS of every process started under this one (mlflow -> uvicorn workers), MB."""
+    import psutil
+
+    total = 0
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            continue
+    return total / 2**20
+
+
+def hostile(url: str, x: np.ndarray, n_good: int) -> dict[str, Any]:
+    import threading
+
+    import requests
+
+    inv = f"{url}/invocations"
+    good = [rows([png_b64(x[i % len(x)])]) for i in range(n_good + 10)]
+    attacks = hostile_payloads(x)
+    with requests.Session() as session:
+        alone = percentiles(time_requests(session, inv, good, 10))
+    costs: dict[str, list[float]] = {name: [] for name in attacks}
+    statuses: dict[str, set[int]] = {name: set() for name in attacks}
+    stop = threading.Event()
+
+    def attacker() -> None:
+        with requests.Session() as session:
+            while not stop.is_set():
+                for name, body in attacks.items():
+                    t = time.perf_counter()
+                    resp = session.post(inv, data=body, headers={"Content-Type": "application/json"}, timeout=120)
+                    costs[name].append(time.perf_counter() - t)
+                    statuses[name].add(resp.status_code)
+
+    thread = threading.Thread(target=attacker, daemon=True)
+    thread.start()
+    time.sleep(2)
+    with requests.Session() as session:
+        attacked = percentiles(time_requests(session, inv, good, 0))
+    stop.set()
+    thread.join()
+    return {
+        "good_alone": alone,
+        "good_under_attack": attacked,
+        "p50_ratio": attacked["p50_ms"] / alone["p50_ms"],
+        "attacks": {name: {"status": sorted(statuses[name]), **percentiles(costs[name])} for name in attacks},
+    }
+
+
+def soak(url: str, x: np.ndarray, seconds: float) -> dict[str, Any]:
+    import threading
+
+    import requests
+
+    inv = f"{url}/invocations"
+    bodies = [
+        rows([png_b64(x[0])]),
+        rows(["not base64 *"]),
+        rows([base64.b64encode(b"GIF89a truncated").decode()]),
+        rows([blank_png_b64(4900, 4900)]),  # accepted: 24 MP decoded
+        rows([blank_png_b64(3000, 3000)] * 12),  # refused: 108 MP in all
+        json.dumps({"inputs": np.full((200, 48, 48), 300).tolist()}),  # refused: out of range
+        rows([png_b64(x[i % len(x)]) for i in range(200)], {"tta": "tencrop"}),
+        rows([png_b64(x[0])], {"foo": 1}),
+    ]
+    samples: list[tuple[float, float]] = []
+    counts = {"ok": 0, "refused": 0}
+    stop = threading.Event()
+
+    def client(offset: int) -> None:
+        with requests.Session() as session:
+            i = offset
+            while not stop.is_set():
+                resp = session.post(inv, data=bodies[i % len(bodies)], headers={"Content-Type": "application/json"}, timeout=120)
+                counts["ok" if resp.ok else "refused"] += 1
+                i += 1
+
+    start = time.monotonic()
+    samples.append((0.0, server_rss_mb()))
+    threads = [threading.Thread(target=client, args=(k * 3,), daemon=True) for k in range(2)]
+    for t in threads:
+        t.start()
+    while time.monotonic() - start < seconds:
+        time.sleep(1)
+        samples.append((time.monotonic() - start, server_rss_mb()))
+    stop.set()
+    for t in threads:
+        t.join()
+    time.sleep(2)
+    samples.append((time.monotonic() - start, server_rss_mb()))
+    rss = [mb for _, mb in samples]
+    last_quarter = rss[-max(2, len(rss) // 4) :]
+    return {
+        "seconds": seconds,
+        "requests": counts,
+        "rss_start_mb": rss[0],
+        "rss_peak_mb": max(rss),
+        "rss_last_quarter_mean_mb": sum(last_quarter) / len(last_quarter),
+        "rss_end_idle_mb": rss[-1],
+        "samples": samples,
+    }
+
+
+def main_abuse(args: argparse.Namespace) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.py: test helpers
+    from support import local_server
+
+    env = {"MALLOC_ARENA_MAX": str(args.malloc_arena_max)} if args.malloc_arena_max else {}
+    with tempfile.TemporaryDirectory(prefix="ferflow-bench-") as tmp:
+        export, _ = prepare_model(args, Path(tmp))
+        x = faces(64)
+        with local_server(export, workers=args.workers, env=env) as url:
+            load = os.getloadavg()
+            if args.mode == "hostile":
+                results = hostile(url, x, args.requests)
+            else:
+                results = soak(url, x, args.seconds)
+            results |= {"load_avg_before": load, "load_avg_after": os.getloadavg(), "env": env, "workers": args.workers}
+    if args.mode == "hostile":
+        print(
+            f"good client alone:        p50 {results['good_alone']['p50_ms']:.1f} ms  p95 {results['good_alone']['p95_ms']:.1f} ms"
+        )
+        print(
+            f"good client under attack: p50 {results['good_under_attack']['p50_ms']:.1f} ms  "
+            f"p95 {results['good_under_attack']['p95_ms']:.1f} ms"
+        )
+        print(f"p50 ratio: {results['p50_ratio']:.2f} (target <= 2)")
+        for name, r in results["attacks"].items():
+            print(f"  {name:<48} HTTP {r['status']}  p50 {r['p50_ms']:.0f} ms  n={r['n']}")
+    else:
+        print(
+            f"soak {args.seconds:.0f} s, {results['requests']}: RSS start {results['rss_start_mb']:.0f} MB, "
+            f"peak {results['rss_peak_mb']:.0f} MB, last quarter {results['rss_last_quarter_mean_mb']:.0f} MB, "
+            f"idle after {results['rss_end_idle_mb']:.0f} MB"
+        )
+    print(f"load average before/after: {results['load_avg_before'][0]:.1f} / {results['load_avg_after'][0]:.1f}")
+    if args.json:
+        from ferflow.core import files
+
+        files.write_json(args.json, results)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="models/export" if Path("models/export/MLmodel").is_file() else None)
@@ -137,7 +313,12 @@ def main() -> int:
     p.add_argument("--batches", type=int, default=40, help="timed batched requests")
     p.add_argument("--workers", type=int, default=1, help="uvicorn workers (one request at a time here: 1 is fastest)")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--mode", choices=("speed", "hostile", "soak"), default="speed")
+    p.add_argument("--seconds", type=float, default=60, help="soak duration (default 60)")
+    p.add_argument("--malloc-arena-max", type=int, default=0, help="MALLOC_ARENA_MAX for the server (0: unset)")
     args = p.parse_args()
+    if args.mode != "speed":
+        return main_abuse(args)
     if args.requests < 200:
         p.error("--requests must be >= 200 for a meaningful p99")
 

@@ -126,3 +126,68 @@ def test_stage_stops_before_work_with_one_line_error(tmp_path):
     assert "ingest: error: params.yaml: unknown key `data.val_fractoin`. Did you mean 'val_fraction'?" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()
+
+
+# ---------------------------------------------------------------- issue #20 item 5: hostile params files
+
+
+def _write(tmp_path: Path, text: str | bytes) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def test_yaml_alias_bomb_is_refused_fast_with_a_short_message(tmp_path):
+    # the classic "billion laughs": 9 levels of 9 aliases, ~1 KB of text
+    # inside one known key, so no "unknown key" error stops validation early
+    levels = ["&a0 [lol,lol,lol,lol,lol,lol,lol,lol,lol]"]
+    levels += [f"&a{i} [{','.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    path = _write(tmp_path, f"train:\n  epochs: [{', '.join(levels)}]\n")
+    assert path.stat().st_size < 1500
+    with pytest.raises(ParamsError, match="alias") as info:
+        load_params(path)
+    assert str(info.value).startswith(str(path)) and len(str(info.value)) < 400
+
+
+def test_duplicate_keys_are_refused_like_dvc_does(tmp_path):
+    path = _write(tmp_path, "train:\n  epochs: 3\n  epochs: 5\n")
+    with pytest.raises(ParamsError, match=r"duplicate key 'epochs'.*line 3"):
+        load_params(path)
+
+
+def test_non_utf8_params_file_is_named(tmp_path):
+    path = _write(tmp_path, b"train:\n  arch: seed\xff001\n")
+    with pytest.raises(ParamsError, match=rf"^{path}: not UTF-8 text \(byte 0xff at offset 19\)"):
+        load_params(path)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected", "allowed"),
+    [
+        ({"train": {"learning_rate": float("inf")}}, "`train.learning_rate` = inf", "<= 10 (finite)"),
+        ({"train": {"weight_decay": float("inf")}}, "`train.weight_decay` = inf", "<= 1 (finite)"),
+        ({"train": {"min_learning_rate": float("inf")}}, "`train.min_learning_rate` = inf", "(finite)"),
+        ({"train": {"width": float("inf")}}, "`train.width` = inf", "<= 16"),
+        ({"train": {"width": float("nan")}}, "`train.width` = nan", "(finite)"),
+        ({"train": {"width": 1e6}}, "`train.width` = 1000000.0", "<= 16"),
+        ({"train": {"epochs": 1_000_000_000}}, "`train.epochs` = 1000000000", "<= 100000"),
+        ({"train": {"batch_size": 10**11}}, "`train.batch_size` = 100000000000", "<= 65536"),
+        ({"evaluate": {"batch_size": 10**9}}, "`evaluate.batch_size` = 1000000000", "<= 65536"),
+        ({"train": {"seed": 2**40}}, "`train.seed` = 1099511627776", "<= 4294967295"),
+        ({"data": {"source": ""}}, "`data.source` = ''", "non-empty path"),
+        ({"data": {"source": "   "}}, "`data.source` = '   '", "non-empty path"),
+        ({"data": {"max_per_class": 10**12}}, "`data.max_per_class`", "<= 10000000"),
+        ({"serve": {"max_image_pixels": 10**12}}, "`serve.max_image_pixels`", "<= 1000000000"),
+        ({"serve": {"max_images_per_request": 0}}, "`serve.max_images_per_request` = 0", "integer >= 1"),
+    ],
+)
+def test_infinite_huge_and_empty_values_are_refused(raw, expected, allowed):
+    with pytest.raises(ParamsError) as info:
+        validate_params(raw)
+    assert expected in str(info.value) and allowed in str(info.value)
+
+
+def test_long_values_are_truncated_in_messages():
+    with pytest.raises(ParamsError) as info:
+        validate_params({"train": {"arch": "x" * 100_000}})
+    assert len(str(info.value)) < 600 and "..." in str(info.value)

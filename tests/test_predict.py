@@ -183,3 +183,13 @@ def test_annotate_fits_the_whole_label_on_a_48px_face(capsys, model_dir: Path, i
     canvas = Image.new("RGB", (600, 60))
     ImageDraw.Draw(canvas).text((2, 2), label, fill=amber, font=ImageFont.load_default(size=MIN_LABEL_FONT_PX))
     assert drawn.sum() >= label_pixels(canvas).sum()
+
+
+def test_collect_images_under_a_hidden_folder_skips_only_hidden_parts_below_it(tmp_path: Path) -> None:
+    # issue #20 item 7: `predict /data/.cache/faces` found nothing
+    root = tmp_path / ".cache" / "faces"
+    (root / ".thumbs").mkdir(parents=True)
+    Image.new("L", (48, 48)).save(root / "a.png")
+    Image.new("L", (48, 48)).save(root / ".thumbs" / "b.png")
+    Image.new("L", (48, 48)).save(root / ".c.png")
+    assert collect_images([root]) == [root / "a.png"]

@@ -12,7 +12,9 @@ import io
 import struct
 import zlib
 
+import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import requests
 from PIL import Image
@@ -33,6 +35,8 @@ SERVE_CONFIG = {
     "max_image_pixels": 1_000_000,
     "min_image_side": 16,
     "face_margin": 0.05,
+    "max_images_per_request": 32,
+    "max_request_pixels": 2_000_000,
 }
 PHOTO_FACE_AT, PHOTO_FACE_SIDE = (300, 150), 240
 
@@ -341,6 +345,34 @@ def _bad_requests() -> dict[str, tuple[object, str]]:
             "mixes encoded images",
         ),
         "bad-param": ({"dataframe_records": [{"image": good}], "params": {"tta": "mirror"}}, "param 'tta' = 'mirror'"),
+        # issue #20 item 9: every bad param is ferflow's 400 naming it and the allowed values
+        "unknown-param": (
+            {"dataframe_records": [{"image": good}], "params": {"foo": "bar"}},
+            "unknown param 'foo': expected only detect_face, tta, pixel_range, faces, face_detector",
+        ),
+        "param-not-a-bool": (
+            {"dataframe_records": [{"image": good}], "params": {"detect_face": "maybe"}},
+            "param 'detect_face' = 'maybe': expected one of true, false",
+        ),
+        "param-a-dict": (
+            {"dataframe_records": [{"image": good}], "params": {"faces": {"all": True}}},
+            "param 'faces' = {'all': True}: expected one of 'largest', 'all'",
+        ),
+        "param-a-number": (
+            {"dataframe_records": [{"image": good}], "params": {"face_detector": 3}},
+            "param 'face_detector' = 3: expected one of 'haar', 'mtcnn'",
+        ),
+        "tensor-huge-value": ({"inputs": [[[10**30] * 48] * 48]}, "pixel values span 1e+30..1e+30, outside 0-255"),
+        # issue #20 item 8: what one request may cost
+        "too-many-images": (
+            {"dataframe_records": [{"image": good}] * 33},
+            "33 images, over the limit of 32 (serve.max_images_per_request)",
+        ),
+        "too-many-tensors": ({"inputs": np.zeros((33, 48, 48), int).tolist()}, "33 images, over the limit of 32"),
+        "too-many-pixels-in-total": (
+            {"dataframe_records": [{"image": b64(encode(np.zeros((700, 1000), np.uint8)))}] * 3},
+            "2100000 pixels in all, over the limit of 2000000 (serve.max_request_pixels)",
+        ),
         "not-json": ("{not json", "valid JSON"),
     }
 
@@ -358,3 +390,44 @@ def test_bad_request_gets_4xx_naming_the_problem_and_server_keeps_serving(server
     assert len(body["message"]) < 2000  # the reason, not a dump of the request
     rows = predictions(server, {"dataframe_records": [{"image": b64(encode(faces(1)[0]))}]})
     check_rows(rows)
+
+
+def test_deeply_nested_json_does_not_take_the_server_down(server: str) -> None:
+    # issue #20 item 11: 100,000 levels is a RecursionError inside MLflow's JSON parsing
+    # (HTTP 500, docs/serving.md says the proxy must bound depth); the server lives on.
+    # Nesting that parses (60 levels) reaches ferflow and is its 400 about the shape.
+    deep = "[" * 100_000 + "]" * 100_000
+    resp = post(server, '{"inputs": ' + deep + "}")
+    assert resp.status_code >= 400
+    resp = post(server, '{"inputs": ' + "[" * 60 + "0" + "]" * 60 + "}")
+    assert 400 <= resp.status_code < 500 and "pixel tensor" in resp.json()["message"], resp.text[:500]
+    check_rows(predictions(server, {"dataframe_records": [{"image": b64(encode(faces(1)[0]))}]}))
+
+
+def test_request_params_are_checked_in_process_too(served_model: dict) -> None:
+    model = mlflow.pyfunc.load_model(str(served_model["export"]))
+    frame = pd.DataFrame({"image": [b64(encode(faces(1)[0]))]})
+    with pytest.raises(Exception, match="unknown param 'foo'"):
+        model.predict(frame, params={"foo": "bar"})
+    assert len(model.predict(frame, params={"tta": "flip"})) == 1
+
+
+def test_requests_that_decode_many_pixels_hand_freed_heap_back(served_model: dict, monkeypatch) -> None:
+    # issue #20 item 10: RSS stayed at its high-water mark after big or bad requests
+    import sys
+
+    calls: list[int] = []
+    model = mlflow.pyfunc.load_model(str(served_model["export"]))
+    # models from code: the model's module is the exported file, run under another name
+    module = sys.modules[type(model.unwrap_python_model()).__module__]
+    monkeypatch.setattr(module, "_MALLOC_TRIM", calls.append)
+    monkeypatch.setattr(module, "TRIM_MIN_PIXELS", 1_000_000)
+    big = b64(encode(np.zeros((600, 1000), np.uint8)))  # two: 1.2 MP, within the 2 MP request limit
+    model.predict(pd.DataFrame({"image": [b64(encode(faces(1)[0]))]}))
+    assert calls == []  # small requests pay nothing
+    model.predict(pd.DataFrame({"image": [big, big]}))
+    assert calls == [0]
+    truncated = b64(encode(np.zeros((600, 1000), np.uint8))[:200])  # header readable, pixels not
+    with pytest.raises(module.RequestError, match="truncated"):
+        model.predict(pd.DataFrame({"image": [big, truncated]}))
+    assert calls == [0, 0]  # a request that fails on the way too

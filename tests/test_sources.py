@@ -380,3 +380,96 @@ def test_folder_files_are_read_whole_and_the_size_limit_holds(tmp_path):
         assert _read_file(str(proc), limit=1 << 20).startswith(b"Name:")
         with pytest.raises(ImageError, match="over the limit of 5 bytes"):
             _read_file(str(proc), limit=5)
+
+
+# ---------------------------------------------------------------- issue #20 items 3-4: special files and links
+
+
+@pytest.fixture
+def alarm():
+    """Fail a call that blocks (a FIFO opened for reading waits for a writer forever)."""
+    import signal
+
+    def on_alarm(*_):
+        raise TimeoutError("blocked: the call did not return within 5 s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(5)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.usefixtures("alarm")
+def test_fifo_in_a_class_folder_is_a_rejected_item_not_a_hang(tmp_path):
+    import os
+
+    root = write_tree(tmp_path / "d", {"train/happy/a.png": png_bytes(1), "test/happy/b.png": png_bytes(2)})
+    os.mkfifo(root / "train/happy/x.jpg")
+    items = {it.origin: it for it in open_path(root).items()}
+    with pytest.raises(ImageError, match="not a regular file"):
+        items["train/happy/x.jpg"].read()
+    assert items["train/happy/a.png"].read() == png_bytes(1)
+
+
+@pytest.mark.usefixtures("alarm")
+@pytest.mark.parametrize("name", ["x.csv", "x.zip"])
+def test_fifo_or_device_as_data_source_is_refused(tmp_path, name):
+    import os
+
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=rf"data.source: {fifo} is not a regular file \(a FIFO\)"):
+        open_path(fifo)
+    device = tmp_path / f"zero-{name}"
+    device.symlink_to("/dev/zero")  # reads never end: MemoryError before
+    with pytest.raises(ValueError, match=r"is not a regular file \(a character device\)"):
+        open_path(device)
+
+
+def test_device_linked_inside_the_tree_is_not_read_even_when_links_are_followed(tmp_path):
+    root = write_tree(tmp_path / "d", {"train/happy/a.png": png_bytes(1), "test/happy/b.png": png_bytes(2)})
+    (root / "train/happy/zero.jpg").symlink_to("/dev/zero")
+    src = open_path_source(root, {"class_map": {}, "follow_symlinks": True})
+    item = next(it for it in src.items() if "zero" in it.origin)
+    assert item.origin == "train/happy/zero.jpg -> /dev/zero"
+    with pytest.raises(ImageError, match=r"not a regular file \(a character device\)"):
+        item.read()
+
+
+def test_csv_source_over_the_size_limit_is_refused(tmp_path, monkeypatch):
+    from ferflow.data.sources import files
+
+    path = tmp_path / "fer2013.csv"
+    path.write_text("emotion,pixels,Usage\n" + "3," + " ".join(["0"] * 2304) + ",Training\n")
+    monkeypatch.setattr(files, "MAX_CSV_BYTES", 100)
+    with pytest.raises(ValueError, match=rf"data.source: {path}: \d+ bytes, over the limit of 100"):
+        list(open_path(path).items())
+
+
+def test_file_symlink_leaving_the_source_is_refused_unless_allowed(tmp_path):
+    outside = tmp_path / "secret.txt"
+    outside.write_bytes(b"root:x:0:0")
+    root = write_tree(tmp_path / "d", {"train/happy/a.png": png_bytes(1), "test/happy/b.png": png_bytes(2)})
+    (root / "train/happy/x.jpg").symlink_to(outside)
+    with pytest.raises(ValueError, match=rf"train/happy/x.jpg is a symlink to {outside}, outside data.source.*follow_symlinks"):
+        open_path(root)
+    src = open_path_source(root, {"class_map": {}, "follow_symlinks": True})
+    origins = [it.origin for it in src.items()]
+    assert f"train/happy/x.jpg -> {outside}" in origins
+
+
+def test_class_folder_symlink_leaving_the_source_is_refused_and_in_tree_links_show_their_target(tmp_path):
+    elsewhere = write_tree(tmp_path / "elsewhere", {"c.png": png_bytes(3)})
+    root = write_tree(tmp_path / "d", {"train/happy/a.png": png_bytes(1), "test/happy/b.png": png_bytes(2)})
+    (root / "train/sad").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ValueError, match=rf"train/sad is a symlink to {elsewhere}, outside data.source"):
+        open_path(root)
+    src = open_path_source(root, {"class_map": {}, "follow_symlinks": True})
+    assert ("train", "sad", f"train/sad/c.png -> {elsewhere / 'c.png'}") in [
+        (it.split, it.class_name, it.origin) for it in src.items()
+    ]
+    (root / "train/sad").unlink()
+    (root / "test/happy/copy.png").symlink_to(root / "train/happy/a.png")  # inside: allowed, target shown
+    items = {it.origin: it for it in open_path(root).items()}
+    assert items["test/happy/copy.png -> train/happy/a.png"].read() == png_bytes(1)

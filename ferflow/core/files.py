@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import io
 import json
 import os
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -23,6 +26,49 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
+def _naming(exc: OSError, target: Path) -> OSError:
+    """The same OS error with the output's path when it has none (a failing write() with
+    ENOSPC names no file)."""
+    if exc.filename is not None or exc.errno not in _WRITE_ERRNOS:  # e.g. a network error inside the body
+        return exc
+    named = OSError(exc.errno, exc.strerror or str(exc), str(target))
+    named.__cause__ = exc
+    return named
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+STALE_UNOWNED_TEMP_S = 3600  # temp dirs without a pid in their name (older versions)
+
+
+def remove_stale_temps(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove `.<name>.<pid>.*.tmp` dirs of `target` left by writers that were killed
+    (their pid is gone on this machine); ones without a pid once over an hour old."""
+    target = Path(target)
+    removed = []
+    for tmp in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        owner = tmp.name[len(target.name) + 2 :].split(".", 1)[0]
+        try:
+            stale = not _alive(int(owner)) if owner.isdigit() else time.time() - tmp.lstat().st_mtime > STALE_UNOWNED_TEMP_S
+        except OSError:
+            continue
+        if stale and tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
 
 
 @contextlib.contextmanager
@@ -40,6 +86,8 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, target)
         _fsync_dir(target.parent)
+    except OSError as exc:
+        raise _naming(exc, target) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -69,7 +117,9 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield an empty temp directory; on success it replaces `target` whole."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    remove_stale_temps(target)
+    # the pid in the name: a later writer can tell a killed writer's leftovers from a live one's
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
         old = None
@@ -80,6 +130,8 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(target.parent)
+    except OSError as exc:
+        raise _naming(exc, target) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import reprlib
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,13 +46,23 @@ class ParamsError(ValueError):
     """A params problem, with the dotted key, the value and what is allowed."""
 
 
+# Upper bounds: a value past them is a typo or an attack (`epochs: 1000000000`,
+# `batch_size: 1e11`, `width: 1e6`) that would only fail later, out of memory or time.
+MAX_SEED = 2**32 - 1  # numpy's seed range
+MAX_EPOCHS = 100_000
+MAX_BATCH = 65_536
+MAX_COUNT = 10_000_000
+MAX_MESSAGE_VALUE = 200  # characters of a bad value shown in a message
+
+
 def _int(default: int, ge: int | None = None, le: int | None = None) -> Any:
     allowed = "an integer" + (f" >= {ge}" if ge is not None else "") + (f" and <= {le}" if le is not None else "")
     return Field(default, ge=ge, le=le, description=allowed)
 
 
 def _float(default: float, allowed: str, **bounds: float) -> Any:
-    return Field(default, description=allowed, **bounds)
+    # finite only: `.inf` passes `gt=0` and then overflows or never converges
+    return Field(default, description=allowed + " (finite)", allow_inf_nan=False, **bounds)
 
 
 def _bool(default: bool) -> Any:
@@ -76,23 +87,30 @@ def _is_section(field: Any) -> bool:
 
 
 class SyntheticParams(_Section):
-    train_per_class: int = _int(500, 1)
-    test_per_class: int = _int(100, 1)
+    train_per_class: int = _int(500, 1, 1_000_000)
+    test_per_class: int = _int(100, 1, 1_000_000)
 
 
 class DataParams(_Section):
-    source: str = Field("synthetic", description="'synthetic' or a path to a folder, .zip or .csv")
+    # an empty path would be the repo root
+    source: Annotated[str, Field(pattern=r"\S")] = Field(
+        "synthetic", description="'synthetic' or a non-empty path to a folder, .zip or .csv"
+    )
+    follow_symlinks: bool = Field(
+        False, description="true or false (true: folder sources may follow links that leave data.source)"
+    )
     synthetic: SyntheticParams = SyntheticParams()
     classes: list[str] = Field(list(FER_CLASSES), description="a non-empty list of distinct names from " + ", ".join(FER_CLASSES))
     class_map: dict[str, str] = Field({}, description="a mapping of folder name -> one of " + ", ".join(FER_CLASSES))
     # checked by `_caps`: a union type would report one error per member instead of one line
     max_per_class: Any = Field(
-        None, description="null, an integer >= 1, or a mapping of split (train/val/test) -> integer >= 1 or null"
+        None,
+        description="null, an integer >= 1 and <= 10000000, or a mapping of split (train/val/test) -> such an integer or null",
     )
     val_fraction: float = _float(0.1, "a number strictly between 0 and 1", gt=0, lt=1)
     dedup: DedupPolicy = "drop_cross_split"
     max_reject_fraction: float = _float(0.01, "a number between 0 and 1", ge=0, le=1)
-    seed: int = _int(42, 0)
+    seed: int = _int(42, 0, MAX_SEED)
 
     @field_validator("classes")
     @classmethod
@@ -112,7 +130,7 @@ class DataParams(_Section):
     @classmethod
     def _caps(cls, value: Any) -> Any:
         def is_cap(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+            return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_COUNT
 
         if value is None or is_cap(value):
             return value
@@ -131,38 +149,38 @@ class AugmentParams(_Section):
 
 class TrainParams(_Section):
     arch: ArchName = "seed001"
-    width: float = _float(1.0, "a number > 0 (multiplies every conv/dense width)", gt=0)
+    width: float = _float(1.0, "a number > 0 and <= 16 (multiplies every conv/dense width)", gt=0, le=16)
     # the largest base dropout rate of the seeds is 0.5: a scale of 2 makes a rate of 1
     dropout_scale: float = _float(
         1.0, "a number >= 0 and < 2 (multiplies every dropout rate; 2 or more makes a dropout rate >= 1)", ge=0, lt=2
     )
     # < 48: the net sees the centre crop (random crops with augment.shift; TTA tencrop)
     crop_size: int = _int(48, 16, 48)
-    epochs: int = _int(15, 1)
-    batch_size: int = _int(64, 1)
+    epochs: int = _int(15, 1, MAX_EPOCHS)
+    batch_size: int = _int(64, 1, MAX_BATCH)
     optimizer: Optimizer = "adam"
-    learning_rate: float = _float(0.001, "a number > 0", gt=0)
+    learning_rate: float = _float(0.001, "a number > 0 and <= 10", gt=0, le=10)
     momentum: float = _float(0.9, "a number in [0, 1)", ge=0, lt=1)
-    weight_decay: float = _float(0.0, "a number >= 0", ge=0)
+    weight_decay: float = _float(0.0, "a number >= 0 and <= 1", ge=0, le=1)
     label_smoothing: float = _float(0.0, "a number in [0, 1)", ge=0, lt=1)
     class_weight: bool = _bool(False)
     lr_schedule: LrSchedule = "plateau"
     reduce_lr_factor: float = _float(0.5, "a number strictly between 0 and 1", gt=0, lt=1)
-    reduce_lr_patience: int = _int(3, 0)
-    min_learning_rate: float = _float(1e-6, "a number >= 0", ge=0)
-    early_stopping_patience: int = _int(6, 0)
+    reduce_lr_patience: int = _int(3, 0, MAX_EPOCHS)
+    min_learning_rate: float = _float(1e-6, "a number >= 0 and <= 10", ge=0, le=10)
+    early_stopping_patience: int = _int(6, 0, MAX_EPOCHS)
     # val_loss of the first epochs is noisy while BatchNorm statistics settle
-    early_stopping_start_epoch: int = _int(5, 0)
+    early_stopping_start_epoch: int = _int(5, 0, MAX_EPOCHS)
     mixed_precision: Precision = "auto"
     distribution: Distribution = "none"
     augment: AugmentParams = AugmentParams()
     deterministic: bool = _bool(True)
-    seed: int = _int(42, 0)
+    seed: int = _int(42, 0, MAX_SEED)
 
 
 class EvaluateParams(_Section):
     tta: TtaMode = "none"
-    batch_size: int = _int(256, 1)
+    batch_size: int = _int(256, 1, MAX_BATCH)
 
 
 class ExportParams(_Section):
@@ -173,9 +191,12 @@ class ExportParams(_Section):
 class ServeParams(_Section):
     detect_face: bool = _bool(True)
     tta: TtaMode = "none"
-    max_image_bytes: int = _int(10_000_000, 1)
-    max_image_pixels: int = _int(25_000_000, 1)
-    min_image_side: int = _int(16, 1)
+    max_image_bytes: int = _int(10_000_000, 1, 1_000_000_000)
+    max_image_pixels: int = _int(25_000_000, 1, 1_000_000_000)
+    min_image_side: int = _int(16, 1, 4096)
+    # what one request may cost: images (rows) and decoded pixels summed over them
+    max_images_per_request: int = _int(256, 1, 1_000_000)
+    max_request_pixels: int = _int(50_000_000, 1, 10_000_000_000)
     face_margin: float = _float(0.05, "a fraction of the face size in [0, 1]", ge=0, le=1)
     face_detector: FaceDetector = "haar"
 
@@ -190,7 +211,9 @@ class ServeParams(_Section):
             return cls.model_validate(known)
         except ValidationError as exc:
             dotted, value, allowed, hint = _explain(exc, {"serve": known}, prefix=("serve",))
-            raise ParamsError(f"invalid serve config: {dotted} = {value!r} is not allowed: expected {allowed}.{hint}") from None
+            raise ParamsError(
+                f"invalid serve config: {dotted} = {_short(value)} is not allowed: expected {allowed}.{hint}"
+            ) from None
 
 
 class Params(_Section):
@@ -202,6 +225,17 @@ class Params(_Section):
 
 
 # ---------------------------------------------------------------- one-line messages
+
+
+_REPR = reprlib.Repr()  # bounded repr: nested lists of an alias bomb would print megabytes
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 3, 8, 8
+_REPR.maxstring = _REPR.maxother = MAX_MESSAGE_VALUE
+
+
+def _short(value: Any) -> str:
+    """repr of a bad value, cut to MAX_MESSAGE_VALUE characters (a message stays one line)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= MAX_MESSAGE_VALUE else text[:MAX_MESSAGE_VALUE] + "..."
 
 
 def _did_you_mean(key: str, known: list[str]) -> str:
@@ -234,7 +268,7 @@ def _explain(exc: ValidationError, raw: Mapping[str, Any], prefix: tuple[str, ..
         value = value.get(part) if isinstance(value, Mapping) else None
         if _is_section(field):
             if not isinstance(value, Mapping):
-                raise ParamsError(f"`{'.'.join(path)}` must be a mapping, got {value!r}")
+                raise ParamsError(f"`{'.'.join(path)}` must be a mapping, got {_short(value)}")
             model = field.annotation
             continue
         if field.annotation is float and isinstance(value, int) and not isinstance(value, bool):
@@ -242,7 +276,7 @@ def _explain(exc: ValidationError, raw: Mapping[str, Any], prefix: tuple[str, ..
         allowed, choices = _allowed(field)
         hint = _did_you_mean(value, list(choices)) if choices and isinstance(value, str) else ""
         return ".".join(path), value, allowed, hint
-    raise ParamsError(f"`{'.'.join(path) or '<top level>'}` must be a mapping, got {value!r}")
+    raise ParamsError(f"`{'.'.join(path) or '<top level>'}` must be a mapping, got {_short(value)}")
 
 
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:
@@ -250,7 +284,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise ParamsError(f"{source}: `<top level>` must be a mapping, got {raw!r}")
+        raise ParamsError(f"{source}: `<top level>` must be a mapping, got {_short(raw)}")
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
@@ -258,21 +292,60 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
             dotted, value, allowed, hint = _explain(exc, raw)
         except ParamsError as structural:
             raise ParamsError(f"{source}: {structural}") from None
-        raise ParamsError(f"{source}: `{dotted}` = {value!r} is not allowed: expected {allowed}.{hint}") from None
+        raise ParamsError(f"{source}: `{dotted}` = {_short(value)} is not allowed: expected {allowed}.{hint}") from None
 
 
 def read_params(path: str | os.PathLike[str] = "params.yaml") -> Params:
     """Read and validate a params file (all sections, so a typo anywhere stops any stage)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes() if path.is_file() or not path.exists() else None
     except FileNotFoundError:
         raise ParamsError(f"{path}: params file not found") from None
+    if data is None:  # a FIFO or a device would block or never end
+        raise ParamsError(f"{path}: not a regular file (expected a params YAML file)")
+    if len(data) > MAX_PARAMS_BYTES:
+        raise ParamsError(f"{path}: {len(data)} bytes, over the limit of {MAX_PARAMS_BYTES} for a params file")
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+    return parse_params(parse_yaml(text, str(path)), str(path))
+
+
+MAX_PARAMS_BYTES = 1_000_000
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """SafeLoader without aliases (a 1 KB alias bomb expands to gigabytes) and without
+    duplicate keys (DVC refuses them; YAML would silently keep the last)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML aliases (*{event.anchor}) are not allowed in params files", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {_short(key)} (each key once)", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, source: str = "params.yaml") -> Any:
+    """YAML text -> data, aliases and duplicate keys refused; ParamsError (one line) naming `source`."""
+    try:
+        return yaml.load(text, Loader=_ParamsLoader)
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
-    return parse_params(raw, str(path))
+        raise ParamsError(f"{source}: not valid YAML: {' '.join(str(exc).split())[:500]}") from None
 
 
 # Plain-dict views, for what serializes params (MLflow params, preset overrides, JSON).

@@ -12,9 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ferflow.core.params import ParamsError, flatten, validate_params
+from ferflow.core.params import ParamsError, flatten, parse_yaml, validate_params
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "presets"
 
@@ -30,10 +28,7 @@ def load_preset(name: str, presets_dir: Path = PRESETS_DIR) -> dict[str, Any]:
         raise ParamsError(
             f"unknown preset {name!r}: expected one of {', '.join(preset_names(presets_dir)) or '(none)'} (files in {presets_dir})"
         )
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    raw = parse_yaml(path.read_text(encoding="utf-8"), str(path))
     if not isinstance(raw, dict) or not raw:
         raise ParamsError(f"{path}: expected a mapping of params sections, got {raw!r}")
     validate_params(raw, str(path))

@@ -42,10 +42,14 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace, 
     the ingest stage's time); they create almost no cycles, and the process ends soon.
     """
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s")
+    os.environ["FERFLOW_STAGE"] = name  # a failure is recorded on the MLflow run with the stage's name
     if not collect_garbage:
         gc.disable()
     try:
         main(args)
     except USER_ERRORS as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as exc:  # a read-only folder, a full disk: the environment's to fix, one line
+        print(f"{name}: error: {exc.filename or '(no file named)'}: {exc.strerror or exc}", file=sys.stderr)
         raise SystemExit(2) from None

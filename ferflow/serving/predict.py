@@ -65,7 +65,10 @@ def collect_images(paths: Iterable[str | Path]) -> list[Path]:
                 sorted(
                     p
                     for p in path.rglob("*")
-                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in p.parts)
+                    # hidden names only below the given path: the user may have typed /data/.cache/faces
+                    if p.is_file()
+                    and p.suffix.lower() in IMAGE_SUFFIXES
+                    and not any(part.startswith(".") for part in p.relative_to(path).parts)
                 )
             )
         elif path.is_file():

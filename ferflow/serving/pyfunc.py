@@ -32,6 +32,8 @@ from __future__ import annotations
 import base64
 import binascii
 import concurrent.futures
+import ctypes
+import io
 import json
 import math
 import os
@@ -57,6 +59,10 @@ INPUT_COLUMN = "image"
 PIXEL_RANGES = ("auto", "0-255", "0-1")
 FACES_MODES = ("largest", "all")  # request param `faces`: one row per image (default) or one per face
 INFER_BATCH = 256  # images per model call; bounds activation memory for large requests
+# After a request that decoded this many pixels (or failed on the way), hand the freed
+# heap back to the OS: glibc keeps it as high-water otherwise (RSS 0.8 -> 2.3 GB over a
+# barrage of bad requests, never returned). FERFLOW_MALLOC_TRIM=0 turns it off.
+TRIM_MIN_PIXELS = 4_000_000
 PARALLEL_MIN = 8  # decode + detect in a thread pool from this many images per request
 _PIXEL_SHAPES = "(N,48,48), (N,48,48,1) or (N,2304)"
 
@@ -151,6 +157,12 @@ def pixels_to_batch(array: Any, pixel_range: str = "auto") -> np.ndarray:
     except ValueError:  # ragged nested lists
         raise RequestError(f"pixel tensor is ragged (rows of different lengths); expected shape {_PIXEL_SHAPES}") from None
     if array.dtype == object:
+        # Python ints past int64 (10**30) make an object array: out of range, not "mixed types"
+        flat = array.ravel()
+        if len(flat) and all(isinstance(v, int) and not isinstance(v, bool) for v in flat):
+            raise RequestError(
+                f"pixel values span {min(flat):g}..{max(flat):g}, outside 0-255 for integers; send integers 0..255 or floats 0..1"
+            )
         raise RequestError(f"pixel tensor is ragged or mixes types; expected numbers in shape {_PIXEL_SHAPES}")
     if array.dtype.kind not in "iuf":
         raise RequestError(f"pixel tensor has dtype {array.dtype}: expected integers 0..255 or floats 0..1")
@@ -206,11 +218,74 @@ def _column_values(model_input: Any) -> list[Any] | np.ndarray:
     raise RequestError(f"unsupported input type {type(model_input).__name__}: expected a DataFrame with column 'image'")
 
 
+# request param -> its allowed values (a bool param takes JSON true/false only)
+REQUEST_PARAMS: dict[str, tuple[Any, ...]] = {
+    "detect_face": (True, False),
+    "tta": TTA_MODES,
+    "pixel_range": PIXEL_RANGES,
+    "faces": FACES_MODES,
+    "face_detector": FACE_DETECTORS,
+}
+
+
+def _allowed_text(allowed: Sequence[Any]) -> str:
+    return ", ".join(json.dumps(a) if isinstance(a, bool) else repr(a) for a in allowed)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 100 else text[:100] + "..."
+
+
+def check_request_params(params: Any) -> None:
+    """Every request param known and of an allowed value, else RequestError naming it.
+
+    Also run ahead of MLflow's own params check when served (`guard_mlflow_params`),
+    which drops unknown params with only a log warning and reports a bad type with a
+    repr of the whole request."""
+    if params is None:
+        return
+    if not isinstance(params, Mapping):
+        raise RequestError(f"params is {_short(params)}: expected a JSON object of {', '.join(REQUEST_PARAMS)}")
+    for name, value in params.items():
+        if name not in REQUEST_PARAMS:
+            raise RequestError(f"unknown param {_short(name)}: expected only {', '.join(REQUEST_PARAMS)}")
+        allowed = REQUEST_PARAMS[name]
+        # type as well as value: 1 == True and 0 == False in Python
+        if value is not None and not any(type(value) is type(a) and value == a for a in allowed):
+            raise RequestError(f"param {name!r} = {_short(value)}: expected one of {_allowed_text(allowed)}")
+
+
 def _param(params: Mapping[str, Any] | None, name: str, default: Any, allowed: Sequence[Any]) -> Any:
     value = default if not params or params.get(name) is None else params[name]
     if value not in allowed or type(value) is not type(default):
-        raise RequestError(f"param {name!r} = {value!r}: expected one of {', '.join(map(repr, allowed))}")
+        raise RequestError(f"param {name!r} = {_short(value)}: expected one of {_allowed_text(allowed)}")
     return value
+
+
+def guard_mlflow_params() -> None:
+    """Run `check_request_params` before MLflow's params schema check in this process.
+
+    MLflow validates params against the signature before the model sees them: unknown
+    ones are dropped (200, a log line), a bad type fails with MLflow's message wrapped
+    around a repr of the whole request. There is no hook for a model to see the raw
+    params, so the schema check (a module function PyFuncModel looks up at call time)
+    is wrapped; it only acts for a schema of exactly ferflow's params. If MLflow renames
+    it, nothing is wrapped and `tests/test_serving.py` (bad params) fails.
+    """
+    import mlflow.pyfunc as pyfunc_module
+
+    original = getattr(pyfunc_module, "_enforce_params_schema", None)
+    if original is None or getattr(original, "ferflow_guard", False):
+        return
+
+    def enforce(params: Any, schema: Any) -> Any:
+        if schema is not None and {p.name for p in schema.params} == set(REQUEST_PARAMS):
+            check_request_params(params)
+        return original(params, schema)
+
+    enforce.ferflow_guard = True  # type: ignore[attr-defined]
+    pyfunc_module._enforce_params_schema = enforce
 
 
 # ---------------------------------------------------------------- the model
@@ -253,10 +328,23 @@ class Prepared:
     image_index: list[int] | None = None  # with faces="all": the request row each face came from
 
 
+def _load_malloc_trim() -> Any:
+    if os.environ.get("FERFLOW_MALLOC_TRIM", "1") == "0":
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
 class EmotionModel(mlflow.pyfunc.PythonModel):
     """pyfunc: column `image` (encoded bytes/base64, or pixel arrays) -> emotion predictions."""
 
     def load_context(self, context: Any) -> None:
+        guard_mlflow_params()
         self.setup(
             context.artifacts["keras_model"],
             context.artifacts["label_map"],
@@ -279,11 +367,13 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
         self._detectors_lock = threading.Lock()
         workers = min(os.cpu_count() or 1, 4)
         self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ferflow-prep") if workers > 1 else None
+        self._request = threading.local()  # pixels the current request decodes, per server thread
         self.predictor.warm_up()
 
     def prepare(self, model_input: Any, params: Mapping[str, Any] | None = None) -> Prepared:
         """Validate and preprocess a request (no model call)."""
         cfg = self.config
+        check_request_params(params)
         every_face = _param(params, "faces", "largest", FACES_MODES) == "all"
         detector = self.detector_for(_param(params, "face_detector", cfg.face_detector, FACE_DETECTORS))
         detect = _param(params, "detect_face", cfg.detect_face, (True, False))
@@ -294,6 +384,11 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
         else:
             values = values.tolist() if isinstance(values, np.ndarray) else list(values)
             kinds = {"encoded" if _is_encoded(v) else "pixels" if _is_pixels(v) else "other" for v in values}
+        if len(values) > cfg.max_images_per_request:  # before any decoding: a request's cost is bounded
+            raise RequestError(
+                f"request has {len(values)} images, over the limit of {cfg.max_images_per_request} "
+                "(serve.max_images_per_request); send smaller batches"
+            )
         if "other" in kinds:
             row = next(i for i, v in enumerate(values) if not (_is_encoded(v) or _is_pixels(v)))
             raise RequestError(
@@ -306,6 +401,18 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
             batch = pixels_to_batch(values, pixel_range)
             n = len(batch)
             return Prepared(batch, [Box(0, 0, IMAGE_SIZE, IMAGE_SIZE)] * n, [False] * n, list(range(n)) if every_face else None)
+
+        # base64 decoded once, here; then the decoded pixels of the whole request are
+        # summed from the image headers before anything is decoded (100 blank 5000x5000
+        # PNGs are a 3 MB body but 2.5 G pixels of work)
+        values = [image_bytes(v, i, cfg.max_image_bytes) for i, v in enumerate(values)]
+        total = sum(_header_pixels(data) for data in values)
+        self._request.pixels = total
+        if total > cfg.max_request_pixels:
+            raise RequestError(
+                f"request images have {total} pixels in all, over the limit of {cfg.max_request_pixels} "
+                "(serve.max_request_pixels); send smaller images or fewer per request"
+            )
 
         def one(item: tuple[int, Any]) -> tuple[np.ndarray, Box, bool]:
             img = decode_request_image(item[1], item[0], cfg)
@@ -339,13 +446,29 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
     # model_input: MLflow hands over a DataFrame (column signature); a DataFrame hint is
     # also the one MLflow neither validates nor warns about. Dicts/arrays work when called directly.
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        tta = _param(params, "tta", self.config.tta, TTA_MODES)  # before any decoding work
-        prepared = self.prepare(model_input, params)
-        probs = predict_proba(self.predictor, prepared.batch, tta, INFER_BATCH)
-        frame = result_frame(probs, self.classes, prepared.boxes, prepared.face_found)
-        if prepared.image_index is not None:
-            frame.insert(0, "image_index", np.array(prepared.image_index, dtype=np.int64))
-        return frame
+        self._request.pixels = 0
+        try:
+            tta = _param(params, "tta", self.config.tta, TTA_MODES)  # before any decoding work
+            prepared = self.prepare(model_input, params)
+            probs = predict_proba(self.predictor, prepared.batch, tta, INFER_BATCH)
+            frame = result_frame(probs, self.classes, prepared.boxes, prepared.face_found)
+            if prepared.image_index is not None:
+                frame.insert(0, "image_index", np.array(prepared.image_index, dtype=np.int64))
+            return frame
+        finally:
+            if _MALLOC_TRIM is not None and getattr(self._request, "pixels", 0) >= TRIM_MIN_PIXELS:
+                _MALLOC_TRIM(0)
+
+
+def _header_pixels(data: bytes) -> int:
+    """width*height from an image's header (no decoding); 0 when unreadable, which
+    decoding then reports with its reason."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+    except Exception:  # any unreadable header is decode_image's to explain
+        return 0
+    return width * height
 
 
 def _describe(value: Any) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -36,18 +37,20 @@ def run_status_guard(run_id: str) -> Iterator[None]:
         previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, HoldableInterrupt(_Interrupted))
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, HoldableInterrupt(KeyboardInterrupt))
     status = "FINISHED"
+    error = ""
     try:
         yield
     except (KeyboardInterrupt, _Interrupted):
-        status = "KILLED"
+        status, error = "KILLED", "interrupted"
         raise
-    except BaseException:
-        status = "FAILED"
+    except BaseException as exc:
+        status, error = "FAILED", f"{type(exc).__name__}: {exc}"
         raise
     finally:
         try:
             with interrupts_held():
                 _end_run(run_id, status)
+                _tag_failure(run_id, error)
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -63,6 +66,27 @@ def _end_run(run_id: str, status: str) -> None:
     with contextlib.suppress(Exception):
         while mlflow.active_run() is not None:
             mlflow.end_run(status=status)
+
+
+FAILED_STAGE_TAG = "ferflow.failed_stage"
+FAILED_ERROR_TAG = "ferflow.failed_error"
+
+
+def _tag_failure(run_id: str, error: str) -> None:
+    """Say which stage failed (evaluate/export reopen the FINISHED training run, so its
+    FAILED status alone would blame training); a later success removes the tags."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    try:
+        if error:
+            client.set_tag(run_id, FAILED_STAGE_TAG, os.environ.get("FERFLOW_STAGE", "unknown"))
+            client.set_tag(run_id, FAILED_ERROR_TAG, " ".join(error.split())[:500])
+        elif FAILED_STAGE_TAG in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, FAILED_STAGE_TAG)
+            client.delete_tag(run_id, FAILED_ERROR_TAG)
+    except Exception as exc:  # the stage's own outcome matters more
+        log.warning("could not tag MLflow run %s with the failed stage: %s", run_id, str(exc)[:200])
 
 
 def _main_thread() -> bool:

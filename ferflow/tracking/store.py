@@ -18,7 +18,13 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no first-use lock
+    fcntl = None  # type: ignore[assignment]
 
 from ferflow.core.errors import UserError
 from ferflow.core.repo import find_root
@@ -172,32 +178,97 @@ def configure(root: str | os.PathLike[str] | None = None) -> str:
     mlflow.set_tracking_uri(uri)
     scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
     try:
-        if scheme in DATABASE_SCHEMES:
-            _check_database(uri)
-        elif scheme == "sqlite":
-            _sqlite_waits_for_locks(uri)
-        client = mlflow.MlflowClient()
-        experiment = client.get_experiment_by_name(EXPERIMENT_NAME)
-        if experiment is None:
-            experiment_id = _create_experiment(client, artifact_location(uri, root))
-        else:
-            experiment_id = experiment.experiment_id
-            if is_remote_server(uri) and experiment.artifact_location.startswith("file:"):
-                log.warning(
-                    "experiment %r on %s stores artifacts at %s, a path on one machine: other machines will not "
-                    "find the models. Unless that path is a shared mount, rename the experiment in the MLflow UI "
-                    "so ferflow creates a new one in the server's artifact store.",
-                    EXPERIMENT_NAME,
-                    redacted(uri),
-                    experiment.artifact_location,
-                )
-            for key, value in EXPERIMENT_TAGS.items():  # stores made before these tags existed
-                if experiment.tags.get(key) != value:
-                    client.set_experiment_tag(experiment_id, key, value)
-    except Exception as exc:  # mlflow raises many types for an unreachable store
-        raise _unreachable(uri, exc) from None
+        # one process at a time creates/upgrades a fresh store's schema and the experiment
+        with first_use_lock(uri):
+            if scheme in DATABASE_SCHEMES:
+                _check_database(uri)
+            elif scheme == "sqlite":
+                _sqlite_waits_for_locks(uri)
+            client = mlflow.MlflowClient()
+            experiment = client.get_experiment_by_name(EXPERIMENT_NAME)
+            if experiment is None:
+                experiment_id = _create_experiment(client, artifact_location(uri, root))
+            else:
+                experiment_id = experiment.experiment_id
+                if is_remote_server(uri) and experiment.artifact_location.startswith("file:"):
+                    log.warning(
+                        "experiment %r on %s stores artifacts at %s, a path on one machine: other machines will not "
+                        "find the models. Unless that path is a shared mount, rename the experiment in the MLflow UI "
+                        "so ferflow creates a new one in the server's artifact store.",
+                        EXPERIMENT_NAME,
+                        redacted(uri),
+                        experiment.artifact_location,
+                    )
+                for key, value in EXPERIMENT_TAGS.items():  # stores made before these tags existed
+                    if experiment.tags.get(key) != value:
+                        client.set_experiment_tag(experiment_id, key, value)
+    except Exception as exc:  # mlflow raises many types for an unusable store
+        if re.search(r"error code 40[13] != 200", str(exc)):
+            raise _unreachable(uri, exc) from None  # a login problem, named as such
+        raise TrackingError(explain_store_error(uri, exc)) from None
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+# ---------------------------------------------------------------- first use of a store (#20 item 2)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///") :].split("?", 1)[0])
+
+
+@contextlib.contextmanager
+def first_use_lock(uri: str) -> Iterator[None]:
+    """Serialise opening a SQLite store across processes (two `dvc exp run` on a fresh
+    shared store): MLflow creates and upgrades the schema on first open, and two at once
+    fail with `duplicate column name: step` or a half-done migration. A lock file next to
+    the database (flock: released by the OS if the holder dies). Other stores: no lock
+    (a server creates its schema once, at its own start)."""
+    db = _sqlite_path(uri)
+    if db is None or fcntl is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".ferflow-lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+_LOCKED = ("database is locked", "database table is locked")
+_CORRUPT = ("file is not a database", "database disk image is malformed", "no such table", "can't locate revision", "migration")
+_UNREACHABLE = (
+    "connection refused",
+    "max retries",
+    "failed to establish",
+    "name or service not known",
+    "timed out",
+    "api request",
+)
+
+
+def explain_store_error(uri: str, exc: BaseException) -> str:
+    """One line saying why the store cannot be used: locked, corrupt or unreachable."""
+    detail = f"{type(exc).__name__}: {redacted(' '.join(str(exc).split()), uri)[:300]}"
+    text = str(exc).lower()
+    uri = redacted(uri)  # never print a password
+    if any(k in text for k in _LOCKED):
+        return f"MLflow tracking store {uri!r} is locked by another process ({detail}); retry when that run is done."
+    if any(k in text for k in _CORRUPT) or type(exc).__name__ in ("DatabaseError", "CommandError"):
+        return (
+            f"MLflow tracking store {uri!r} is corrupt or of another MLflow version ({detail}); "
+            f"move it aside (a new one is created), or run `mlflow db upgrade {uri}` if it is older."
+        )
+    if any(k in text for k in _UNREACHABLE) or type(exc).__name__ in ("ConnectionError", "Timeout"):
+        return (
+            f"MLflow tracking store {uri!r} is not reachable ({detail}). "
+            "Start the server, or unset MLFLOW_TRACKING_URI to use the local store sqlite:///<repo>/mlflow.db."
+        )
+    return f"MLflow tracking store {uri!r} cannot be used ({detail})."
 
 
 # git-tracked files that DVC or the stages rewrite during `dvc repro` (not inputs of a run)

@@ -15,6 +15,13 @@ under the `fer2013/` or `images/` wrapper folder that downloads come with):
   inside a split folder (no class folder) is a rejected row.
 - Every other file is handed to ingest whatever its extension: a non-image becomes a
   rejected row there, never a silent drop.
+- Only regular files are read: a FIFO, device or socket (in a class folder: a rejected
+  row; as data.source: an error) is never opened for a blocking or endless read. Every
+  read is bounded: MAX_FILE_BYTES an image, MAX_CSV_BYTES a CSV, the zip limits below.
+- Symlinks: a file or folder link that stays inside data.source is followed, and the
+  manifest origin shows its target (`test/happy/x.png -> train/happy/a.png`); one that
+  leads outside is refused, naming link and target, unless `data.follow_symlinks: true`
+  (then the origin shows the absolute target).
 
 Zips are read member by member without extracting. A zip holding an absolute path, a
 `..` component or a symlink is refused whole (it was built to write outside its
@@ -56,6 +63,7 @@ MAX_SEARCH_DEPTH = 4  # wrapper folders allowed above the split folders
 MAX_FILE_BYTES = 64 * 2**20  # one image file; bigger ones are rejected rows, not read
 MAX_ZIP_ENTRIES = 1_000_000
 MAX_ZIP_BYTES = 16 * 2**30  # total uncompressed size of a zip
+MAX_CSV_BYTES = 2 * 2**30  # a fer2013.csv file (the original is ~300 MB)
 LOCAL_HEADER_SLACK = 512  # bytes read past a member's local header for its name and extra field
 
 
@@ -72,6 +80,7 @@ class _File(NamedTuple):
     parts: tuple[str, ...]  # path components inside the container
     read: Callable[[], bytes]
     member: str = ""  # the zip member name, for zips
+    target: str = ""  # for a file reached through a symlink: where it really is
 
     @property
     def rel(self) -> str:
@@ -81,8 +90,32 @@ class _File(NamedTuple):
 # --- readers --------------------------------------------------------------------------
 
 
+_FILE_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a folder",
+}
+
+
+def _kind(mode: int) -> str:
+    return _FILE_KINDS.get(stat.S_IFMT(mode), "not a plain file")
+
+
+def _open_regular(path: str | os.PathLike[str]) -> int:
+    """A read-only descriptor on a regular file, else ImageError. O_NONBLOCK: opening a
+    FIFO for reading would otherwise wait for a writer forever (it has no effect on files)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ImageError(f"not a regular file ({_kind(mode)})")  # /dev/zero would be read until MemoryError
+    return fd
+
+
 def _read_file(path: str, limit: int) -> bytes:
-    with open(path, "rb") as fh:
+    with open(_open_regular(path), "rb") as fh:
         # Ask for the size the file has (+1 to notice one that grew), not for `limit`
         # bytes: a 64 MiB read buffer costs ~20 us to map and unmap, more than the read.
         size = os.fstat(fh.fileno()).st_size
@@ -169,9 +202,25 @@ def _read_zip_member_slow(zip_path: str, info: _Member) -> bytes:
 # --- listing containers ---------------------------------------------------------------
 
 
-def _list_folder(root: Path, skipped: Counter[str]) -> list[_File]:
+def _link_target(root: Path, real_root: str, path: str, follow_symlinks: bool) -> str:
+    """Where a symlinked file or folder leads, as the manifest shows it: relative to the
+    source when inside it; absolute when outside, which is refused unless follow_symlinks."""
+    target = os.path.realpath(path)
+    if target == real_root or target.startswith(real_root + os.sep):
+        return os.path.relpath(target, real_root)
+    if not follow_symlinks:
+        raise ValueError(
+            f"data.source: {root}: {os.path.relpath(path, root)} is a symlink to {target}, outside data.source; "
+            "refused (set data.follow_symlinks: true to read links that leave the source folder)"
+        )
+    return target
+
+
+def _list_folder(root: Path, skipped: Counter[str], follow_symlinks: bool = False) -> list[_File]:
     found: list[_File] = []
     seen_dirs: set[tuple[int, int]] = set()
+    real_root = os.path.realpath(root)
+    linked: set[str] = set()  # folders reached through a symlink: their files show their real path
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen_dirs:  # a symlink loop: list each folder once
@@ -182,13 +231,22 @@ def _list_folder(root: Path, skipped: Counter[str]) -> list[_File]:
         for junk_dir in set(dirnames) - set(kept):  # count the files skipped, like for a zip
             skipped["hidden_or_system"] += sum(len(names) for _, _, names in os.walk(os.path.join(dirpath, junk_dir)))
         dirnames[:] = sorted(kept)
+        below_link = dirpath in linked
+        for d in kept:
+            sub = os.path.join(dirpath, d)
+            if below_link or os.path.islink(sub):
+                if not below_link:
+                    _link_target(root, real_root, sub, follow_symlinks)
+                linked.add(sub)
         rel = Path(dirpath).relative_to(root).parts
         for name in sorted(filenames):
             if is_junk(name):
                 skipped["hidden_or_system"] += 1
                 continue
             path = os.path.join(dirpath, name)
-            found.append(_File((*rel, name), functools.partial(_read_file, path, MAX_FILE_BYTES)))
+            # one lstat a file (~1 us): links are rare, but each must be seen
+            target = _link_target(root, real_root, path, follow_symlinks) if below_link or os.path.islink(path) else ""
+            found.append(_File((*rel, name), functools.partial(_read_file, path, MAX_FILE_BYTES), "", target))
     return found
 
 
@@ -332,8 +390,8 @@ class LayoutSource(Source):
         self._check_class_folders(folders)
 
     def _label(self, f: _File) -> str:
-        """How a file is named in the manifest and rejected.csv."""
-        return self._prefix + f.rel
+        """How a file is named in the manifest and rejected.csv (a link with its target)."""
+        return self._prefix + f.rel + (f" -> {f.target}" if f.target else "")
 
     def _find_root(self, folders: set[tuple[str, ...]]) -> tuple[str, ...]:
         """The shallowest folder that holds split folders (train/, test/, val/...)."""
@@ -532,9 +590,12 @@ def open_path_source(
     class_map = data_params.get("class_map") or {}
     if not os.path.exists(path):
         raise FileNotFoundError(f"data.source: {path} does not exist (expected 'synthetic' or a folder, .zip or .csv)")
+    mode = os.stat(path).st_mode  # without opening: a FIFO would block the open
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise ValueError(f"data.source: {path} is not a regular file ({_kind(mode)}); expected a folder, .zip or .csv")
     skipped: Counter[str] = Counter()
     if path.is_dir():
-        files = _list_folder(path, skipped)
+        files = _list_folder(path, skipped, bool(data_params.get("follow_symlinks", False)))
         lone = _lone_csv(files)
         if lone is not None:
             csv_path = path.joinpath(*lone.parts)
@@ -553,7 +614,15 @@ def open_path_source(
 
 
 def _open_csv_file(path: Path) -> IO[str]:
-    return open(path, newline="", encoding="utf-8-sig")
+    try:
+        fd = _open_regular(path)
+    except ImageError as exc:
+        raise ValueError(f"data.source: {path}: {exc}; expected a fer2013.csv file") from None
+    size = os.fstat(fd).st_size
+    if size > MAX_CSV_BYTES:
+        os.close(fd)
+        raise ValueError(f"data.source: {path}: {size} bytes, over the limit of {MAX_CSV_BYTES} for a CSV source")
+    return open(fd, newline="", encoding="utf-8-sig")
 
 
 def _open_csv_member(zip_path: Path, member: str) -> IO[str]:

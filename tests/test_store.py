@@ -1,0 +1,69 @@
+"""First use of a shared MLflow store and errors worded by cause (issue #20 item 2)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ferflow.tracking.store import TrackingError, configure, explain_store_error
+
+REPO = Path(__file__).resolve().parents[1]
+
+RACE = """
+import os, sys, time
+from ferflow.tracking.store import configure
+import mlflow
+while time.time() < float(sys.argv[1]):
+    time.sleep(0.001)
+print(configure(sys.argv[2]))
+"""
+
+
+@pytest.mark.slow
+def test_three_first_runs_at_once_on_a_fresh_sqlite_store_all_succeed(tmp_path):
+    # before the lock, 2 of 3 failed: "duplicate column name: step", "_alembic_tmp_tags already exists"
+    db = tmp_path / "shared.db"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    start = time.time() + 15  # every process has imported mlflow by then
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE, str(start), str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-500:] for _, err in outs]
+    assert len({out.split()[-1] for out, _ in outs}) == 1  # one experiment
+
+
+def test_a_corrupt_store_is_called_corrupt_not_unreachable(tmp_path, monkeypatch):
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"this is not sqlite" * 100)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    with pytest.raises(TrackingError, match="is corrupt or of another MLflow version") as info:
+        configure(tmp_path)
+    assert "not reachable" not in str(info.value) and "Start the server" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("error", "cause"),
+    [
+        (Exception("(sqlite3.OperationalError) database is locked"), "is locked by another process"),
+        (Exception("(sqlite3.DatabaseError) file is not a database"), "is corrupt"),
+        (ConnectionError("HTTPConnectionPool: Max retries exceeded (Connection refused)"), "is not reachable"),
+        (Exception("API request to http://127.0.0.1:1/api/2.0 failed"), "is not reachable"),
+        (RuntimeError("something else"), "cannot be used"),
+    ],
+)
+def test_store_errors_are_worded_by_cause(error, cause):
+    message = explain_store_error("sqlite:///x.db", error)
+    assert cause in message and "\n" not in message

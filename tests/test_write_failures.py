@@ -1,0 +1,86 @@
+"""Write failures (issue #20 item 6): one line naming the path, stale temp dirs cleaned,
+the stage that failed recorded on the MLflow run."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ferflow.core import files
+from ferflow.core.stage import run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_enospc_names_the_file_being_written(tmp_path, monkeypatch):
+    def full_disk(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match=rf"No space left on device: '{tmp_path / 'm.json'}'") as info:
+        files.write_json(tmp_path / "m.json", {"a": 1})
+    assert info.value.errno == errno.ENOSPC and not list(tmp_path.iterdir())  # no temp file left
+
+
+def test_a_stage_that_cannot_write_prints_one_line_naming_the_path(tmp_path, capsys):
+    def main(_args):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "metrics" / "x.json"))
+
+    with pytest.raises(SystemExit) as info:
+        run(main, None, "evaluate")
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"evaluate: error: {tmp_path / 'metrics' / 'x.json'}: Permission denied"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_metrics_folder_is_one_line_in_a_real_stage_process(tmp_path):
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics").chmod(0o500)
+    code = "from ferflow.core import files; from ferflow.core.stage import run; run(lambda a: files.write_json('metrics/x.json', {}), None, 'evaluate')"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "metrics/x.json" in proc.stderr, proc.stderr
+
+
+def test_temp_dirs_of_a_killed_writer_are_removed_by_the_next_one(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".export.{dead_pid}.abcd1234.tmp"
+    stale.mkdir()
+    (stale / "MLmodel").write_text("half")
+    live = tmp_path / f".export.{os.getpid()}.efgh5678.tmp"  # a writer still running: kept
+    live.mkdir()
+    with files.atomic_dir(tmp_path / "export") as tmp:
+        (tmp / "MLmodel").write_text("whole")
+    assert not stale.exists() and live.exists()
+    assert (tmp_path / "export" / "MLmodel").read_text() == "whole"
+
+
+def test_a_later_stage_failing_tags_the_run_with_the_stage(tmp_path, monkeypatch):
+    import mlflow
+
+    from ferflow.tracking.signals import run_status_guard
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    client.set_terminated(run_id, "FINISHED")
+    monkeypatch.setenv("FERFLOW_STAGE", "export")
+    with pytest.raises(OSError), run_status_guard(run_id):
+        raise OSError(errno.ENOSPC, "No space left on device", "models/export")
+    run_info = client.get_run(run_id)
+    assert run_info.info.status == "FAILED"
+    assert run_info.data.tags["ferflow.failed_stage"] == "export"
+    assert "No space left on device" in run_info.data.tags["ferflow.failed_error"]
+    with run_status_guard(run_id):  # the rerun succeeds: the failure tags go
+        pass
+    run_info = client.get_run(run_id)
+    assert run_info.info.status == "FINISHED" and "ferflow.failed_stage" not in run_info.data.tags
