@@ -67,3 +67,15 @@ def test_a_corrupt_store_is_called_corrupt_not_unreachable(tmp_path, monkeypatch
 def test_store_errors_are_worded_by_cause(error, cause):
     message = explain_store_error("sqlite:///x.db", error)
     assert cause in message and "\n" not in message
+
+
+def test_a_shared_sqlite_store_keeps_artifacts_beside_itself_not_in_a_clone(tmp_path):
+    # issue #20 item 2: clone 2's runs lived in clone 1's mlartifacts/
+    from ferflow.tracking.store import artifact_location
+
+    shared = tmp_path / "shared" / "mlflow.db"
+    for clone in ("clone1", "clone2"):
+        assert artifact_location(f"sqlite:///{shared}", tmp_path / clone) == (tmp_path / "shared" / "mlartifacts").as_uri()
+    default = tmp_path / "clone1" / "mlflow.db"  # the project store: <root>/mlartifacts, as before
+    assert artifact_location(f"sqlite:///{default}", tmp_path / "clone1") == (tmp_path / "clone1" / "mlartifacts").as_uri()
+    assert artifact_location("http://127.0.0.1:5000", tmp_path / "clone1") is None  # the server decides

@@ -74,11 +74,19 @@ def is_remote_server(uri: str) -> bool:
 
 
 def artifact_location(uri: str, root: str | os.PathLike[str] | None = None) -> str | None:
-    """Where a new experiment keeps its artifacts: the server's own store for an HTTP tracking
-    server (None lets it choose, e.g. `mlflow-artifacts:/` proxied to its --artifacts-destination;
-    a path of this machine would never reach it), else `<root>/mlartifacts`."""
+    """Where a new experiment keeps its artifacts: where the store is, never in one working copy.
+
+    An HTTP tracking server chooses (None; e.g. `mlflow-artifacts:/` proxied to its
+    --artifacts-destination: a path of this machine would never reach it). A SQLite store keeps
+    them in `mlartifacts/` beside its database file: for the default store that is
+    `<root>/mlartifacts`; a store shared by several clones (`sqlite:////shared/mlflow.db`) keeps
+    them beside itself, not in whichever clone created the experiment. Other database stores:
+    `<root>/mlartifacts` (teams use a server, docs/team.md)."""
     if is_remote_server(uri):
         return None
+    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        database = Path(uri.removeprefix("sqlite:///").split("?", 1)[0]).resolve()
+        return (database.parent / "mlartifacts").as_uri()
     return (Path(root or find_root()) / "mlartifacts").as_uri()
 
 
