@@ -19,10 +19,13 @@ def main(args) -> None:
     )
     if "version" in r:
         stage.log.info(
-            "exported to %s; registered %s v%d (champion: v%d)",
+            "exported to %s; registered %s v%d, test accuracy %.4f; %s: v%d; champion: v%d",
             r["export_dir"],
             r["registered_model"],
             r["version"],
+            r["test_accuracy"],
+            r["champion_alias"],
+            r["version"] if r["champion"] else r["previous_champion"]["version"],
             r["champion_version"],
         )
     else:
