@@ -1,5 +1,7 @@
 """Stage 5 - evaluate: the trained model on the test split -> eval metrics, plots, predictions."""
 
+import project_python  # noqa: F401  (first: stops a Python without the project's packages)
+
 from ferflow.core import stage
 from ferflow.core.params import read_params
 from ferflow.model.evaluation_run import run_evaluation

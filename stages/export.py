@@ -1,5 +1,7 @@
 """Stage 6 - export: the trained model -> an MLflow pyfunc directory + a registered version."""
 
+import project_python  # noqa: F401  (first: stops a Python without the project's packages)
+
 from ferflow.core import stage
 from ferflow.core.params import read_params
 from ferflow.serving.export import run_export

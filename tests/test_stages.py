@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import REPO
 from ferflow.core.classes import FER_CLASSES
 from ferflow.core.params import load_params, read_params
 from ferflow.data.arrays import extract_arrays, load_label_map, load_split
@@ -283,3 +287,18 @@ def test_dvc_yaml_cmds_name_every_path_the_stage_declares():
         assert passed <= declared, (name, passed - declared)
         # export does not read the run file: the evaluate metrics name the run it logged to
         assert data - passed <= ({"models/run.json"} if name == "export" else set()), (name, data - passed)
+
+
+@pytest.mark.parametrize("name", ["ingest", "train", "export"])
+def test_a_stage_under_the_wrong_python_stops_with_what_to_do(name: str, tmp_path: Path) -> None:
+    """#19.2: `python` without the project's packages (here: no site-packages, -S) exits 2
+    with one line naming the fix, before importing or writing anything."""
+    proc = subprocess.run(
+        [sys.executable, "-E", "-s", "-S", str(REPO / "stages" / f"{name}.py"), "--params", str(REPO / "params.yaml")],
+        cwd=tmp_path, env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"{name}: error: this Python ("), proc.stderr
+    assert "source .venv/bin/activate" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
