@@ -15,6 +15,7 @@ import pytest
 from conftest import BIN, TINY_OVERRIDES, clone_repo, run, write_params
 from ferflow.core.params import flatten
 from ferflow.core.presets import load_preset
+from ferflow.model.evaluation_run import SUMMARY_KEYS
 
 STAGES = ("ingest", "index", "extract", "train", "evaluate", "export")
 OUTPUTS = (
@@ -35,6 +36,7 @@ OUTPUTS = (
     "metrics/train.json",
     "metrics/history.csv",
     "metrics/eval.json",
+    "metrics/summary.json",
     "metrics/predictions.csv",
     "metrics/plots/confusion_matrix.png",
     "metrics/plots/training_curves.png",
@@ -126,6 +128,17 @@ def test_fresh_clone_repro_then_noop_then_experiment(tmp_path):
     with sqlite3.connect(repo / "mlflow.db") as db:
         versions = db.execute("select count(*) from model_versions").fetchone()[0]
     assert versions == 2
+
+    # #19.3: the metrics DVC shows are the compared numbers only; in a 120-column terminal
+    # the experiment name and test accuracy are visible, and --only-changed adds the params
+    summary = json.loads((repo / "metrics/summary.json").read_text())
+    assert set(summary) == set(SUMMARY_KEYS) and summary["epochs"] == 1
+    shown = run(["dvc", "exp", "show", "--no-pager"], repo, env={"COLUMNS": "120"}).stdout
+    header = next(line for line in shown.splitlines() if "Experiment" in line)
+    assert "test_accuracy" in header and "counts" not in shown and "dedup" not in shown, shown[:3000]
+    assert "quick" in shown
+    changed = run(["dvc", "exp", "show", "--no-pager", "--only-changed"], repo, env={"COLUMNS": "120"}).stdout
+    assert "train.epochs" in changed and "test_accuracy" in changed, changed[:3000]
 
 
 @pytest.mark.slow

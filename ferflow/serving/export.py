@@ -167,12 +167,14 @@ def export_model(
     serve_config: dict[str, Any],
     example_pixels: np.ndarray,
     out_dir: str | os.PathLike[str],
+    metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Save a pyfunc directory from a `.keras` file without the pipeline (tests, benchmarks)."""
     with tempfile.TemporaryDirectory(prefix="ferflow-export-") as tmp:
         config_json = Path(tmp) / "serve_config.json"
         files.write_json(config_json, serve_config)
-        save_pyfunc(out_dir, model_kwargs(keras_model_path, label_map_json, config_json, example_pixels))
+        kwargs = model_kwargs(keras_model_path, label_map_json, config_json, example_pixels)
+        save_pyfunc(out_dir, kwargs | ({"metadata": metadata} if metadata else {}))
     return Path(out_dir)
 
 
@@ -351,8 +353,19 @@ def run_export(
     example = np.rint(x_test[0, :, :, 0] * 255).astype(np.uint8)
     config_path = out_dir.parent / ".serve_config.json"
     files.write_json(config_path, serve.model_dump())
+    test_set = hash_test_split(x_test, y_test, classes)
     try:
         kwargs = model_kwargs(model_path, label_map, config_path, example)
+        # what `ferflow predict` prints about the model it uses (MLmodel's metadata)
+        kwargs["metadata"] = {
+            "ferflow": {
+                "mlflow_run_id": eval_metrics.get("mlflow_run_id"),
+                "test_accuracy": round(float(eval_metrics["accuracy"]), ACCURACY_DIGITS),
+                "test_set": test_set,
+                "n_test": int(len(y_test)),
+                "classes": classes,
+            }
+        }
         save_pyfunc(out_dir, kwargs)
         result: dict[str, Any] = {"export_dir": str(out_dir), "test_accuracy": eval_metrics["accuracy"]}
         # evaluate recorded the run it logged to (the training run, or a fork of it)
@@ -368,7 +381,7 @@ def run_export(
                         export.registered_model_name,
                         eval_metrics["accuracy"],
                         export.force_champion,
-                        hash_test_split(x_test, y_test, classes),
+                        test_set,
                         classes,
                     )
                     # the lock of this working copy (DVC writes export's own entry after the stage)
