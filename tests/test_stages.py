@@ -302,3 +302,40 @@ def test_a_stage_under_the_wrong_python_stops_with_what_to_do(name: str, tmp_pat
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"{name}: error: this Python ("), proc.stderr
     assert "source .venv/bin/activate" in proc.stderr and "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+QUIET_STAGE = """
+import os, sys, warnings
+from pathlib import Path
+import numpy as np
+from ferflow.core import stage
+from ferflow.core.params import TrainParams
+
+def main(args):
+    from ferflow.model.training import fit_model
+    os.write(2, b"I0000 00:00:1796231445.427481 12315 port.cc:153] oneDNN custom operations are on.\\n")
+    warnings.warn("a real warning stays visible")
+    rng = np.random.default_rng(0)
+    x, y = rng.random((28, 48, 48, 1), dtype=np.float32), np.arange(28) % 7
+    p = TrainParams(arch="ferflow_tiny", epochs=2, batch_size=8, mixed_precision="float32").model_dump()
+    work = Path(sys.argv[1])
+    fit_model(p, x, y, x[:14], y[:14], 7, work / "m.keras", work / "h.csv", work / "w")
+
+stage.run(main, None, "train")
+"""
+
+
+def test_a_stage_prints_one_line_per_epoch_and_no_library_noise(tmp_path: Path) -> None:
+    """#19.5: with output redirected, no per-step progress bar and no TensorFlow/absl start-up
+    lines; real warnings still show."""
+    proc = subprocess.run(
+        [sys.executable, "-c", QUIET_STAGE, str(tmp_path)],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for noise in ("oneDNN", "absl::InitializeLog", "NodeDef mentions", "y_prob values"):
+        assert noise not in proc.stderr, proc.stderr
+    assert "a real warning stays visible" in proc.stderr
+    assert "\x1b[" not in proc.stdout and "━" not in proc.stdout, proc.stdout[:2000]
+    epoch_lines = [line for line in proc.stdout.splitlines() if "val_loss" in line]
+    assert len(epoch_lines) == 2, proc.stdout

@@ -11,6 +11,7 @@ import csv
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -318,6 +319,8 @@ def fit_model(
     ]
     y_train_1h = keras.utils.to_categorical(y_train, num_classes)
     y_val_1h = keras.utils.to_categorical(y_val, num_classes)
+    if verbose == "auto":  # a progress bar on a terminal; one line per epoch in a log (CI, dvc queue logs)
+        verbose = 1 if sys.stdout.isatty() else 2
     start = time.perf_counter()
     trainer.fit(
         x_train,
