@@ -6,6 +6,7 @@ imports: the exported model ships only what its pyfunc imports, not the tracking
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,8 @@ def run_evaluation(
             extra={"mlflow_run_id": run_id},
         )  # fmt: skip
         if summary_json is not None:
-            files.write_json(summary_json, experiment_summary(metrics, model, history_csv))
+            # in SUMMARY_KEYS order, not sorted: DVC shows the columns in the file's order
+            files.write_text(summary_json, json.dumps(experiment_summary(metrics, model, history_csv), indent=2) + "\n")
         warn_if_one_class(metrics)
         return metrics
 
