@@ -1,5 +1,7 @@
 """Stage 5 - evaluate: the trained model on the test split -> eval metrics, plots, predictions."""
 
+import project_python  # noqa: F401  (first: stops a Python without the project's packages)
+
 from ferflow.core import stage
 from ferflow.core.params import read_params
 from ferflow.model.evaluation_run import run_evaluation
@@ -16,10 +18,11 @@ def main(args) -> None:
         metrics_json=args.metrics,
         predictions_csv=args.predictions,
         plots_dir=args.plots,
+        summary_json=args.summary,
     )
     stage.log.info("test accuracy %.4f, macro-F1 %.4f (n=%d, tta=%s)", m["accuracy"], m["macro_f1"], m["n_test"], m["tta"])
 
 
 if __name__ == "__main__":
-    p = stage.parser(__doc__, "arrays", "label-map", "model", "history", "run-file", "metrics", "predictions", "plots")
+    p = stage.parser(__doc__, "arrays", "label-map", "model", "history", "run-file", "metrics", "predictions", "plots", "summary")
     stage.run(main, p.parse_args(), "evaluate")

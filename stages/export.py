@@ -1,5 +1,7 @@
 """Stage 6 - export: the trained model -> an MLflow pyfunc directory + a registered version."""
 
+import project_python  # noqa: F401  (first: stops a Python without the project's packages)
+
 from ferflow.core import stage
 from ferflow.core.params import read_params
 from ferflow.serving.export import run_export
@@ -19,10 +21,13 @@ def main(args) -> None:
     )
     if "version" in r:
         stage.log.info(
-            "exported to %s; registered %s v%d (champion: v%d)",
+            "exported to %s; registered %s v%d, test accuracy %.4f; %s: v%d; champion: v%d",
             r["export_dir"],
             r["registered_model"],
             r["version"],
+            r["test_accuracy"],
+            r["champion_alias"],
+            r["version"] if r["champion"] else r["previous_champion"]["version"],
             r["champion_version"],
         )
     else:

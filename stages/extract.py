@@ -1,5 +1,7 @@
 """Stage 3 - extract: index CSV + ingested faces -> per-split model-ready arrays + the label map."""
 
+import project_python  # noqa: F401  (first: stops a Python without the project's packages)
+
 from ferflow.core import stage
 from ferflow.core.params import read_params
 from ferflow.data.arrays import extract_arrays

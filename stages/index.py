@@ -1,5 +1,7 @@
 """Stage 2 - index: the ingested faces -> the index CSV (splits, labels, hashes, sizes), metrics, plots."""
 
+import project_python  # noqa: F401  (first: stops a Python without the project's packages)
+
 from ferflow.core import stage
 from ferflow.core.params import read_params
 from ferflow.data.index import build_index

@@ -1,5 +1,7 @@
 """Stage 1 - ingest: `data.source` -> the ingested faces + manifest, rejects, metrics."""
 
+import project_python  # noqa: F401  (first: stops a Python without the project's packages)
+
 from ferflow.core import stage
 from ferflow.core.params import read_params
 from ferflow.core.repo import find_root

@@ -3,6 +3,8 @@
 Opens the pipeline run's MLflow run (recorded in the run file for evaluate/export).
 """
 
+import project_python  # noqa: F401  (first: stops a Python without the project's packages)
+
 from ferflow.core import stage
 from ferflow.core.params import read_params
 from ferflow.model.training_run import run_training

@@ -64,3 +64,28 @@ def test_tencrop_probabilities_average_the_ten_crops(wrap):
     got = predict_proba(KerasPredictor(model) if wrap else model, x, "tencrop")
     np.testing.assert_allclose(got, expected, atol=1e-6)
     assert not np.allclose(got, predict_proba(model, x, "none"), atol=1e-4)  # the views matter
+
+
+def test_evaluate_warns_when_one_class_takes_the_predictions(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    """#19.4: a model answering one class for every face is flagged loudly, not just scored."""
+    import logging
+
+    from ferflow.core.classes import FER_CLASSES
+    from ferflow.model.evaluation import evaluate
+    from ferflow.model.evaluation_run import warn_if_one_class
+
+    bias = np.zeros(len(FER_CLASSES), np.float32)
+    bias[3] = 5.0  # 'happy' whatever the input
+    model = keras.Sequential([keras.Input((48, 48, 1)), layers.Flatten(), layers.Dense(len(FER_CLASSES), activation="softmax")])
+    model.layers[-1].set_weights([np.zeros((48 * 48, len(FER_CLASSES)), np.float32), bias])
+    y = np.arange(14) % len(FER_CLASSES)
+    history = tmp_path / "history.csv"
+    history.write_text("epoch,loss,val_loss,accuracy,val_accuracy\n1,2.0,2.0,0.1,0.1\n")
+    metrics = evaluate(
+        model, faces(14), y, list(FER_CLASSES), history, tmp_path / "plots", tmp_path / "eval.json", tmp_path / "pred.csv"
+    )
+    assert (metrics["top_class"], metrics["top_class_share"]) == ("happy", 1.0)
+    with caplog.at_level(logging.WARNING, logger="ferflow"):
+        assert warn_if_one_class(metrics) is True
+    assert "100% of the test predictions are 'happy'" in caplog.text
+    assert warn_if_one_class(metrics | {"top_class_share": 0.5}) is False

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +21,20 @@ from conftest import REPO, write_tiny_model
 from ferflow.core import files
 from ferflow.core.classes import FER_CLASSES
 from ferflow.data.sources.synthetic import generate_face
-from ferflow.serving.export import encode_png, export_model, model_kwargs, register_and_promote, should_promote
+from ferflow.serving.export import (
+    dataset_alias,
+    encode_png,
+    export_model,
+    hash_test_split,
+    model_kwargs,
+    promote,
+    register_and_promote,
+    should_promote,
+)
 
 SERVE = {"detect_face": True, "tta": "flip", "max_image_bytes": 1_000_000, "max_image_pixels": 4_000_000}
+TEST_SET = "0123456789abcdef"
+UNUSED_SOURCE = "s3://ferflow-tests/unused-model"  # versions registered without a model: the alias logic reads tags only
 PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
@@ -129,6 +141,7 @@ def test_loaded_pyfunc_predicts_bytes_and_rejects_garbage(exported: Path, inputs
         (0.5, 0.6, False, False),
         (0.5, 0.6, True, True),
         (0.5, float("nan"), False, True),  # champion without a recorded accuracy
+        (1 / 7, float(f"{1 / 7:.6f}"), False, False),  # the same model again, against its stored (rounded) accuracy
     ],
 )
 def test_should_promote(new: float, champion: float | None, force: bool, expected: bool) -> None:
@@ -151,24 +164,142 @@ def test_champion_alias_moves_only_to_better_models(tmp_path: Path, inputs: dict
 
         def export(accuracy: float, force: bool = False) -> dict:
             with mlflow.start_run(experiment_id=exp):
-                return register_and_promote(kwargs, "ferflow-test", accuracy, force)
+                return register_and_promote(kwargs, "ferflow-test", accuracy, force, TEST_SET, list(FER_CLASSES))
 
         first = export(0.50)
         assert (first["version"], first["champion"], first["previous_champion"]) == (1, True, None)
         worse = export(0.40)
         assert (worse["version"], worse["champion"], worse["champion_version"]) == (2, False, 1)
-        assert worse["previous_champion"] == {"version": 1, "test_accuracy": 0.5}
+        assert worse["previous_champion"] == {"version": 1, "test_accuracy": 0.5, "test_set": TEST_SET}
         better = export(0.60)
         assert (better["version"], better["champion"], better["champion_version"]) == (3, True, 3)
         forced = export(0.10, force=True)
         assert (forced["champion"], forced["champion_version"]) == (True, 4)
         champion = client.get_model_version_by_alias("ferflow-test", "champion")
         assert int(champion.version) == 4 and champion.tags["test_accuracy"] == "0.100000"
+        assert champion.tags["test_set"] == TEST_SET and champion.tags["classes"] == ",".join(FER_CLASSES)
+        assert int(client.get_model_version_by_alias("ferflow-test", dataset_alias(TEST_SET)).version) == 4
         assert client.get_model_version("ferflow-test", "2").tags["test_accuracy"] == "0.400000"
         # the URI the README serves resolves to a loadable model
         served = mlflow.pyfunc.load_model("models:/ferflow-test@champion")
         assert served.metadata.get_params_schema().params[1].default == "flip"
         with pytest.raises(ValueError, match="finite"):
-            register_and_promote(kwargs, "ferflow-test", float("nan"), False)
+            register_and_promote(kwargs, "ferflow-test", float("nan"), False, TEST_SET, list(FER_CLASSES))
     finally:
         mlflow.set_tracking_uri(previous_uri)
+
+
+@pytest.fixture
+def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """An empty SQLite registry with model `ferflow-test`; versions are registered without
+    logging a model (cheap), as the alias logic only reads tags."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    previous_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    client.create_registered_model("ferflow-test")
+    yield client
+    mlflow.set_tracking_uri(previous_uri)
+
+
+def _register(client, accuracy: float, test_set: str, classes: tuple[str, ...] = FER_CLASSES, force: bool = False) -> dict:
+    version = int(client.create_model_version("ferflow-test", source=UNUSED_SOURCE).version)
+    return promote(client, "ferflow-test", version, accuracy, force, test_set, list(classes))
+
+
+def test_hash_test_split_covers_pixels_labels_and_classes() -> None:
+    x, y = np.zeros((4, 48, 48, 1), np.float32), np.arange(4)
+    base = hash_test_split(x, y, ["a", "b", "c", "d"])
+    assert base == hash_test_split(x.copy(), y.copy(), ["a", "b", "c", "d"])
+    x2 = x.copy()
+    x2[0, 0, 0, 0] = 0.5
+    assert len({base, hash_test_split(x2, y, ["a", "b", "c", "d"]), hash_test_split(x, y[::-1], ["a", "b", "c", "d"])}) == 3
+    assert hash_test_split(x, y, ["a", "b", "c", "e"]) != base
+
+
+def test_champion_is_compared_only_within_a_test_set(registry) -> None:
+    """#19.1: a synthetic 0.954 must not keep `champion` from a FER-2013 model at 0.40."""
+    synthetic, fer = "5" * 16, "f" * 16
+    assert _register(registry, 0.954, synthetic)["champion_version"] == 1
+    first_fer = _register(registry, 0.40, fer)
+    assert (first_fer["champion"], first_fer["champion_version"], first_fer["previous_champion"]) == (True, 2, None)
+    worse_fer = _register(registry, 0.30, fer)
+    assert (worse_fer["champion"], worse_fer["champion_version"]) == (False, 2)  # the data set's best, not the newest
+    assert int(registry.get_model_version_by_alias("ferflow-test", dataset_alias(synthetic)).version) == 1
+    # same pixels, other class list: another test set
+    assert _register(registry, 0.99, fer, classes=["happy", "sad"])["champion"] is True
+    # back to the synthetic data: its own best serves again, a weaker synthetic model does not win
+    again = _register(registry, 0.5, synthetic)
+    assert (again["champion"], again["champion_version"]) == (False, 1)
+    same = _register(registry, 0.954 + 1e-9, synthetic)  # same model re-exported, accuracy rounding differs
+    assert same["champion"] is False and same["champion_version"] == 1
+
+
+RACER = """
+import sys, mlflow
+from ferflow.serving.export import promote
+uri, test_set, accuracies = sys.argv[1], sys.argv[2], [float(a) for a in sys.argv[3:]]
+mlflow.set_tracking_uri(uri)
+client = mlflow.MlflowClient()
+for accuracy in accuracies:
+    version = int(client.create_model_version("ferflow-test", source="s3://ferflow-tests/unused-model").version)
+    promote(client, "ferflow-test", version, accuracy, False, test_set, ["a", "b"])
+"""
+
+
+def _race(uri: str, tmp_path: Path) -> None:
+    """Two processes register and promote versions at the same time: the alias must end on the best."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    client.create_registered_model("ferflow-test")
+    rng = np.random.default_rng(1)
+    batches = [[f"{a:.4f}" for a in rng.uniform(0.1, 0.9, 6)] for _ in range(2)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": uri}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, uri, TEST_SET, *batch], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True
+        )
+        for batch in batches
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    best = max(float(a) for batch in batches for a in batch)
+    for alias in ("champion", dataset_alias(TEST_SET)):
+        assert float(client.get_model_version_by_alias("ferflow-test", alias).tags["test_accuracy"]) == best, alias
+
+
+def test_two_exporters_racing_keep_the_best_sqlite(tmp_path: Path) -> None:
+    _race(f"sqlite:///{tmp_path / 'race.db'}", tmp_path)
+
+
+@pytest.mark.slow
+def test_two_exporters_racing_keep_the_best_server(tmp_path: Path) -> None:
+    import time
+    import urllib.request
+
+    from support import free_port
+
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--workers", "2"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        _race(f"http://127.0.0.1:{port}", tmp_path)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)

@@ -15,6 +15,7 @@ import pytest
 from conftest import BIN, TINY_OVERRIDES, clone_repo, run, write_params
 from ferflow.core.params import flatten
 from ferflow.core.presets import load_preset
+from ferflow.model.evaluation_run import SUMMARY_KEYS
 
 STAGES = ("ingest", "index", "extract", "train", "evaluate", "export")
 OUTPUTS = (
@@ -35,6 +36,7 @@ OUTPUTS = (
     "metrics/train.json",
     "metrics/history.csv",
     "metrics/eval.json",
+    "metrics/summary.json",
     "metrics/predictions.csv",
     "metrics/plots/confusion_matrix.png",
     "metrics/plots/training_curves.png",
@@ -126,6 +128,22 @@ def test_fresh_clone_repro_then_noop_then_experiment(tmp_path):
     with sqlite3.connect(repo / "mlflow.db") as db:
         versions = db.execute("select count(*) from model_versions").fetchone()[0]
     assert versions == 2
+
+    # #19.3: the metrics DVC shows are the compared numbers only; in a 120-column terminal
+    # the experiment name and test accuracy are visible, and --only-changed adds the params
+    summary = json.loads((repo / "metrics/summary.json").read_text())
+    assert set(summary) == set(SUMMARY_KEYS) and summary["epochs"] == 1
+    # not a terminal, so no pager: the full-width table; a 120-column terminal's pager
+    # (less -S) shows the first 120 characters of each line
+    shown = run(["dvc", "exp", "show"], repo, env={"COLUMNS": "120"}).stdout.splitlines()
+    visible = [line[:120] for line in shown]
+    header = next(line for line in visible if "Experiment" in line)
+    assert "test_accuracy" in header, "\n".join(visible)
+    (quick_row,) = [line for line in visible if "quick" in line]
+    assert f"{summary['test_accuracy']:g}"[:5] in quick_row, "\n".join(visible)
+    assert not any("counts" in line or "dedup" in line for line in shown)
+    changed = run(["dvc", "exp", "show", "--only-changed"], repo).stdout
+    assert "train.epochs" in changed and "test_accuracy" in changed, changed[:3000]
 
 
 @pytest.mark.slow

@@ -193,3 +193,23 @@ def test_collect_images_under_a_hidden_folder_skips_only_hidden_parts_below_it(t
     Image.new("L", (48, 48)).save(root / ".thumbs" / "b.png")
     Image.new("L", (48, 48)).save(root / ".c.png")
     assert collect_images([root]) == [root / "a.png"]
+
+
+def test_predict_says_which_model_it_used(tmp_path: Path, images: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """#19.4: the model's URI, run, test accuracy and test data go to stderr (stdout stays the table/JSON)."""
+    from ferflow.serving.export import export_model
+
+    model, labels = write_tiny_model(tmp_path)
+    info = {"mlflow_run_id": "0123abcd" * 4, "test_accuracy": 0.6029, "test_set": "3f2a9c01deadbeef", "n_test": 700}
+    serve = {"detect_face": False, "tta": "none"}
+    face = generate_face(np.random.default_rng(0), "sad")
+    exported = export_model(model, labels, serve, face, tmp_path / "export", {"ferflow": {**info, "classes": list(FER_CLASSES)}})
+    rc, out, err = run_cli(capsys, str(images["crop_png"]), "--model", str(exported), "--json")
+    assert rc == 0 and json.loads(out)[0]["label"] in FER_CLASSES
+    (line,) = [x for x in err.splitlines() if x.startswith("model: ")]
+    assert (
+        str(exported) in line
+        and info["mlflow_run_id"] in line
+        and "0.6029" in line
+        and "3f2a9c01 (700 images, 7 classes)" in line
+    )

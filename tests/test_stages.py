@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import REPO
 from ferflow.core.classes import FER_CLASSES
 from ferflow.core.params import load_params, read_params
 from ferflow.data.arrays import extract_arrays, load_label_map, load_split
@@ -302,3 +306,55 @@ def test_dvc_yaml_cmds_name_every_path_the_stage_declares():
         assert passed <= declared, (name, passed - declared)
         # export does not read the run file: the evaluate metrics name the run it logged to
         assert data - passed <= ({"models/run.json"} if name == "export" else set()), (name, data - passed)
+
+
+@pytest.mark.parametrize("name", ["ingest", "train", "export"])
+def test_a_stage_under_the_wrong_python_stops_with_what_to_do(name: str, tmp_path: Path) -> None:
+    """#19.2: `python` without the project's packages (here: no site-packages, -S) exits 2
+    with one line naming the fix, before importing or writing anything."""
+    proc = subprocess.run(
+        [sys.executable, "-E", "-s", "-S", str(REPO / "stages" / f"{name}.py"), "--params", str(REPO / "params.yaml")],
+        cwd=tmp_path, env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"{name}: error: this Python ("), proc.stderr
+    assert "source .venv/bin/activate" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+QUIET_STAGE = """
+import os, sys, warnings
+from pathlib import Path
+import numpy as np
+from ferflow.core import stage
+from ferflow.core.params import TrainParams
+
+def main(args):
+    from ferflow.model.training import fit_model
+    os.write(2, b"I0000 00:00:1796231445.427481 12315 port.cc:153] oneDNN custom operations are on.\\n")
+    warnings.warn("a real warning stays visible")
+    rng = np.random.default_rng(0)
+    x, y = rng.random((28, 48, 48, 1), dtype=np.float32), np.arange(28) % 7
+    p = TrainParams(arch="ferflow_tiny", epochs=2, batch_size=8, mixed_precision="float32").model_dump()
+    work = Path(sys.argv[1])
+    fit_model(p, x, y, x[:14], y[:14], 7, work / "m.keras", work / "h.csv", work / "w")
+
+stage.run(main, None, "train")
+"""
+
+
+def test_a_stage_prints_one_line_per_epoch_and_no_library_noise(tmp_path: Path) -> None:
+    """#19.5: with output redirected, no per-step progress bar and no TensorFlow/absl start-up
+    lines; real warnings still show."""
+    proc = subprocess.run(
+        [sys.executable, "-c", QUIET_STAGE, str(tmp_path)],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for noise in ("oneDNN", "absl::InitializeLog", "NodeDef mentions", "y_prob values"):
+        assert noise not in proc.stderr, proc.stderr
+    assert "a real warning stays visible" in proc.stderr
+    assert "\x1b[" not in proc.stdout and "━" not in proc.stdout, proc.stdout[:2000]
+    epoch_lines = [line for line in proc.stdout.splitlines() if "val_loss" in line]
+    assert len(epoch_lines) == 2, proc.stdout

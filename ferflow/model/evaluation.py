@@ -71,7 +71,8 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -
     precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "loss": float(log_loss(y_true, np.clip(probs, 1e-7, 1), labels=labels)),
+        # clipped then renormalised: clipping alone breaks the sum to 1 that log_loss warns about
+        "loss": float(log_loss(y_true, renormalize(np.clip(probs, 1e-7, 1)), labels=labels)),
         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
         "n_test": int(len(y_true)),
         "per_class": {
@@ -152,6 +153,9 @@ def evaluate(
     metrics = compute_metrics(y_test, probs, classes)
     metrics["tta"] = tta
     y_pred = probs.argmax(axis=1)
+    counts = np.bincount(y_pred, minlength=len(classes))
+    metrics["top_class"] = classes[int(counts.argmax())]
+    metrics["top_class_share"] = float(counts.max() / max(1, len(y_pred)))
     preds = pd.DataFrame({"actual": [classes[i] for i in y_test], "predicted": [classes[i] for i in y_pred]})
     for i, c in enumerate(classes):
         preds[f"p_{c}"] = probs[:, i].round(5)

@@ -6,14 +6,51 @@ imports: the exported model ships only what its pyfunc imports, not the tracking
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from ferflow.core import files
 from ferflow.core.params import EvaluateParams, flatten
 from ferflow.model.evaluation import evaluate
 
 log = logging.getLogger("ferflow")
+ONE_CLASS_SHARE = 0.9  # above this share of one class in the predictions, the model is degenerate
+
+# what people compare across experiments: `dvc exp show` shows these and nothing else
+SUMMARY_KEYS = ("test_accuracy", "test_macro_f1", "test_loss", "train_time_s", "params_count", "epochs")
+
+
+def experiment_summary(metrics: dict[str, Any], model: Any, history_csv: Path) -> dict[str, float | int]:
+    """The numbers `dvc exp show` compares: test metrics, and from the model and its history
+    the size, epochs run and training time (data statistics stay in the stages' JSON files)."""
+    import csv
+
+    with open(history_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return {
+        "test_accuracy": round(float(metrics["accuracy"]), 4),
+        "test_macro_f1": round(float(metrics["macro_f1"]), 4),
+        "test_loss": round(float(metrics["loss"]), 4),
+        "train_time_s": round(sum(float(r.get("epoch_time_s") or 0.0) for r in rows), 1),
+        "params_count": int(model.count_params()),
+        "epochs": len(rows),
+    }
+
+
+def warn_if_one_class(metrics: dict[str, Any]) -> bool:
+    """Warn (and return True) when one class takes more than ONE_CLASS_SHARE of the predictions:
+    such a model is at chance level whatever its accuracy says."""
+    if metrics["top_class_share"] <= ONE_CLASS_SHARE:
+        return False
+    log.warning(
+        "WARNING: %.0f%% of the test predictions are '%s': this model predicts one class for almost every "
+        "image (chance level). Train longer (train.epochs) or check the data before serving it.",
+        100 * metrics["top_class_share"],
+        metrics["top_class"],
+    )
+    return True
 
 
 def run_evaluation(
@@ -26,6 +63,7 @@ def run_evaluation(
     metrics_json: Path,
     predictions_csv: Path,
     plots_dir: Path,
+    summary_json: Path | None = None,
 ) -> dict[str, Any]:
     """The evaluate stage's work: the test split through the model, logged to the training run
     (or to a linked fork when the evaluate params changed since)."""
@@ -41,10 +79,15 @@ def run_evaluation(
     model = keras.models.load_model(model_path, compile=False)
 
     def work(run_id: str | None) -> dict[str, Any]:
-        return evaluate(
+        metrics = evaluate(
             model, x_test, y_test, classes, history_csv, plots_dir, metrics_json, predictions_csv, params.tta, params.batch_size,
             extra={"mlflow_run_id": run_id},
         )  # fmt: skip
+        if summary_json is not None:
+            # in SUMMARY_KEYS order, not sorted: DVC shows the columns in the file's order
+            files.write_text(summary_json, json.dumps(experiment_summary(metrics, model, history_csv), indent=2) + "\n")
+        warn_if_one_class(metrics)
+        return metrics
 
     train_run_id = recorded_run_id(run_file)
     if not train_run_id:

@@ -5,16 +5,20 @@ ferflow/serving/pyfunc.py, which MLflow executes at load time (it calls `set_mod
 Python object is pickled. Artifacts are the `.keras` file (loaded with Keras' safe
 mode), the label map and the serve config, all JSON or zip/HDF5.
 
-The registered version gets alias `champion` only when its test accuracy beats the
-current champion's (or `export.force_champion` is true), so
-`mlflow models serve -m models:/<name>@champion` always serves the best so far.
+Champions are kept per test set: each version is tagged with its test accuracy and a
+content hash of the test split and classes; alias `champion-<hash8>` moves to it only when
+it beats that alias's holder (or `export.force_champion` is true), and `champion` points at
+the champion of the test set exported last, so `models:/<name>@champion` serves the best
+model of the data set the user trained on last (docs/serving.md).
 """
 
 from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import io
+import json
 import math
 import os
 import shutil
@@ -167,61 +171,168 @@ def export_model(
     serve_config: dict[str, Any],
     example_pixels: np.ndarray,
     out_dir: str | os.PathLike[str],
+    metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Save a pyfunc directory from a `.keras` file without the pipeline (tests, benchmarks)."""
     with tempfile.TemporaryDirectory(prefix="ferflow-export-") as tmp:
         config_json = Path(tmp) / "serve_config.json"
         files.write_json(config_json, serve_config)
-        save_pyfunc(out_dir, model_kwargs(keras_model_path, label_map_json, config_json, example_pixels))
+        kwargs = model_kwargs(keras_model_path, label_map_json, config_json, example_pixels)
+        save_pyfunc(out_dir, kwargs | ({"metadata": metadata} if metadata else {}))
     return Path(out_dir)
+
+
+ACCURACY_DIGITS = 6  # the precision stored on a version, and the one accuracies are compared at
+TEST_SET_TAG = "test_set"
+CLASSES_TAG = "classes"
+CONVERGE_ROUNDS = 20  # re-checks after moving an alias; each concurrent exporter needs at most one
+
+
+def stored_accuracy(accuracy: float) -> float:
+    """The accuracy as the version tag stores it: comparisons use this on both sides, so
+    re-exporting the same model is a tie, not a win over itself."""
+    return round(float(accuracy), ACCURACY_DIGITS)
 
 
 def should_promote(test_accuracy: float, champion_accuracy: float | None, force: bool) -> bool:
     """Move `champion` when forced, when there is none, when its accuracy is unknown, or
-    when the new model is strictly better (a tie keeps the serving model stable)."""
+    when the new model is strictly better at the stored precision (a tie keeps the serving model)."""
     if force or champion_accuracy is None or not math.isfinite(champion_accuracy):
         return True
-    return test_accuracy > champion_accuracy
+    return stored_accuracy(test_accuracy) > stored_accuracy(champion_accuracy)
 
 
-def current_champion(client: Any, name: str) -> dict[str, Any] | None:
-    """{'version', 'test_accuracy'} of the version holding alias `champion`, or None."""
+def hash_test_split(x_test: np.ndarray, y_test: np.ndarray, classes: list[str]) -> str:
+    """A content hash of the test split (pixels, labels) and the class list: accuracies are
+    comparable only between models evaluated on the same id."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(list(classes)).encode())
+    digest.update(np.ascontiguousarray(y_test, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(x_test, dtype=np.float32).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def dataset_alias(test_set: str) -> str:
+    """The per-test-set champion alias, e.g. `champion-3f2a9c01`."""
+    return f"{CHAMPION}-{test_set[:8]}"
+
+
+def _accuracy(mv: Any) -> float:
+    try:
+        return float(mv.tags.get(ACCURACY_TAG, "nan"))
+    except ValueError:
+        return float("nan")
+
+
+def _version_by_alias(client: Any, name: str, alias: str) -> Any | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        mv = client.get_model_version_by_alias(name, CHAMPION)
+        return client.get_model_version_by_alias(name, alias)
     except MlflowException:  # no such model or alias yet
         return None
-    try:
-        accuracy = float(mv.tags.get(ACCURACY_TAG, "nan"))
-    except ValueError:
-        accuracy = float("nan")
-    return {"version": int(mv.version), "test_accuracy": accuracy}
 
 
-def register_and_promote(run_kwargs: dict[str, Any], name: str, test_accuracy: float, force: bool) -> dict[str, Any]:
-    """Log the model to the active run, register a version, move `champion` if it is better."""
+def current_champion(client: Any, name: str, alias: str = CHAMPION) -> dict[str, Any] | None:
+    """{'version', 'test_accuracy', 'test_set'} of the version holding `alias`, or None."""
+    mv = _version_by_alias(client, name, alias)
+    if mv is None:
+        return None
+    return {"version": int(mv.version), "test_accuracy": _accuracy(mv), "test_set": mv.tags.get(TEST_SET_TAG)}
+
+
+def _best_since(client: Any, name: str, test_set: str, holder: Any | None) -> Any:
+    """The version that should hold the test set's alias: the holder unless a version
+    registered after it, on the same test set, is strictly better; among equally good
+    newer ones the earliest. Versions before the holder were already compared (or a
+    forced champion overrode them)."""
+    versions, token = [], None
+    while True:
+        page = client.search_model_versions(f"name='{name}' and tags.{TEST_SET_TAG}='{test_set}'", page_token=token)
+        versions += [mv for mv in page if math.isfinite(_accuracy(mv))]
+        token = page.token
+        if not token:
+            break
+    since = int(holder.version) if holder is not None else 0
+    candidates = sorted((mv for mv in versions if int(mv.version) > since), key=lambda mv: int(mv.version))
+    best = holder
+    for mv in candidates:
+        if best is None or should_promote(_accuracy(mv), _accuracy(best), False):
+            best = mv
+    return best
+
+
+def _converge_dataset_alias(client: Any, name: str, test_set: str) -> int:
+    """Move the test set's alias to the best version, then re-check after each move: another
+    exporter may have moved it between our read and our write. Every exporter tags its
+    version before it reads, so the last one to move the alias has seen every version;
+    the loop ends when a read after our last write agrees with it. Safe on any store
+    (SQLite or a server) without a lock."""
+    alias = dataset_alias(test_set)
+    for _ in range(CONVERGE_ROUNDS):
+        holder = _version_by_alias(client, name, alias)
+        best = _best_since(client, name, test_set, holder)
+        if holder is not None and int(best.version) == int(holder.version):
+            return int(holder.version)
+        client.set_registered_model_alias(name, alias, str(best.version))
+    raise RuntimeError(f"registered model {name!r}: alias {alias!r} kept moving for {CONVERGE_ROUNDS} rounds")
+
+
+def _point_champion_at(client: Any, name: str, test_set: str) -> int:
+    """`champion` follows the champion of the test set exported last: a user who trains on a
+    new data set serves that data set's best model. Re-checked after the move, like above."""
+    for _ in range(CONVERGE_ROUNDS):
+        target = _version_by_alias(client, name, dataset_alias(test_set))
+        holder = _version_by_alias(client, name, CHAMPION)
+        if holder is not None and int(holder.version) == int(target.version):
+            return int(target.version)
+        client.set_registered_model_alias(name, CHAMPION, str(target.version))
+    raise RuntimeError(f"registered model {name!r}: alias {CHAMPION!r} kept moving for {CONVERGE_ROUNDS} rounds")
+
+
+def promote(
+    client: Any, name: str, version: int, test_accuracy: float, force: bool, test_set: str, classes: list[str]
+) -> dict[str, Any]:
+    """Tag registered `version` with its test accuracy, test set and classes; move the alias
+    `champion-<test set>` to it if it beats that alias's holder (only models evaluated on the
+    same test set compete), then point `champion` at that test set's champion."""
+    if not math.isfinite(test_accuracy):
+        raise ValueError(f"test accuracy must be a finite number, got {test_accuracy!r}")
+    previous = current_champion(client, name, dataset_alias(test_set))
+    # tags first: a concurrent exporter must see this version before it compares
+    for key, value in {
+        ACCURACY_TAG: f"{stored_accuracy(test_accuracy):.{ACCURACY_DIGITS}f}",
+        TEST_SET_TAG: test_set,
+        CLASSES_TAG: ",".join(classes),
+    }.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    if force:
+        client.set_registered_model_alias(name, dataset_alias(test_set), str(version))
+    dataset_champion = _converge_dataset_alias(client, name, test_set)
+    return {
+        "registered_model": name,
+        "version": version,
+        "test_set": test_set,
+        "champion": dataset_champion == version,
+        "champion_alias": dataset_alias(test_set),
+        "champion_version": _point_champion_at(client, name, test_set),
+        "previous_champion": previous,
+    }
+
+
+def register_and_promote(
+    run_kwargs: dict[str, Any], name: str, test_accuracy: float, force: bool, test_set: str, classes: list[str]
+) -> dict[str, Any]:
+    """Log the model to the active run, register a version and `promote` it."""
     import mlflow
 
     if not math.isfinite(test_accuracy):
         raise ValueError(f"test accuracy must be a finite number, got {test_accuracy!r}")
-    client = mlflow.MlflowClient()
-    previous = current_champion(client, name)
     info = mlflow.pyfunc.log_model(name="model", registered_model_name=name, **run_kwargs)
     version = int(info.registered_model_version)
-    client.set_model_version_tag(name, str(version), ACCURACY_TAG, f"{test_accuracy:.6f}")
-    promoted = should_promote(test_accuracy, None if previous is None else previous["test_accuracy"], force)
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, str(version))
+    result = promote(mlflow.MlflowClient(), name, version, test_accuracy, force, test_set, classes)
     mlflow.set_tag("ferflow.registered_version", f"{name}/{version}")
-    return {
-        "registered_model": name,
-        "version": version,
-        "champion": promoted,
-        "champion_version": version if promoted else previous["version"],
-        "previous_champion": previous,
-        "model_uri": info.model_uri,
-    }
+    return result | {"model_uri": info.model_uri}
 
 
 def run_export(
@@ -236,17 +347,29 @@ def run_export(
 ) -> dict[str, Any]:
     """The export stage's work: the pyfunc directory, then (when evaluate logged to a run) a
     registered version in that run, promoted to `champion` if it is better."""
-    from ferflow.data.arrays import load_split
+    from ferflow.data.arrays import load_label_map, load_split
     from ferflow.tracking.runs import resume_run
     from ferflow.tracking.signals import interrupts_held
 
     eval_metrics = files.read_json(eval_metrics_json)
-    x_test, _ = load_split(arrays, "test")
+    x_test, y_test = load_split(arrays, "test")
+    classes = load_label_map(label_map)
     example = np.rint(x_test[0, :, :, 0] * 255).astype(np.uint8)
     config_path = out_dir.parent / ".serve_config.json"
     files.write_json(config_path, serve.model_dump())
+    test_set = hash_test_split(x_test, y_test, classes)
     try:
         kwargs = model_kwargs(model_path, label_map, config_path, example)
+        # what `ferflow predict` prints about the model it uses (MLmodel's metadata)
+        kwargs["metadata"] = {
+            "ferflow": {
+                "mlflow_run_id": eval_metrics.get("mlflow_run_id"),
+                "test_accuracy": round(float(eval_metrics["accuracy"]), ACCURACY_DIGITS),
+                "test_set": test_set,
+                "n_test": int(len(y_test)),
+                "classes": classes,
+            }
+        }
         save_pyfunc(out_dir, kwargs)
         result: dict[str, Any] = {"export_dir": str(out_dir), "test_accuracy": eval_metrics["accuracy"]}
         # evaluate recorded the run it logged to (the training run, or a fork of it)
@@ -258,7 +381,12 @@ def run_export(
                 result["mlflow_run_id"] = run_id
                 with interrupts_held():
                     result |= register_and_promote(
-                        kwargs, export.registered_model_name, eval_metrics["accuracy"], export.force_champion
+                        kwargs,
+                        export.registered_model_name,
+                        eval_metrics["accuracy"],
+                        export.force_champion,
+                        test_set,
+                        classes,
                     )
                     # the lock of this working copy (DVC writes export's own entry after the stage)
                     if Path("dvc.lock").exists():

@@ -95,6 +95,18 @@ def load_model(uri: str):
     return mlflow.pyfunc.load_model(str(path))
 
 
+def describe_model(uri: str, model: Any) -> str:
+    """One line naming the model used: URI, training run, test accuracy and test data (from
+    the metadata the export stage writes into MLmodel)."""
+    info = (model.metadata.metadata or {}).get("ferflow")
+    if not info:
+        return f"model: {uri} (no ferflow metadata: exported before it was recorded; its run and accuracy are unknown)"
+    return (
+        f"model: {uri}  run {info.get('mlflow_run_id') or '-'}  test accuracy {info['test_accuracy']:.4f} "
+        f"on test set {info['test_set'][:8]} ({info['n_test']} images, {len(info['classes'])} classes)"
+    )
+
+
 def model_classes(model: Any) -> list[str]:
     """Class names in output order, from the model's output signature."""
     from ferflow.serving.faces import BOX_COLUMNS
@@ -291,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    print(describe_model(args.model, model), file=sys.stderr)
     params: dict[str, Any] = {}
     if args.no_detect_face:
         params["detect_face"] = False

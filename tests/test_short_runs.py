@@ -1,0 +1,66 @@
+"""#19.4: a short run must not end at chance because BatchNorm's moving statistics lag the weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from ferflow.core.classes import FER_CLASSES
+from ferflow.core.params import TrainParams
+from ferflow.data.preprocessing import prepare_batch
+from ferflow.data.sources.synthetic import generate_face
+from ferflow.model import training
+from ferflow.model.architectures import build_model
+
+
+def _faces(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(len(FER_CLASSES)), per_class)
+    x = prepare_batch(np.stack([generate_face(rng, FER_CLASSES[label]) for label in y]))
+    return x, y
+
+
+def test_recomputed_statistics_are_the_mean_of_the_batch_statistics() -> None:
+    keras.utils.set_random_seed(0)
+    model = build_model("seed001", len(FER_CLASSES))
+    x = np.random.default_rng(0).random((96, 48, 48, 1), dtype=np.float32)
+    first_bn = next(layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization))
+    features = keras.Model(model.inputs, first_bn.input)
+    batches = [keras.ops.convert_to_numpy(features(x[i : i + 32])) for i in range(0, 96, 32)]
+    expected_mean = np.mean([b.mean(axis=(0, 1, 2)) for b in batches], axis=0)
+    expected_var = np.mean([b.var(axis=(0, 1, 2)) for b in batches], axis=0)
+    assert training.recompute_batchnorm_statistics(model, x, batch_size=32) == 4
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(first_bn.moving_mean), expected_mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(first_bn.moving_variance), expected_var, rtol=1e-3, atol=1e-6)
+    assert first_bn.momentum == 0.99  # restored
+    assert all(layer.rate > 0 for layer in model.layers if isinstance(layer, keras.layers.Dropout))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_few_steps_of_training_predict_more_than_one_class(tmp_path: Path) -> None:
+    """A 2-epoch seed001 run on synthetic faces (momentum 0.99, ~30 steps): without the
+    recomputation the saved model predicts one class for every face."""
+    x_train, y_train = _faces(60, seed=1)
+    x_val, y_val = _faces(10, seed=2)
+    p = TrainParams(arch="seed001", epochs=2, batch_size=32, mixed_precision="float32").model_dump()
+    model, summary = training.fit_model(
+        p,
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        len(FER_CLASSES),
+        tmp_path / "m.keras",
+        tmp_path / "h.csv",
+        tmp_path / "work",
+        verbose=0,
+    )
+    assert summary["batchnorm_recomputed"] is True
+    saved = keras.saving.load_model(tmp_path / "m.keras")
+    predicted = np.argmax(saved.predict(x_train, verbose=0), axis=1)
+    share_of_top_class = np.bincount(predicted, minlength=len(FER_CLASSES)).max() / len(predicted)
+    assert share_of_top_class < 0.6, np.bincount(predicted)
+    assert np.mean(predicted == y_train) > 0.2  # chance: 1/7
