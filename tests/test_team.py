@@ -216,7 +216,7 @@ def test_two_parallel_workers_log_everything_to_the_team_server_and_the_champion
 ):
     import mlflow
 
-    from ferflow.serving.pyfunc import local_server
+    from support import local_server
 
     repo = tiny_project(tmp_path / "clone-a")
     run(["dvc", "exp", "run", "--queue", "-S", "train.seed=7,8"], repo, env=as_admin)
