@@ -27,7 +27,7 @@ def main(args) -> None:
             r["version"],
             r["test_accuracy"],
             r["champion_alias"],
-            r["version"] if r["champion"] else r["previous_champion"]["version"],
+            r["champion_alias_version"],  # not `previous_champion`: a concurrent export may have won
             r["champion_version"],
         )
     else:

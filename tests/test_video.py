@@ -414,7 +414,7 @@ def test_watch_with_a_registered_model_uri(capsys, model_dir: Path, tmp_path: Pa
         kwargs = model_kwargs(work / "model.keras", work / "label_map.json", tmp_path / "serve.json", face)
         kwargs.pop("input_example")
         with mlflow.start_run(experiment_id=exp):
-            register_and_promote(kwargs, "ferflow-video", 0.5, False)
+            register_and_promote(kwargs, "ferflow-video", 0.5, False, "test-set-of-this-test", list(FER_CLASSES))
         frames, _ = synthetic_frames(3, size=(320, 240), n_faces=1, patch_side=120)
         video = write_video(tmp_path / "one.mp4", frames)
         rc, out, err = watch(capsys, str(video), "--model", "models:/ferflow-video@champion", "--csv", str(tmp_path / "f.csv"))

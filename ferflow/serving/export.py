@@ -315,6 +315,7 @@ def promote(
         "test_set": test_set,
         "champion": dataset_champion == version,
         "champion_alias": dataset_alias(test_set),
+        "champion_alias_version": dataset_champion,
         "champion_version": _point_champion_at(client, name, test_set),
         "previous_champion": previous,
     }
