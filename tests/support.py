@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from ferflow.tracking.server import free_port
 
 
 def synthetic_photo(
@@ -60,12 +61,6 @@ def serve_command(model_uri: str | os.PathLike[str], port: int, workers: int = 1
         "--workers",
         str(workers),
     ]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
