@@ -73,19 +73,28 @@ def build_seed000(cfg: ArchConfig) -> keras.Model:
     return keras.Model(inputs, _head(x, cfg), name="seed000")
 
 
+def _conv_bn_pool(x, filters: int, rate: float, padding: str = "valid"):
+    """Conv 3x3 + ReLU, BN, MaxPool 2, Dropout: the block of seeds 001 and 003."""
+    x = layers.Conv2D(filters, 3, padding=padding, activation="relu")(x)
+    x = layers.BatchNormalization()(x)
+    x = layers.MaxPooling2D(2)(x)
+    return layers.Dropout(rate)(x)
+
+
+def _dense_bn_dropout(x, units: int, rate: float):
+    x = layers.Dense(units, activation="relu")(x)
+    x = layers.BatchNormalization()(x)
+    return layers.Dropout(rate)(x)
+
+
 def build_seed001(cfg: ArchConfig) -> keras.Model:
     """Seed 001: three blocks Conv 32/64/128 + BN + MaxPool + Dropout 0.25; Dense 256 + BN + Dropout 0.5."""
     inputs, x = _face_input(cfg)
     for filters in (32, 64, 128):
         # The seed names no padding: Keras' default (valid), 48 -> 46/23 -> 21/10 -> 8/4.
-        x = layers.Conv2D(cfg.units(filters), 3, activation="relu")(x)
-        x = layers.BatchNormalization()(x)
-        x = layers.MaxPooling2D(2)(x)
-        x = layers.Dropout(cfg.rate(0.25))(x)
+        x = _conv_bn_pool(x, cfg.units(filters), cfg.rate(0.25))
     x = layers.Flatten()(x)
-    x = layers.Dense(cfg.units(256), activation="relu")(x)
-    x = layers.BatchNormalization()(x)
-    x = layers.Dropout(cfg.rate(0.5))(x)
+    x = _dense_bn_dropout(x, cfg.units(256), cfg.rate(0.5))
     return keras.Model(inputs, _head(x, cfg), name="seed001")
 
 
@@ -93,19 +102,10 @@ def build_seed003(cfg: ArchConfig) -> keras.Model:
     """Seed 003: Conv 256, Conv 512, BN, pool, dropout 0.4; then 384, 192, 384 blocks; Dense 256."""
     inputs, x = _face_input(cfg)
     x = layers.Conv2D(cfg.units(256), 3, padding="same", activation="relu")(x)
-    x = layers.Conv2D(cfg.units(512), 3, padding="same", activation="relu")(x)
-    x = layers.BatchNormalization()(x)
-    x = layers.MaxPooling2D(2)(x)
-    x = layers.Dropout(cfg.rate(0.4))(x)
-    for filters in (384, 192, 384):
-        x = layers.Conv2D(cfg.units(filters), 3, padding="same", activation="relu")(x)
-        x = layers.BatchNormalization()(x)
-        x = layers.MaxPooling2D(2)(x)
-        x = layers.Dropout(cfg.rate(0.4))(x)
+    for filters in (512, 384, 192, 384):
+        x = _conv_bn_pool(x, cfg.units(filters), cfg.rate(0.4), padding="same")
     x = layers.Flatten()(x)
-    x = layers.Dense(cfg.units(256), activation="relu")(x)
-    x = layers.BatchNormalization()(x)
-    x = layers.Dropout(cfg.rate(0.3))(x)
+    x = _dense_bn_dropout(x, cfg.units(256), cfg.rate(0.3))
     return keras.Model(inputs, _head(x, cfg), name="seed003")
 
 

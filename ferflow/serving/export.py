@@ -19,6 +19,7 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -152,10 +153,18 @@ def model_kwargs(
     }
 
 
+def _quiet_mlflow_pyfunc() -> None:
+    # MLflow logs "Validating input example against model signature" at INFO on every save:
+    # routine, and the check's failures still raise. Set after `import mlflow`, whose logging
+    # set-up resets its child loggers' levels.
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)
+
+
 def save_pyfunc(out_dir: str | os.PathLike[str], kwargs: dict[str, Any]) -> None:
     """Write the pyfunc model directory atomically (MLflow refuses an existing path)."""
     import mlflow
 
+    _quiet_mlflow_pyfunc()
     out_dir = Path(out_dir)
     with files.atomic_dir(out_dir) as tmp:
         target = tmp / "model"
@@ -329,6 +338,7 @@ def register_and_promote(
 
     if not math.isfinite(test_accuracy):
         raise ValueError(f"test accuracy must be a finite number, got {test_accuracy!r}")
+    _quiet_mlflow_pyfunc()
     info = mlflow.pyfunc.log_model(name="model", registered_model_name=name, **run_kwargs)
     version = int(info.registered_model_version)
     result = promote(mlflow.MlflowClient(), name, version, test_accuracy, force, test_set, classes)
