@@ -82,9 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that load TensorFlow: its C++ start-up lines (oneDNN, absl) are dropped from
+# stderr as in the stages. Not the tracking server: its children outlive a filter thread.
+LOADS_TENSORFLOW = ("predict", "watch")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    if args.command not in LOADS_TENSORFLOW:
+        return int(args.func(args) or 0)
+    from ferflow.core.stage import filtered_stderr
+
+    with filtered_stderr():
+        return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,12 @@ from PIL import Image
 from conftest import REPO, write_tiny_model
 from ferflow.core import files
 from ferflow.core.classes import FER_CLASSES
+from ferflow.data.arrays import split_digest
 from ferflow.data.sources.synthetic import generate_face
 from ferflow.serving.export import (
     dataset_alias,
     encode_png,
     export_model,
-    hash_test_split,
     model_kwargs,
     promote,
     register_and_promote,
@@ -210,14 +210,14 @@ def _register(client, accuracy: float, test_set: str, classes: tuple[str, ...] =
     return promote(client, "ferflow-test", version, accuracy, force, test_set, list(classes))
 
 
-def test_hash_test_split_covers_pixels_labels_and_classes() -> None:
+def test_split_digest_covers_pixels_labels_and_classes() -> None:
     x, y = np.zeros((4, 48, 48, 1), np.float32), np.arange(4)
-    base = hash_test_split(x, y, ["a", "b", "c", "d"])
-    assert base == hash_test_split(x.copy(), y.copy(), ["a", "b", "c", "d"])
+    base = split_digest(x, y, ["a", "b", "c", "d"])
+    assert base == split_digest(x.copy(), y.copy(), ["a", "b", "c", "d"])
     x2 = x.copy()
     x2[0, 0, 0, 0] = 0.5
-    assert len({base, hash_test_split(x2, y, ["a", "b", "c", "d"]), hash_test_split(x, y[::-1], ["a", "b", "c", "d"])}) == 3
-    assert hash_test_split(x, y, ["a", "b", "c", "e"]) != base
+    assert len({base, split_digest(x2, y, ["a", "b", "c", "d"]), split_digest(x, y[::-1], ["a", "b", "c", "d"])}) == 3
+    assert split_digest(x, y, ["a", "b", "c", "e"]) != base
 
 
 def test_champion_is_compared_only_within_a_test_set(registry) -> None:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_tiny_model
+from conftest import BIN, write_tiny_model
 from ferflow.cli import build_parser, main
 from ferflow.core.classes import FER_CLASSES
 from ferflow.data.sources.synthetic import generate_face
@@ -213,3 +215,18 @@ def test_predict_says_which_model_it_used(tmp_path: Path, images: dict[str, Path
         and "0.6029" in line
         and "3f2a9c01 (700 images, 7 classes)" in line
     )
+
+
+def test_predict_command_line_prints_no_tensorflow_start_up_lines(model_dir: Path, images: dict[str, Path]) -> None:
+    """#19.5: as a user runs it (a fresh process, no TF_CPP_MIN_LOG_LEVEL set), stderr holds the
+    model line and no oneDNN/absl notes; the JSON on stdout is intact."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run(
+        [str(BIN / "ferflow"), "predict", str(images["crop_png"]), "--model", str(model_dir), "--json"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)[0]["label"] in FER_CLASSES
+    assert "model: " in proc.stderr
+    for noise in ("oneDNN", "absl::InitializeLog", "This TensorFlow binary"):
+        assert noise not in proc.stderr, proc.stderr

@@ -16,8 +16,8 @@ from PIL import Image
 from conftest import REPO
 from ferflow.core.classes import FER_CLASSES
 from ferflow.core.params import load_params, read_params
-from ferflow.data.arrays import extract_arrays, load_label_map, load_split
-from ferflow.data.index import build_index, dataset_hash
+from ferflow.data.arrays import extract_arrays, load_label_map, load_split, split_digest
+from ferflow.data.index import build_index
 from ferflow.data.ingest import ingest, pixel_hash
 from ferflow.data.preprocessing import prepare_batch
 from ferflow.data.sources.synthetic import SyntheticSource, generate_split
@@ -216,16 +216,19 @@ def test_train_evaluate_export_share_one_mlflow_run(data_dir, tiny_params, tmp_p
     assert {"evaluation", "model_summary.txt", "params.yaml"} <= artifacts
 
     # the runs list's Dataset column: each split named after data.source, digest = its content hash
-    index = pd.read_csv(data_dir / "index.csv", keep_default_na=False, dtype={"pixel_hash": str})
+    classes = load_label_map(data_dir / "label_map.json")
     inputs = {
         next(t.value for t in i.tags if t.key == "mlflow.data.context"): (i.dataset.name, i.dataset.digest)
         for i in run.inputs.dataset_inputs
     }
     assert inputs == {
-        context: ("synthetic", dataset_hash(index[index["split"] == split]))
+        context: ("synthetic", split_digest(*load_split(data_dir / "arrays", split), classes))
         for context, split in (("training", "train"), ("validation", "val"), ("test", "test"))
     }
     assert len({digest for _, digest in inputs.values()}) == 3
+    # one test-set id: the test dataset's digest is the one export tags and names its alias after
+    exported_test_set = json.loads((tmp_path / "export.json").read_text())["test_set"]
+    assert inputs["test"][1] == exported_test_set and exported["champion_alias"] == f"champion-{exported_test_set[:8]}"
     # the experiment opens as a training (not GenAI) experiment, with a saved runs view
     tags = mlflow.MlflowClient().get_experiment(run.info.experiment_id).tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"

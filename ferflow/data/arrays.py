@@ -10,6 +10,8 @@ Arrays are saved without pickle and loaded with `allow_pickle=False`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import zipfile
 from pathlib import Path
@@ -72,6 +74,17 @@ def load_split(arrays_dir: str | os.PathLike[str], split: str) -> tuple[np.ndarr
     if x.dtype != np.float32 or x.ndim != 4 or x.shape[1:] != INPUT_SHAPE or len(x) != len(y):
         raise ValueError(f"{path}: expected x float32 (N,48,48,1) and y (N,), got x {x.dtype} {x.shape}, y {y.shape}")
     return x, y
+
+
+def split_digest(images: np.ndarray, labels: np.ndarray, classes: list[str]) -> str:
+    """A content hash of one split (pixels, labels) and the class list. The test split's is
+    the test-set id everywhere: MLflow dataset digest, `champion-<id8>`, leaderboard groups;
+    accuracies are comparable only between models evaluated on the same id."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(list(classes)).encode())
+    digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(images, dtype=np.float32).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def load_label_map(path: str | os.PathLike[str]) -> list[str]:

@@ -104,7 +104,7 @@ def run_training(
         if use_mlflow:
             log_params_flat(flatten({"data": data, "train": train}))
             if not can_resume(work_dir, p):  # a resumed run has its inputs already
-                _log_data_inputs(data.source, arrays, index_rows, (x_train, y_train), (x_val, y_val))
+                _log_data_inputs(data.source, arrays, classes, (x_train, y_train), (x_val, y_val))
         model, summary = fit_model(
             p, x_train, y_train, x_val, y_val, len(classes), model_path, history_csv, work_dir, log_to_mlflow=use_mlflow
         )
@@ -151,20 +151,13 @@ def _log_training_run(model, summary: dict[str, Any], params_file: Path, data_pl
     mark_training_complete(run_file)
 
 
-def _log_data_inputs(source: str, arrays: Path, index_rows: pd.DataFrame, train_split, val_split) -> None:
-    """train/val/test as the run's MLflow dataset inputs, each with its split's content hash."""
-    from ferflow.data.arrays import load_split
-    from ferflow.data.index import dataset_hash
+def _log_data_inputs(source: str, arrays: Path, classes: list[str], train_split, val_split) -> None:
+    """train/val/test as the run's MLflow dataset inputs, each with its split's content hash
+    (the test split's is the test-set id export's champion aliases and the leaderboard use)."""
+    from ferflow.data.arrays import load_split, split_digest
 
-    digests = {split: dataset_hash(index_rows[index_rows["split"] == split]) for split in ("train", "val", "test")}
-    log_datasets(
-        source,
-        {
-            "training": (*train_split, digests["train"]),
-            "validation": (*val_split, digests["val"]),
-            "test": (*load_split(arrays, "test"), digests["test"]),
-        },
-    )
+    splits = {"training": train_split, "validation": val_split, "test": load_split(arrays, "test")}
+    log_datasets(source, {context: (x, y, split_digest(x, y, classes)) for context, (x, y) in splits.items()})
 
 
 # --- train.distribution (ferflow/model/distribution.py) -------------------------------

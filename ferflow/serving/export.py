@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import base64
 import functools
-import hashlib
 import io
-import json
 import logging
 import math
 import os
@@ -211,16 +209,6 @@ def should_promote(test_accuracy: float, champion_accuracy: float | None, force:
     return stored_accuracy(test_accuracy) > stored_accuracy(champion_accuracy)
 
 
-def hash_test_split(x_test: np.ndarray, y_test: np.ndarray, classes: list[str]) -> str:
-    """A content hash of the test split (pixels, labels) and the class list: accuracies are
-    comparable only between models evaluated on the same id."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps(list(classes)).encode())
-    digest.update(np.ascontiguousarray(y_test, dtype=np.int64).tobytes())
-    digest.update(np.ascontiguousarray(x_test, dtype=np.float32).tobytes())
-    return digest.hexdigest()[:16]
-
-
 def dataset_alias(test_set: str) -> str:
     """The per-test-set champion alias, e.g. `champion-3f2a9c01`."""
     return f"{CHAMPION}-{test_set[:8]}"
@@ -358,7 +346,7 @@ def run_export(
 ) -> dict[str, Any]:
     """The export stage's work: the pyfunc directory, then (when evaluate logged to a run) a
     registered version in that run, promoted to `champion` if it is better."""
-    from ferflow.data.arrays import load_label_map, load_split
+    from ferflow.data.arrays import load_label_map, load_split, split_digest
     from ferflow.tracking.runs import resume_run
     from ferflow.tracking.signals import interrupts_held
 
@@ -368,7 +356,7 @@ def run_export(
     example = np.rint(x_test[0, :, :, 0] * 255).astype(np.uint8)
     config_path = out_dir.parent / ".serve_config.json"
     files.write_json(config_path, serve.model_dump())
-    test_set = hash_test_split(x_test, y_test, classes)
+    test_set = split_digest(x_test, y_test, classes)
     try:
         kwargs = model_kwargs(model_path, label_map, config_path, example)
         # what `ferflow predict` prints about the model it uses (MLmodel's metadata)
