@@ -42,8 +42,11 @@ system-deps:
 tracking-server: system-deps $(VENV)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/ferflow tracking-server $(SERVER_ARGS)
 
+# Test files run on TEST_WORKERS processes (pytest-xdist); one file stays on one worker, so
+# its module/session fixtures (a served model, a PostgreSQL server) are built once.
+TEST_WORKERS ?= 2
 test: system-deps $(VENV)/.installed-dev
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check ferflow stages tests benchmarks
