@@ -326,6 +326,31 @@ def test_a_stage_under_the_wrong_python_stops_with_what_to_do(name: str, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_stderr_filter_passes_lines_on_when_its_thread_starts_after_the_stage_ended(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stage that fails at once can leave the filter before its thread first runs (seen
+    under load): the error line must still reach stderr, not an EBADF in the thread."""
+    import threading
+
+    from ferflow.core import stage
+
+    class LateThread(threading.Thread):
+        def start(self) -> None:  # held back until join, i.e. after the context has ended
+            pass
+
+        def join(self, timeout: float | None = None) -> None:
+            super().start()
+            super().join(timeout)
+
+    monkeypatch.setattr(stage.threading, "Thread", LateThread)
+    with stage.filtered_stderr():
+        os.write(2, b"ingest: error: params.yaml: the one line\n")
+        os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on.\n")
+    err = capfd.readouterr().err
+    assert "ingest: error: params.yaml: the one line" in err and "oneDNN" not in err, err
+
+
 QUIET_STAGE = """
 import os, sys, warnings
 from pathlib import Path

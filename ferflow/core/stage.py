@@ -60,9 +60,12 @@ def filtered_stderr(noise: re.Pattern[str] = NATIVE_NOISE) -> Iterator[None]:
     read_end, write_end = os.pipe()
     os.dup2(write_end, 2)
     os.close(write_end)
+    # the thread's own copy of the real stderr, made here: `saved` may be closed before the
+    # thread first runs (a stage that fails at once), and its lines must still get through
+    forward_to = os.dup(saved)
 
     def forward() -> None:
-        with os.fdopen(read_end, "rb") as pipe, os.fdopen(os.dup(saved), "wb", buffering=0) as out:
+        with os.fdopen(read_end, "rb") as pipe, os.fdopen(forward_to, "wb", buffering=0) as out:
             for line in pipe:
                 if not noise.search(line.decode("utf-8", "replace")):
                     out.write(line)
