@@ -82,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Commands that load TensorFlow: its C++ start-up lines (oneDNN, absl) are dropped from
-# stderr as in the stages. Not the tracking server: its children outlive a filter thread.
+# Commands that load TensorFlow get the stages' quiet output: importing ferflow.core.stage
+# sets TensorFlow's log level and MLflow's no-progress-bar default before either loads, and
+# its filter drops the C++ start-up lines (oneDNN, absl) from stderr. Not the tracking
+# server: its children outlive a filter thread.
 LOADS_TENSORFLOW = ("predict", "watch")
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -290,9 +289,6 @@ def annotation_paths(paths: Sequence[Path], target: str | Path) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    # before TF/MLflow are imported: no C++ log lines or download bars around the table
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         if args.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -9,7 +9,6 @@ Exit status: 0 done, 2 bad source/option/output, 130 interrupted (Ctrl-C; output
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ferflow.core.params import FACE_DETECTORS, TTA_MODES
@@ -67,8 +66,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from ferflow.serving.predict import UsageError, load_model
     from ferflow.video import analyze as video
 
