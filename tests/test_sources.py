@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import stat
 import struct
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -18,10 +19,7 @@ from ferflow.data.sources import open_source
 from ferflow.data.sources.files import (
     CsvSource,
     LayoutSource,
-    _Member,
-    _plain_zip_members,
     _read_file,
-    _zip_members,
     open_path_source,
     parse_pixels,
 )
@@ -226,12 +224,7 @@ def test_zip_symlink_entry_is_refused(tmp_path):
         open_path(path)
 
 
-def zipfile_members(path: Path) -> list[_Member]:
-    with zipfile.ZipFile(path) as zf:
-        return [_Member.from_info(i) for i in zf.infolist()]
-
-
-def test_zip_directory_parser_agrees_with_zipfile_and_hands_it_what_it_does_not_parse(tmp_path, monkeypatch):
+def test_zips_that_are_not_plain_are_read_too(tmp_path, monkeypatch):
     plain = tmp_path / "plain.zip"
     with zipfile.ZipFile(plain, "w") as zf:
         zf.writestr("fer2013/", b"")
@@ -240,20 +233,19 @@ def test_zip_directory_parser_agrees_with_zipfile_and_hands_it_what_it_does_not_
         with zf.open("fer2013/test/happy/c.png", "w", force_zip64=True) as fh:  # Zip64 local header only
             fh.write(png_bytes(3))
         zf.comment = b"an archive comment"
-    parsed = _plain_zip_members(plain)
-    assert parsed is not None and len(parsed) == 4 and parsed == zipfile_members(plain)
-    assert parsed[1].filename == "fer2013/train/happy/\u00e9t\u00e9.png" and parsed[1].flag_bits & 0x800
+    assert {it.origin: it.read() for it in open_path(plain).items()} == {
+        "plain.zip:fer2013/train/happy/\u00e9t\u00e9.png": png_bytes(1),
+        "plain.zip:fer2013/test/happy/b.png": png_bytes(2),
+        "plain.zip:fer2013/test/happy/c.png": png_bytes(3),
+    }
 
-    # Data before the zip (a self-extracting archive) and a Zip64 end record: zipfile's job.
+    # Data before the zip (a self-extracting archive) and a Zip64 end record.
     prefixed = tmp_path / "prefixed.zip"
     prefixed.write_bytes(b"#!/bin/sh\nexit 0\n" + plain.read_bytes())
     zip64 = tmp_path / "zip64.zip"
     monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 1)  # what over 65,535 entries would do
     zip_tree(zip64, KAGGLE)
     monkeypatch.undo()
-    for path in (prefixed, zip64):
-        assert _plain_zip_members(path) is None
-        assert len(_zip_members(path)) in (4, len(KAGGLE)) and _zip_members(path) == zipfile_members(path)
     items = {it.origin: it.read() for it in open_path(prefixed).items()}
     assert items["prefixed.zip:fer2013/test/happy/b.png"] == png_bytes(2)
     assert len(listing(open_path(zip64))) == len(KAGGLE)
@@ -263,6 +255,29 @@ def test_zip_directory_parser_agrees_with_zipfile_and_hands_it_what_it_does_not_
     cut.write_bytes(plain.read_bytes()[:-30])
     with pytest.raises(ValueError, match=r"cut\.zip is not a readable zip file"):
         open_path(cut)
+
+
+def test_a_zip_bomb_member_is_never_inflated_past_its_declared_size(tmp_path):
+    path = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("test/happy/b.png", png_bytes(2))
+        zf.writestr("train/happy/bomb.png", bytes(200 * 2**20))  # 200 MB of zeros, ~200 KB compressed
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("train/happy/bomb.png")
+    # lie in both headers: the member claims 1,000 bytes
+    for at in (info.header_offset + 22, raw.rfind(b"PK\x01\x02") + 24):
+        raw[at : at + 4] = (1000).to_bytes(4, "little")
+    path.write_bytes(bytes(raw))
+    by_origin = {it.origin: it for it in open_path(path).items()}
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageError, match="corrupt zip entry"):
+            by_origin["bomb.zip:train/happy/bomb.png"].read()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20, f"{peak} bytes allocated reading a member that declares 1,000"
 
 
 def test_zip_entry_count_and_size_are_bounded(tmp_path):

@@ -40,7 +40,6 @@ import io
 import os
 import re
 import stat
-import struct
 import threading
 import zipfile
 import zlib
@@ -64,7 +63,6 @@ MAX_FILE_BYTES = 64 * 2**20  # one image file; bigger ones are rejected rows, no
 MAX_ZIP_ENTRIES = 1_000_000
 MAX_ZIP_BYTES = 16 * 2**30  # total uncompressed size of a zip
 MAX_CSV_BYTES = 2 * 2**30  # a fer2013.csv file (the original is ~300 MB)
-LOCAL_HEADER_SLACK = 512  # bytes read past a member's local header for its name and extra field
 
 
 def split_of(name: str) -> str | None:
@@ -129,74 +127,42 @@ def _read_file(path: str, limit: int) -> bytes:
     return data
 
 
-_ZIP_HANDLES: dict[tuple[str, int], tuple[zipfile.ZipFile, threading.Lock]] = {}
-
-
 class _OpenZip:
-    """One read-only descriptor on a zip, shared by the readers of all its members.
+    """A zip opened by `zipfile`, shared by the readers of all its members.
 
-    Members are read with `os.pread`, which has no file offset to share, so threads and
-    forked worker processes can use the same descriptor; opening the zip once instead of
-    once per member saves ~8 us an image. Closed when the listing is dropped.
-    """
+    One `ZipFile` per process: a forked ingest worker must not share the parent's file
+    offset (ZipFile seeks before each read), so a child opens its own on first use. The
+    lock serialises the seek + read of threads within one process."""
 
     def __init__(self, path: str):
         self.path = path
-        self.fd = os.open(path, os.O_RDONLY)
+        self._opened: dict[int, tuple[zipfile.ZipFile, threading.Lock]] = {}
+
+    def read(self, info: zipfile.ZipInfo, limit: int) -> bytes:
+        """One member's bytes, CRC checked by `zipfile`. Read with a size: ZipExtFile then
+        never inflates past it, where `read()` would inflate a zip bomb in one 2 GB call."""
+        if info.flag_bits & 0x1:
+            raise ImageError("encrypted zip entry")
+        if info.file_size > limit:
+            raise ImageError(f"zip entry is {info.file_size} bytes, over the limit of {limit}")
+        pid = os.getpid()
+        if pid not in self._opened:
+            self._opened[pid] = (zipfile.ZipFile(self.path), threading.Lock())
+        zf, lock = self._opened[pid]
+        try:
+            with lock, zf.open(info) as member:
+                data = member.read(info.file_size + 1)
+        except (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError, EOFError) as exc:
+            # zipfile's CRC message repeats the member name, which the rejected row already shows
+            raise ImageError(f"corrupt zip entry ({'size or CRC mismatch' if 'CRC' in str(exc) else exc})") from None
+        if len(data) != info.file_size:
+            raise ImageError("corrupt zip entry (size or CRC mismatch)")
+        return data
 
     def __del__(self) -> None:
-        with contextlib.suppress(AttributeError, OSError):
-            os.close(self.fd)
-
-
-def _read_zip_member(zip_file: _OpenZip, info: _Member, limit: int) -> bytes:
-    """One member's bytes, with its CRC checked. Stored and deflated members (all
-    real-world image zips) are read with `os.pread`, cheaper than ZipFile.open.
-
-    Why not `zipfile` alone: measured on FER-2013 (docs/results.md, "Data stages"),
-    ZipFile.open + read costs 40-55 us a member against 5-7 us here, and listing 32k
-    entries ~1 s more: seconds of a ~7 s `dvc repro` of the data stages."""
-    if info.flag_bits & 0x1:
-        raise ImageError("encrypted zip entry")
-    if info.file_size > limit:
-        raise ImageError(f"zip entry is {info.file_size} bytes, over the limit of {limit}")
-    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or not hasattr(os, "pread"):
-        return _read_zip_member_slow(zip_file.path, info)
-    # One read for the local header, its name and extra field, and the data (the name and
-    # extra field are rarely over LOCAL_HEADER_SLACK bytes; if they are, a second read).
-    blob = os.pread(zip_file.fd, 30 + LOCAL_HEADER_SLACK + info.compress_size, info.header_offset)
-    if len(blob) < 30 or blob[:4] != b"PK\x03\x04":
-        raise ImageError("corrupt zip entry (bad local header)")
-    name_len, extra_len = struct.unpack_from("<HH", blob, 26)
-    start = 30 + name_len + extra_len
-    if start + info.compress_size <= len(blob):
-        data = blob[start : start + info.compress_size]
-    else:
-        data = os.pread(zip_file.fd, info.compress_size, info.header_offset + start)
-    if len(data) != info.compress_size:
-        raise ImageError("truncated zip entry")
-    if info.compress_type == zipfile.ZIP_DEFLATED:
-        try:
-            # max_length: never inflate past the size the directory declares (zip bombs)
-            data = zlib.decompressobj(-15).decompress(data, info.file_size + 1)
-        except zlib.error as exc:
-            raise ImageError(f"corrupt zip entry ({exc})") from None
-    if len(data) != info.file_size or zlib.crc32(data) != info.CRC:
-        raise ImageError("corrupt zip entry (size or CRC mismatch)")
-    return data
-
-
-def _read_zip_member_slow(zip_path: str, info: _Member) -> bytes:
-    # One ZipFile per process (a forked child must not share the parent's file offset).
-    key = (zip_path, os.getpid())
-    if key not in _ZIP_HANDLES:
-        _ZIP_HANDLES[key] = (zipfile.ZipFile(zip_path), threading.Lock())
-    zf, lock = _ZIP_HANDLES[key]
-    try:
-        with lock:
-            return zf.read(info.filename)
-    except (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as exc:
-        raise ImageError(f"corrupt zip entry ({exc})") from None
+        for zf, _ in getattr(self, "_opened", {}).values():
+            with contextlib.suppress(OSError):
+                zf.close()
 
 
 # --- listing containers ---------------------------------------------------------------
@@ -250,75 +216,6 @@ def _list_folder(root: Path, skipped: Counter[str], follow_symlinks: bool = Fals
     return found
 
 
-class _Member(NamedTuple):
-    """What reading a zip member needs from its central directory entry (a ZipInfo's fields)."""
-
-    filename: str
-    flag_bits: int
-    compress_type: int
-    CRC: int
-    compress_size: int
-    file_size: int
-    external_attr: int
-    header_offset: int
-
-    @classmethod
-    def from_info(cls, i: zipfile.ZipInfo) -> _Member:
-        return cls(
-            i.filename, i.flag_bits, i.compress_type, i.CRC, i.compress_size, i.file_size, i.external_attr, i.header_offset
-        )
-
-
-_END_RECORD = struct.Struct("<4s4H2LH")
-_DIR_ENTRY = struct.Struct("<4s6H3L5H2L")
-_ZIP64_MARKS = (0xFFFF, 0xFFFFFFFF)
-
-
-def _zip_members(zip_path: Path) -> list[_Member]:
-    """The zip's entries, as `zipfile` lists them. A plain zip (no Zip64, no data before
-    it, one disk: every image zip seen so far) is parsed here, ~4x faster than ZipFile
-    (~50 ms for FER-2013's 32k entries instead of ~150-200 ms); anything else, and any
-    inconsistency, goes to `zipfile`, which handles it or raises BadZipFile."""
-    try:
-        members = _plain_zip_members(zip_path)
-    except (struct.error, ValueError):  # ValueError includes UnicodeDecodeError
-        members = None
-    if members is None:
-        with zipfile.ZipFile(zip_path) as zf:
-            members = [_Member.from_info(i) for i in zf.infolist()]
-    return members
-
-
-def _plain_zip_members(zip_path: Path) -> list[_Member] | None:
-    with open(zip_path, "rb") as fh:
-        size = fh.seek(0, os.SEEK_END)
-        tail_start = max(0, size - _END_RECORD.size - 0xFFFF)  # the end record, then a comment of up to 64 KB
-        fh.seek(tail_start)
-        tail = fh.read()
-        at = tail.rfind(b"PK\x05\x06")
-        if at < 0 or at >= 20 and tail[at - 20 : at - 16] == b"PK\x06\x07":  # no end record, or a Zip64 one
-            return None
-        _, disk, cd_disk, n_here, n_entries, cd_size, cd_offset, comment_len = _END_RECORD.unpack_from(tail, at)
-        plain = disk == cd_disk == 0 and n_here == n_entries and at + _END_RECORD.size + comment_len == len(tail)
-        if not plain or cd_offset + cd_size != tail_start + at or n_entries in _ZIP64_MARKS or cd_offset in _ZIP64_MARKS:
-            return None
-        fh.seek(cd_offset)
-        directory = fh.read(cd_size)
-    members = []
-    pos = 0
-    for _ in range(n_entries):
-        (sig, _, _, flags, method, _, _, crc, csize, usize, name_len, extra_len, comment_len, _, _, attr, offset) = (
-            _DIR_ENTRY.unpack_from(directory, pos)
-        )
-        if sig != b"PK\x01\x02" or csize in _ZIP64_MARKS or usize in _ZIP64_MARKS or offset in _ZIP64_MARKS:
-            return None
-        raw_name = directory[pos + _DIR_ENTRY.size : pos + _DIR_ENTRY.size + name_len]
-        name = raw_name.decode("utf-8" if flags & 0x800 else "cp437").split("\x00", 1)[0]  # as ZipInfo does
-        members.append(_Member(name, flags, method, crc, csize, usize, attr, offset))
-        pos += _DIR_ENTRY.size + name_len + extra_len + comment_len
-    return members if pos == cd_size else None
-
-
 def _zip_parts(zip_path: Path, name: str, filename: str) -> tuple[str, ...]:
     """The components of `name` (entry `filename` or its folder); raises ValueError for
     entries that escape the folder."""
@@ -333,7 +230,8 @@ def _zip_parts(zip_path: Path, name: str, filename: str) -> tuple[str, ...]:
 
 def _list_zip(zip_path: Path, skipped: Counter[str], max_entries: int, max_bytes: int) -> list[_File]:
     try:
-        members = _zip_members(zip_path)
+        with zipfile.ZipFile(zip_path) as zf:
+            members = zf.infolist()
     except zipfile.BadZipFile as exc:
         raise ValueError(f"data.source: {zip_path} is not a readable zip file ({exc})") from None
     if len(members) > max_entries:
@@ -365,7 +263,7 @@ def _list_zip(zip_path: Path, skipped: Counter[str], max_entries: int, max_bytes
         if junk:
             skipped["hidden_or_system"] += 1
             continue
-        found.append(_File(parts, functools.partial(_read_zip_member, opened, m, MAX_FILE_BYTES), m.filename))
+        found.append(_File(parts, functools.partial(opened.read, m, MAX_FILE_BYTES), m.filename))
     found.sort(key=lambda f: f.parts)
     return found
 
