@@ -93,19 +93,20 @@ def make_synthetic_source(dest: Path, n_images: int) -> Path:
 
 
 def run_ours(source_path: Path, out: Path, classes: list[str]) -> dict[str, float]:
-    from ferflow.data.arrays import extract_arrays
-    from ferflow.data.index import build_index
-    from ferflow.data.ingest import ingest
+    from ferflow.core.params import DataParams
+    from ferflow.data.arrays import ExtractPaths, extract_arrays
+    from ferflow.data.index import IndexPaths, build_index
+    from ferflow.data.ingest import IngestPaths, ingest
     from ferflow.data.sources import open_source
 
     gc.disable()  # as the stage scripts run them: stage.run(..., collect_garbage=False)
     t0 = time.perf_counter()
-    source = open_source({"source": str(source_path), "class_map": {}, "classes": classes}, root=REPO)
-    metrics = ingest(source, out / "ingested", out / "rejected.csv", out / "ingest.json", classes, max_reject_fraction=1.0)
+    data = DataParams(source=str(source_path), classes=classes, max_reject_fraction=1.0)
+    metrics = ingest(open_source(data, root=REPO), IngestPaths(out / "ingested", out / "rejected.csv", out / "ingest.json"), data)
     t1 = time.perf_counter()
-    build_index(out / "ingested", out / "index.csv", out / "index.json", classes, 0.1, "drop_cross_split", 42, out / "plots")
+    build_index(IndexPaths(out / "ingested", out / "index.csv", out / "index.json", out / "plots"), data)
     t2 = time.perf_counter()
-    extract_arrays(out / "index.csv", out / "ingested", out / "arrays", out / "label_map.json", classes)
+    extract_arrays(ExtractPaths(out / "index.csv", out / "ingested", out / "arrays", out / "label_map.json"), classes)
     t3 = time.perf_counter()
     gc.enable()
     return {
@@ -240,7 +241,7 @@ def main() -> None:
             base_dir = work / "unzipped"
             with zipfile.ZipFile(source_path) as zf:
                 zf.extractall(base_dir)  # the benchmark's own input; ferflow never extracts
-        layout = open_path_source(base_dir, {})
+        layout = open_path_source(base_dir)
         desc = layout.describe()
         base_root = base_dir.joinpath(*desc["root"].split("/")) if desc["root"] else base_dir
         base_splits = sorted(desc["split_folders"].values())

@@ -4,13 +4,12 @@ import project_python  # noqa: F401  (first: stops a Python without the project'
 
 from ferflow.core import stage
 from ferflow.core.params import read_params
-from ferflow.data.arrays import extract_arrays
+from ferflow.data.arrays import ExtractPaths, extract_arrays
 
 
 def main(args) -> None:
-    data = read_params(args.params).data
-    summary = extract_arrays(args.index, args.ingested, args.out, args.label_map, data.classes)
-    stage.log.info("arrays: %s", summary)
+    paths = ExtractPaths(args.index, args.ingested, args.out, args.label_map)
+    stage.log.info("arrays: %s", extract_arrays(paths, read_params(args.params).data.classes))
 
 
 if __name__ == "__main__":

@@ -4,21 +4,11 @@ import project_python  # noqa: F401  (first: stops a Python without the project'
 
 from ferflow.core import stage
 from ferflow.core.params import read_params
-from ferflow.data.index import build_index
+from ferflow.data.index import IndexPaths, build_index
 
 
 def main(args) -> None:
-    data = read_params(args.params).data
-    metrics = build_index(
-        args.ingested,
-        args.out,
-        args.metrics,
-        classes=data.classes,
-        val_fraction=data.val_fraction,
-        dedup=data.dedup,
-        seed=data.seed,
-        plots_dir=args.plots,
-    )
+    metrics = build_index(IndexPaths(args.ingested, args.out, args.metrics, args.plots), read_params(args.params).data)
     stage.log.info("index: %s, dedup %s", metrics["split_totals"], metrics["dedup"])
 
 

@@ -5,21 +5,13 @@ import project_python  # noqa: F401  (first: stops a Python without the project'
 from ferflow.core import stage
 from ferflow.core.params import read_params
 from ferflow.core.repo import find_root
-from ferflow.data.ingest import ingest
+from ferflow.data.ingest import IngestPaths, ingest
 from ferflow.data.sources import open_source
 
 
 def main(args) -> None:
     data = read_params(args.params).data
-    metrics = ingest(
-        open_source(data.model_dump(), root=find_root()),
-        out_dir=args.out,
-        rejected_csv=args.rejected,
-        metrics_json=args.metrics,
-        classes=data.classes,
-        max_per_class=data.max_per_class,
-        max_reject_fraction=data.max_reject_fraction,
-    )
+    metrics = ingest(open_source(data, root=find_root()), IngestPaths(args.out, args.rejected, args.metrics), data)
     stage.log.info("ingested %d images %s, rejected %d", metrics["total"], metrics["split_totals"], metrics["rejected"])
 
 

@@ -20,6 +20,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ferflow.core.params import DataParams
+from ferflow.data.arrays import ExtractPaths, extract_arrays
+from ferflow.data.index import IndexPaths, build_index
+from ferflow.data.ingest import IngestPaths, ingest
+from ferflow.data.sources import Source
 from ferflow.tracking.server import free_port
 
 
@@ -117,3 +122,14 @@ def _tail(log_file: Any, n: int = 6000) -> str:
     log_file.flush()
     log_file.seek(0)
     return log_file.read().decode("utf-8", "replace")[-n:]
+
+
+def prepare_data(root: Path, source: Source, data: DataParams, plots: bool = False) -> tuple[dict, dict]:
+    """ingest -> index -> extract into `root` under the names dvc.yaml uses (ingested/,
+    index.csv, arrays/, label_map.json); returns the ingest and index metrics."""
+    ingested = ingest(source, IngestPaths(root / "ingested", root / "rejected.csv", root / "ingest.json"), data)
+    indexed = build_index(
+        IndexPaths(root / "ingested", root / "index.csv", root / "index.json", root / "plots" if plots else None), data
+    )
+    extract_arrays(ExtractPaths(root / "index.csv", root / "ingested", root / "arrays", root / "label_map.json"), data.classes)
+    return ingested, indexed

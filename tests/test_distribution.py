@@ -261,21 +261,14 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_two_processes_train_one_run_and_only_process_0_writes(tmp_path):
     from ferflow.core.classes import FER_CLASSES
-    from ferflow.data.arrays import extract_arrays
-    from ferflow.data.index import build_index
-    from ferflow.data.ingest import ingest
+    from ferflow.core.params import DataParams
     from ferflow.data.sources.synthetic import SyntheticSource
+    from support import prepare_data
 
     data = tmp_path / "data"
-    ingest(
-        SyntheticSource(15, 2, seed=3, classes=list(FER_CLASSES)),
-        data / "ingested",
-        data / "rej.csv",
-        data / "i.json",
-        FER_CLASSES,
+    prepare_data(
+        data, SyntheticSource(15, 2, seed=3, classes=list(FER_CLASSES)), DataParams(val_fraction=0.2, dedup="keep", seed=3)
     )
-    build_index(data / "ingested", data / "index.csv", data / "index.json", list(FER_CLASSES), 0.2, "keep", 3)
-    extract_arrays(data / "index.csv", data / "ingested", data / "arrays", data / "label_map.json", list(FER_CLASSES))
     params = tmp_path / "params.yaml"
     write_params(params, deep_update(copy.deepcopy(TINY_OVERRIDES), {"train": {"distribution": "data_parallel"}}))
 

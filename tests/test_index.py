@@ -12,9 +12,10 @@ import pytest
 from PIL import Image
 
 from ferflow.core.classes import FER_CLASSES
-from ferflow.data.arrays import extract_arrays, load_label_map, load_split
-from ferflow.data.index import build_index, carve_validation
-from ferflow.data.ingest import ingest
+from ferflow.core.params import DataParams
+from ferflow.data.arrays import ExtractPaths, extract_arrays, load_label_map, load_split
+from ferflow.data.index import IndexPaths, build_index, carve_validation
+from ferflow.data.ingest import IngestPaths, ingest
 from ferflow.data.sources.files import open_path_source
 
 
@@ -40,19 +41,14 @@ def ingest_and_index(
     for rel, data in files.items():
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_bytes(data)
+    data = DataParams(classes=list(classes), val_fraction=fraction, dedup=dedup, seed=7)
     ing = ingest(
-        open_path_source(src, {}), tmp_path / "ingested", tmp_path / "rejected.csv", tmp_path / "ingest.json", list(classes)
+        open_path_source(src), IngestPaths(tmp_path / "ingested", tmp_path / "rejected.csv", tmp_path / "ingest.json"), data
     )
-    idx = build_index(
-        tmp_path / "ingested",
-        tmp_path / "index.csv",
-        tmp_path / "index.json",
-        list(classes),
-        fraction,
-        dedup,
-        7,
-        tmp_path / "plots" if plots else None,
+    paths = IndexPaths(
+        tmp_path / "ingested", tmp_path / "index.csv", tmp_path / "index.json", tmp_path / "plots" if plots else None
     )
+    idx = build_index(paths, data)
     assert json.loads((tmp_path / "index.json").read_text()) == json.loads(json.dumps(idx))
     index = pd.read_csv(tmp_path / "index.csv", keep_default_na=False, dtype={"pixel_hash": str})
     return ing, idx, index
@@ -156,7 +152,9 @@ def test_a_class_subset_flows_to_label_ids_plots_and_label_map(tmp_path):
         assert grid.size == ((70 + 10 * 48) * 2, 4 * 48 * 2)  # one row per chosen class
     with Image.open(tmp_path / "plots" / "class_distribution.png") as bars:
         assert bars.size[0] > 500
-    extract_arrays(tmp_path / "index.csv", tmp_path / "ingested", tmp_path / "arrays", tmp_path / "label_map.json", chosen)
+    extract_arrays(
+        ExtractPaths(tmp_path / "index.csv", tmp_path / "ingested", tmp_path / "arrays", tmp_path / "label_map.json"), chosen
+    )
     assert load_label_map(tmp_path / "label_map.json") == chosen
     x, y = load_split(tmp_path / "arrays", "test")
     assert x.shape == (8, 48, 48, 1) and sorted(set(y.tolist())) == [0, 1, 2, 3]
@@ -165,6 +163,5 @@ def test_a_class_subset_flows_to_label_ids_plots_and_label_map(tmp_path):
 def test_labels_outside_data_classes_are_an_error(tmp_path):
     ingest_and_index(tmp_path, tree(train=2, test=1))
     with pytest.raises(ValueError, match=r"labels \['disgust', 'fear', 'surprise'\] are not in data.classes"):
-        build_index(
-            tmp_path / "ingested", tmp_path / "i.csv", tmp_path / "i.json", ["angry", "happy", "neutral", "sad"], 0.2, "keep", 1
-        )
+        paths = IndexPaths(tmp_path / "ingested", tmp_path / "i.csv", tmp_path / "i.json")
+        build_index(paths, DataParams(classes=["angry", "happy", "neutral", "sad"], dedup="keep", seed=1))

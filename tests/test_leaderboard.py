@@ -32,8 +32,11 @@ def store(tmp_path_factory) -> str:
         run = client.create_run(
             exp_id, run_name=name, start_time=1_700_000_000_000 + i * 1000, tags={"arch": arch, "dvc.exp.name": name}
         )
-        for step in range(1, epochs + 1):
-            client.log_metric(run.info.run_id, "loss", 2.0 / step, step=step)
+        if status == "FINISHED":  # what the train stage logs at its end
+            client.log_metric(run.info.run_id, "epochs_run", epochs)
+        else:  # a run that failed mid-training has only its per-epoch loss
+            for step in range(1, epochs + 1):
+                client.log_metric(run.info.run_id, "loss", 2.0 / step, step=step)
         metrics = {"test_accuracy": acc, "test_macro_f1": f1, "params_count": params, "train_time_s": seconds}
         for key, value in metrics.items():
             if value is not None:
@@ -121,9 +124,12 @@ def test_png_plots_only_runs_with_accuracy_and_time(store, tmp_path):
 
 def test_missing_store_or_experiment_is_a_clear_error(store, tmp_path, capsys):
     missing = tmp_path / "nowhere" / "mlflow.db"
-    assert cli.main(["leaderboard", "--tracking-uri", f"sqlite:///{missing}", "--png", ""]) == 2
-    assert "no MLflow store" in capsys.readouterr().err
-    assert not missing.exists(), "must not create an empty store"
+    for uri in (f"sqlite:///{missing}", f"sqlite:///{missing}?timeout=30"):
+        assert cli.main(["leaderboard", "--tracking-uri", uri, "--png", ""]) == 2
+        assert f"no MLflow store at {missing} " in capsys.readouterr().err
+        assert not missing.exists(), "must not create an empty store"
+    assert cli.main(["leaderboard", "--tracking-uri", store + "?timeout=30", "--json", "--png", ""]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == len(RUNS)
     assert cli.main(["leaderboard", "--tracking-uri", store, "--experiment", "nope", "--png", ""]) == 2
     assert "no experiment 'nope'" in capsys.readouterr().err
 

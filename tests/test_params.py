@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ferflow.core.params import ParamsError, default_params, flatten, load_params, load_section, validate_params
+from ferflow.core.params import DataParams, ParamsError, default_params, flatten, load_params, load_section, validate_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,6 +33,14 @@ def test_max_per_class_takes_null_int_or_per_split_caps():
     caps = {"train": 1000, "test": 250, "val": None}
     assert validate_params({"data": {"max_per_class": caps}})["data"]["max_per_class"] == caps
     assert flatten(validate_params({"data": {"max_per_class": caps}}))["data.max_per_class"] == caps
+    assert DataParams(max_per_class={"train": 3}).split_caps() == {"train": 3, "val": None, "test": None}
+    assert DataParams(max_per_class=5).split_caps() == {"train": 5, "val": 5, "test": 5}
+
+
+@pytest.mark.parametrize("bad", [{"training": 3}, 0, {"train": 0}, "3", True])
+def test_max_per_class_refuses_what_ingest_cannot_cap(bad):
+    with pytest.raises(ParamsError, match=r"`data.max_per_class` = "):
+        validate_params({"data": {"max_per_class": bad}})
 
 
 def test_empty_sections_take_their_defaults():

@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 
 from ferflow.core.classes import FER_CLASSES
-from ferflow.data.index import build_index
-from ferflow.data.ingest import MANIFEST_NAME, ingest, load_faces
+from ferflow.core.params import DataParams
+from ferflow.data.index import IndexPaths, build_index
+from ferflow.data.ingest import MANIFEST_NAME, IngestPaths, ingest, load_faces
 from ferflow.data.preprocessing import decode_image, to_face_pixels
 from ferflow.data.sources import open_source
 
@@ -33,8 +34,8 @@ TEST = dict(zip(FER_CLASSES, (467, 56, 496, 895, 607, 653, 415)))
 def test_real_fer2013_zip(tmp_path):
     path = Path(ZIP).expanduser()
     assert path.is_file(), f"FER2013_ZIP={ZIP}: not a file"
-    source = open_source({"source": str(path.resolve()), "class_map": {}})
-    ing = ingest(source, tmp_path / "ingested", tmp_path / "rejected.csv", tmp_path / "ingest.json", FER_CLASSES)
+    data = DataParams(source=str(path.resolve()))
+    ing = ingest(open_source(data), IngestPaths(tmp_path / "ingested", tmp_path / "rejected.csv", tmp_path / "ingest.json"), data)
     # before dedup: exactly the official counts, nothing rejected or skipped
     assert ing["rejected"] == 0 and ing["skipped"] == {}
     assert ing["counts"] == {"train": TRAIN, "test": TEST}
@@ -50,9 +51,7 @@ def test_real_fer2013_zip(tmp_path):
             pillow = to_face_pixels(decode_image(zf.read(origin.split(":", 1)[1])))
             assert (faces[row] == pillow).all(), origin
 
-    idx = build_index(
-        tmp_path / "ingested", tmp_path / "index.csv", tmp_path / "index.json", list(FER_CLASSES), 0.1, "drop_cross_split", 42
-    )
+    idx = build_index(IndexPaths(tmp_path / "ingested", tmp_path / "index.csv", tmp_path / "index.json"), data)
     assert idx["dedup"]["dropped"] == leak["train_copies"]
     assert idx["split_totals"]["train"] + idx["split_totals"]["val"] == 28_709 - leak["train_copies"]
     assert idx["counts"]["test"] == TEST  # test is never touched

@@ -18,11 +18,9 @@ import pytest
 
 from conftest import REPO, TINY_OVERRIDES, write_params
 from ferflow.core.classes import FER_CLASSES
-from ferflow.data.arrays import extract_arrays
-from ferflow.data.index import build_index
-from ferflow.data.ingest import ingest
+from ferflow.core.params import DataParams
 from ferflow.data.sources.synthetic import SyntheticSource
-from support import free_port
+from support import free_port, prepare_data
 
 TRAIN_ARGS = ["--arrays", "arrays", "--label-map", "label_map.json", "--index", "index.csv", "--data-plots", "plots"]
 
@@ -31,15 +29,7 @@ TRAIN_ARGS = ["--arrays", "arrays", "--label-map", "label_map.json", "--index", 
 def workdir(tmp_path_factory) -> Path:
     """Arrays big enough that one epoch takes a noticeable time (so a kill lands mid-run)."""
     root = tmp_path_factory.mktemp("reliability")
-    ingest(
-        SyntheticSource(120, 4, seed=5, classes=list(FER_CLASSES)),
-        root / "ingested",
-        root / "rejected.csv",
-        root / "ingest.json",
-        FER_CLASSES,
-    )
-    build_index(root / "ingested", root / "index.csv", root / "index.json", list(FER_CLASSES), 0.1, "keep", 5)
-    extract_arrays(root / "index.csv", root / "ingested", root / "arrays", root / "label_map.json", list(FER_CLASSES))
+    prepare_data(root, SyntheticSource(120, 4, seed=5, classes=list(FER_CLASSES)), DataParams(dedup="keep", seed=5))
     return root
 
 

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from ferflow.core.classes import FER_CLASSES, canonical_class
+from ferflow.core.params import DataParams
 from ferflow.data.preprocessing import ImageError
 from ferflow.data.sources import open_source
 from ferflow.data.sources.files import (
@@ -51,7 +52,7 @@ def listing(source) -> list[tuple[str, str, str, bytes]]:
 
 
 def open_path(path: Path, class_map: dict | None = None):
-    return open_path_source(path, {"class_map": class_map or {}})
+    return open_path_source(path, class_map)
 
 
 KAGGLE = {
@@ -283,10 +284,10 @@ def test_a_zip_bomb_member_is_never_inflated_past_its_declared_size(tmp_path):
 def test_zip_entry_count_and_size_are_bounded(tmp_path):
     path = zip_tree(tmp_path / "big.zip", KAGGLE)
     with pytest.raises(ValueError, match=r"4 entries, over the limit of 3"):
-        open_path_source(path, {}, max_zip_entries=3)
+        open_path_source(path, max_zip_entries=3)
     total = sum(len(v) for v in KAGGLE.values())
     with pytest.raises(ValueError, match=rf"{total} bytes uncompressed, over the limit of 100"):
-        open_path_source(path, {}, max_zip_bytes=100)
+        open_path_source(path, max_zip_bytes=100)
     (tmp_path / "bad.zip").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not a readable zip file"):
         open_path(tmp_path / "bad.zip")
@@ -377,11 +378,9 @@ def test_parse_pixels_rejects_bad_rows(text, message):
 
 def test_open_source_resolves_relative_paths_against_the_root(tmp_path):
     write_tree(tmp_path / "data" / "fer", KAGGLE)
-    src = open_source({"source": "data/fer", "class_map": {}}, root=tmp_path)
+    src = open_source(DataParams(source="data/fer"), root=tmp_path)
     assert src.describe()["path"] == str(tmp_path / "data" / "fer")
-    assert (
-        open_source({"source": str(tmp_path / "data" / "fer"), "class_map": {}}, root="/nonexistent").describe() == src.describe()
-    )
+    assert open_source(DataParams(source=str(tmp_path / "data" / "fer")), root="/nonexistent").describe() == src.describe()
 
 
 def test_folder_files_are_read_whole_and_the_size_limit_holds(tmp_path):
@@ -445,7 +444,7 @@ def test_fifo_or_device_as_data_source_is_refused(tmp_path, name):
 def test_device_linked_inside_the_tree_is_not_read_even_when_links_are_followed(tmp_path):
     root = write_tree(tmp_path / "d", {"train/happy/a.png": png_bytes(1), "test/happy/b.png": png_bytes(2)})
     (root / "train/happy/zero.jpg").symlink_to("/dev/zero")
-    src = open_path_source(root, {"class_map": {}, "follow_symlinks": True})
+    src = open_path_source(root, follow_symlinks=True)
     item = next(it for it in src.items() if "zero" in it.origin)
     assert item.origin == "train/happy/zero.jpg -> /dev/zero"
     with pytest.raises(ImageError, match=r"not a regular file \(a character device\)"):
@@ -469,7 +468,7 @@ def test_file_symlink_leaving_the_source_is_refused_unless_allowed(tmp_path):
     (root / "train/happy/x.jpg").symlink_to(outside)
     with pytest.raises(ValueError, match=rf"train/happy/x.jpg is a symlink to {outside}, outside data.source.*follow_symlinks"):
         open_path(root)
-    src = open_path_source(root, {"class_map": {}, "follow_symlinks": True})
+    src = open_path_source(root, follow_symlinks=True)
     origins = [it.origin for it in src.items()]
     assert f"train/happy/x.jpg -> {outside}" in origins
 
@@ -480,7 +479,7 @@ def test_class_folder_symlink_leaving_the_source_is_refused_and_in_tree_links_sh
     (root / "train/sad").symlink_to(elsewhere, target_is_directory=True)
     with pytest.raises(ValueError, match=rf"train/sad is a symlink to {elsewhere}, outside data.source"):
         open_path(root)
-    src = open_path_source(root, {"class_map": {}, "follow_symlinks": True})
+    src = open_path_source(root, follow_symlinks=True)
     assert ("train", "sad", f"train/sad/c.png -> {elsewhere / 'c.png'}") in [
         (it.split, it.class_name, it.origin) for it in src.items()
     ]

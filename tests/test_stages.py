@@ -15,13 +15,14 @@ from PIL import Image
 
 from conftest import REPO
 from ferflow.core.classes import FER_CLASSES
-from ferflow.core.params import load_params, read_params
-from ferflow.data.arrays import extract_arrays, load_label_map, load_split, split_digest
-from ferflow.data.index import build_index
-from ferflow.data.ingest import ingest, pixel_hash
+from ferflow.core.params import DataParams, load_params, read_params
+from ferflow.data.arrays import ExtractPaths, extract_arrays, load_label_map, load_split, split_digest
+from ferflow.data.index import IndexPaths, build_index
+from ferflow.data.ingest import pixel_hash
 from ferflow.data.preprocessing import prepare_batch
 from ferflow.data.sources.synthetic import SyntheticSource, generate_split
 from ferflow.tracking.store import RUNS_VIEW_KEY
+from support import prepare_data
 
 
 def test_synthetic_is_deterministic_and_shaped_like_fer():
@@ -41,12 +42,9 @@ def test_synthetic_is_deterministic_and_shaped_like_fer():
 def data_dir(tmp_path_factory) -> Path:
     """ingest -> index -> extract on 20 train / 6 test faces per class."""
     root = tmp_path_factory.mktemp("stages")
-    source = SyntheticSource(20, 6, seed=3, classes=list(FER_CLASSES))
-    ingest(source, root / "ingested", root / "rejected.csv", root / "ingest.json", FER_CLASSES)
-    build_index(
-        root / "ingested", root / "index.csv", root / "index.json", list(FER_CLASSES), 0.2, "drop_cross_split", 3, root / "plots"
+    prepare_data(
+        root, SyntheticSource(20, 6, seed=3, classes=list(FER_CLASSES)), DataParams(val_fraction=0.2, seed=3), plots=True
     )
-    extract_arrays(root / "index.csv", root / "ingested", root / "arrays", root / "label_map.json", list(FER_CLASSES))
     return root
 
 
@@ -81,8 +79,9 @@ def test_index_carves_stratified_val_from_train_only(data_dir):
 
 
 def test_val_carve_is_seeded(tmp_path, data_dir):
-    build_index(data_dir / "ingested", tmp_path / "a.csv", tmp_path / "a.json", list(FER_CLASSES), 0.2, "keep", 3)
-    build_index(data_dir / "ingested", tmp_path / "b.csv", tmp_path / "b.json", list(FER_CLASSES), 0.2, "keep", 4)
+    for name, seed in (("a", 3), ("b", 4)):
+        paths = IndexPaths(data_dir / "ingested", tmp_path / f"{name}.csv", tmp_path / f"{name}.json")
+        build_index(paths, DataParams(val_fraction=0.2, dedup="keep", seed=seed))
     a, b = pd.read_csv(tmp_path / "a.csv"), pd.read_csv(data_dir / "index.csv")
     assert a.equals(b)  # same seed, same split
     c = pd.read_csv(tmp_path / "b.csv")
@@ -108,7 +107,9 @@ def test_extract_writes_in_blocks_what_savez_would(tmp_path, data_dir, monkeypat
     import ferflow.data.arrays
 
     monkeypatch.setattr(ferflow.data.arrays, "BLOCK", 5)  # 112 train faces: 23 blocks, the last one short
-    extract_arrays(data_dir / "index.csv", data_dir / "ingested", tmp_path / "arrays", tmp_path / "lm.json", list(FER_CLASSES))
+    extract_arrays(
+        ExtractPaths(data_dir / "index.csv", data_dir / "ingested", tmp_path / "arrays", tmp_path / "lm.json"), FER_CLASSES
+    )
     for split in ("train", "val", "test"):
         with np.load(tmp_path / "arrays" / f"{split}.npz") as got, np.load(data_dir / "arrays" / f"{split}.npz") as ref:
             assert sorted(got.files) == ["x", "y"]
@@ -122,7 +123,7 @@ def test_extract_and_index_refuse_rows_that_do_not_match_the_faces(tmp_path, dat
     index.to_csv(tmp_path / "index.csv", index=False)
     with pytest.raises(ValueError, match=r"index.csv: row 10000 is not a row of .*faces.npy \(0..181\)"):
         extract_arrays(
-            tmp_path / "index.csv", data_dir / "ingested", tmp_path / "arrays", tmp_path / "lm.json", list(FER_CLASSES)
+            ExtractPaths(tmp_path / "index.csv", data_dir / "ingested", tmp_path / "arrays", tmp_path / "lm.json"), FER_CLASSES
         )
     assert not (tmp_path / "arrays").exists()
     ingested = tmp_path / "ingested"
@@ -130,7 +131,7 @@ def test_extract_and_index_refuse_rows_that_do_not_match_the_faces(tmp_path, dat
     (ingested / "manifest.csv").write_bytes((data_dir / "ingested" / "manifest.csv").read_bytes())
     np.save(ingested / "faces.npy", np.load(data_dir / "ingested" / "faces.npy")[:-1])
     with pytest.raises(ValueError, match=r"faces.npy: 181 faces but manifest.csv has 182 rows"):
-        build_index(ingested, tmp_path / "i.csv", tmp_path / "i.json", list(FER_CLASSES), 0.2, "keep", 3)
+        build_index(IndexPaths(ingested, tmp_path / "i.csv", tmp_path / "i.json"), DataParams(dedup="keep"))
 
 
 def test_load_split_refuses_pickled_or_malformed_arrays(tmp_path):

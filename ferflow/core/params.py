@@ -138,6 +138,12 @@ class DataParams(_Section):
             return value
         raise ValueError("not a cap")
 
+    def split_caps(self) -> dict[str, int | None]:
+        """`max_per_class` per split: one number for every split, or {split: cap} (others uncapped)."""
+        if isinstance(self.max_per_class, dict):
+            return {split: self.max_per_class.get(split) for split in SPLIT_NAMES}
+        return dict.fromkeys(SPLIT_NAMES, self.max_per_class)
+
 
 class AugmentParams(_Section):
     flip: bool = _bool(False)

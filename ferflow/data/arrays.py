@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,19 @@ from ferflow.data.sources.base import SPLITS
 BLOCK = 2048  # faces normalised at a time: 19 MB of float32, reused by the allocator
 
 
-def extract_arrays(
-    index_csv: str | os.PathLike[str],
-    ingested_dir: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    label_map_json: str | os.PathLike[str],
-    classes: list[str],
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ExtractPaths:
+    """What the extract stage reads and writes."""
+
+    index: Path  # index.csv
+    ingested: Path  # the ingest stage's folder (faces.npy)
+    out: Path  # the arrays folder: <split>.npz
+    label_map: Path  # label_map.json
+
+
+def extract_arrays(paths: ExtractPaths, classes: list[str]) -> dict[str, Any]:
+    """The index's rows of the ingested faces, normalised, as one npz per split + the label map."""
+    index_csv, ingested_dir = paths.index, paths.ingested
     index = pd.read_csv(index_csv, keep_default_na=False)
     missing = {"row", "label_id", "split"} - set(index.columns)
     if missing:
@@ -45,12 +52,12 @@ def extract_arrays(
         bad = index.loc[~rows_ok, "row"].iloc[0]
         raise ValueError(f"{index_csv}: row {bad} is not a row of {Path(ingested_dir) / 'faces.npy'} (0..{len(faces) - 1})")
     summary: dict[str, Any] = {}
-    with files.atomic_dir(out_dir) as tmp:
+    with files.atomic_dir(paths.out) as tmp:
         for split in SPLITS:
             rows = index[index["split"] == split]
             _write_split(tmp / f"{split}.npz", faces, rows["row"].to_numpy(np.int64), rows["label_id"].to_numpy(np.int64))
             summary[split] = int(len(rows))
-    files.write_json(label_map_json, {"classes": list(classes), "label_to_id": {c: i for i, c in enumerate(classes)}})
+    files.write_json(paths.label_map, {"classes": list(classes), "label_to_id": {c: i for i, c in enumerate(classes)}})
     return summary
 
 

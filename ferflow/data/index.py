@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ferflow.core import files
+from ferflow.core.params import DataParams
 from ferflow.data.ingest import MANIFEST_FIELDS, MANIFEST_NAME, duplicate_stats, load_faces
 from ferflow.data.plots import write_data_plots
 
@@ -89,17 +91,19 @@ def apply_dedup(df: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, dict[str, 
     return df, stats
 
 
-def build_index(
-    ingested_dir: str | os.PathLike[str],
-    index_csv: str | os.PathLike[str],
-    metrics_json: str | os.PathLike[str],
-    classes: list[str],
-    val_fraction: float,
-    dedup: str,
-    seed: int,
-    plots_dir: str | os.PathLike[str] | None = None,
-) -> dict[str, Any]:
-    ingested_dir = Path(ingested_dir)
+@dataclass(frozen=True)
+class IndexPaths:
+    """What the index stage reads and writes."""
+
+    ingested: Path  # the ingest stage's folder
+    out: Path  # index.csv
+    metrics: Path  # index.json
+    plots: Path | None = None  # class-distribution plots; None: none drawn
+
+
+def build_index(paths: IndexPaths, data: DataParams) -> dict[str, Any]:
+    """Split assignment (dedup, then the val carve), label ids and the data hash -> `paths.out`."""
+    ingested_dir, classes, dedup = paths.ingested, list(data.classes), data.dedup
     df = read_manifest(ingested_dir)
     faces = load_faces(ingested_dir, expected_rows=len(df))
     # .tolist()/.unique() first: iterating a pandas string column goes element by element
@@ -111,7 +115,7 @@ def build_index(
     # survive dedup, instead of a carve that dedup thins out afterwards.
     df, dedup_stats = apply_dedup(df, dedup)
     if carved:
-        df = carve_validation(df, val_fraction, seed)
+        df = carve_validation(df, data.val_fraction, data.seed)
     splits, labels, hashes = df["split"].tolist(), df["label"].tolist(), df["pixel_hash"].tolist()
     per_split_class = Counter(zip(splits, labels))
     empty = [f"{s}/{c}" for s in ("train", "test") for c in classes if not per_split_class[(s, c)]]
@@ -121,7 +125,7 @@ def build_index(
         )
     df = df.assign(label_id=df["label"].map({c: i for i, c in enumerate(classes)}))
     index = df[list(INDEX_COLUMNS)].sort_values(["split", "label_id", "row"], kind="stable").reset_index(drop=True)
-    with files.atomic_path(index_csv) as tmp:
+    with files.atomic_path(paths.out) as tmp:
         # Arrow-backed string columns format slowly; as Python objects: the same bytes, ~1.5x faster
         as_objects = {c: index[c].to_numpy(dtype=object) if index[c].dtype == "str" else index[c] for c in index.columns}
         pd.DataFrame(as_objects).to_csv(tmp, index=False)
@@ -134,9 +138,9 @@ def build_index(
         "duplicates_after_dedup": duplicate_stats(splits, labels, hashes),
         "data_hash": dataset_hash(index),
     }
-    if plots_dir is not None:
-        write_data_plots(index, faces, classes, plots_dir)
-    files.write_json(metrics_json, metrics)
+    if paths.plots is not None:
+        write_data_plots(index, faces, classes, paths.plots)
+    files.write_json(paths.metrics, metrics)
     return metrics
 
 

@@ -27,7 +27,8 @@ import multiprocessing
 import os
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from PIL import Image
 
 from ferflow.core import files
 from ferflow.core.errors import UserError
+from ferflow.core.params import DataParams
 from ferflow.data.preprocessing import DEFAULT_MAX_PIXELS, IMAGE_SIZE, ImageError, decode_face, to_face_pixels
 from ferflow.data.sources.base import SPLITS, Source, SourceItem
 
@@ -232,26 +234,27 @@ def _reason_kind(reason: str) -> str:
     return re.sub(r"\d+", "N", reason.split(":")[0].split(" (")[0]).strip()
 
 
-def ingest(
-    source: Source,
-    out_dir: str | os.PathLike[str],
-    rejected_csv: str | os.PathLike[str],
-    metrics_json: str | os.PathLike[str],
-    classes: Iterable[str],
-    max_per_class: int | Mapping[str, int | None] | None = None,
-    max_reject_fraction: float = 0.01,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    workers: int | None = None,
-) -> dict[str, Any]:
-    """Run the ingest stage; returns the metrics written to `metrics_json`.
+@dataclass(frozen=True)
+class IngestPaths:
+    """Where the ingest stage writes (dvc.yaml's outs and metrics of the stage)."""
 
-    `classes` selects classes (others are counted as skipped); `max_per_class` caps the
-    accepted images per class and split - one number for every split, or per split as
-    {train: 1000, test: 250} - a rejected image is replaced by the next one, the rest are
-    counted as skipped. Outputs are atomic: faces.npy and the manifest are written in
-    a temp dir that replaces `out_dir` only when the data set passes its checks.
+    out: Path  # the ingested folder: faces.npy + manifest.csv
+    rejected: Path  # rejected.csv: one row per file not ingested, with its reason
+    metrics: Path  # ingest.json
+
+
+def ingest(
+    source: Source, paths: IngestPaths, data: DataParams, *, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int | None = None
+) -> dict[str, Any]:
+    """Run the ingest stage; returns the metrics written to `paths.metrics`.
+
+    `data.classes` selects classes (others are counted as skipped); `data.max_per_class`
+    caps the accepted images per class and split - one number for every split, or per
+    split as {train: 1000, test: 250} - a rejected image is replaced by the next one, the
+    rest are counted as skipped. Outputs are atomic: faces.npy and the manifest are
+    written in a temp dir that replaces `paths.out` only when the data set passes its checks.
     """
-    classes = list(classes)
+    classes = list(data.classes)
     wanted = set(classes)
     skipped: Counter[str] = Counter()
     groups: dict[tuple[str, str], list[SourceItem]] = defaultdict(list)
@@ -268,14 +271,14 @@ def ingest(
         else:
             rejected.append({"split": r.split, "label": r.class_name, "path": r.origin, "reason": r.reason})
 
-    caps = split_caps(max_per_class)
+    caps = data.split_caps()
     for key in groups:
         if caps[key[0]] is not None:
             groups[key].sort(key=lambda it: _sample_key(it.origin))
     items = [it for key in sorted(groups, key=_group_order(classes)) for it in groups[key]]
     n_workers = workers if workers is not None else (min(4, cpu_count()) if len(items) >= POOL_MIN_ITEMS else 1)
 
-    with files.atomic_dir(out_dir) as tmp:
+    with files.atomic_dir(paths.out) as tmp:
         runner = _Runner(tmp / FACES_NAME, items, max_pixels, n_workers)
         try:
             accepted, more_rejected = _run_rounds(runner, items, caps)
@@ -307,10 +310,10 @@ def ingest(
         }
         # Written before any failure, so the user can see why.
         rejected.sort(key=lambda r: (r["split"], r["label"], r["path"]))
-        _write_csv(rejected_csv, REJECTED_FIELDS, rejected)
-        files.write_json(metrics_json, metrics)
+        _write_csv(paths.rejected, REJECTED_FIELDS, rejected)
+        files.write_json(paths.metrics, metrics)
         problems = _problems(
-            per_split_class, splits_present, classes, len(accepted), len(rejected), max_reject_fraction, rejected_csv
+            per_split_class, splits_present, classes, len(accepted), len(rejected), data.max_reject_fraction, paths.rejected
         )
         if problems:
             raise IngestError("ingest failed: " + "; ".join(problems))
@@ -320,22 +323,6 @@ def ingest(
 
 def _group_order(classes: list[str]):
     return lambda key: (SPLITS.index(key[0]), classes.index(key[1]))
-
-
-def split_caps(max_per_class: int | Mapping[str, int | None] | None) -> dict[str, int | None]:
-    """`data.max_per_class` -> {split: cap or None}; a bad value is a ValueError naming it."""
-    if max_per_class is None or isinstance(max_per_class, int) and not isinstance(max_per_class, bool):
-        caps: dict[str, int | None] = dict.fromkeys(SPLITS, max_per_class)
-    elif isinstance(max_per_class, Mapping) and set(max_per_class) <= set(SPLITS):
-        caps = {s: max_per_class.get(s) for s in SPLITS}
-    else:
-        raise ValueError(
-            f"data.max_per_class = {max_per_class!r}: expected null, an integer >= 1, or a mapping of train/val/test to one"
-        )
-    for split, cap in caps.items():
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-            raise ValueError(f"data.max_per_class = {max_per_class!r}: the cap for {split} must be null or an integer >= 1")
-    return caps
 
 
 def _run_rounds(

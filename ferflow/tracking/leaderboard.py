@@ -22,7 +22,7 @@ from typing import Any
 
 from ferflow.core import files
 from ferflow.tracking.runs import EXP_NAMES_TAG
-from ferflow.tracking.store import EXPERIMENT_NAME, tracking_uri
+from ferflow.tracking.store import EXPERIMENT_NAME, sqlite_path, tracking_uri
 
 # sort key -> (row attribute, largest first?): the natural "best first" direction of each
 SORT_KEYS: dict[str, tuple[str, bool]] = {
@@ -66,7 +66,8 @@ def _metric(metrics: dict[str, float], key: str) -> float | None:
 
 
 def _epochs_run(client: Any, run_id: str) -> int | None:
-    """Epochs actually run (early stopping may end before train.epochs): the last logged step."""
+    """Epochs actually run, for a run that ended before logging `epochs_run` (a train that
+    raised): the last logged step of its loss."""
     history = client.get_metric_history(run_id, "loss")
     return max((m.step for m in history), default=None)
 
@@ -93,17 +94,24 @@ def describe_group(rows: list[Row]) -> str:
     return f"data {', '.join(names)}, test set {digest} ({len(rows)} run{'s' if len(rows) != 1 else ''})"
 
 
-def _sqlite_path(uri: str) -> Path | None:
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+def _all_runs(client: Any, experiment_id: str) -> list[Any]:
+    """Every run of the experiment, page by page through the client's public page token
+    (mlflow.search_runs would read the process-wide tracking URI instead of this client's)."""
+    runs: list[Any] = []
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
 
 
 def collect(tracking_uri: str, experiment: str, sort: str = "accuracy", limit: int | None = None) -> list[Row]:
     """The experiment's runs, best first by `sort` (runs lacking that value last), at most `limit`."""
     import mlflow
-    from mlflow.store.tracking import SEARCH_MAX_RESULTS_DEFAULT
-    from mlflow.utils import get_results_from_paginated_fn
 
-    store_file = _sqlite_path(tracking_uri)
+    store_file = sqlite_path(tracking_uri)
     if store_file is not None and not store_file.exists():
         # MlflowClient would create an empty database here; say what is wrong instead.
         raise LeaderboardError(f"no MLflow store at {store_file} (run the pipeline first, or pass --tracking-uri)")
@@ -120,12 +128,7 @@ def collect(tracking_uri: str, experiment: str, sort: str = "accuracy", limit: i
     if found is None:
         raise LeaderboardError(f"no experiment {experiment!r} in {tracking_uri}")
 
-    # mlflow's own pager (what mlflow.search_runs uses; that one reads the process-wide
-    # tracking URI, and setting it would also export MLFLOW_TRACKING_URI to the process)
-    runs = get_results_from_paginated_fn(
-        lambda max_results, token: client.search_runs([found.experiment_id], max_results=max_results, page_token=token),
-        SEARCH_MAX_RESULTS_DEFAULT,
-    )
+    runs = _all_runs(client, found.experiment_id)
 
     rows = []
     for r in runs:
@@ -144,18 +147,19 @@ def collect(tracking_uri: str, experiment: str, sort: str = "accuracy", limit: i
                 macro_f1=_metric(m, "test_macro_f1"),
                 params=int(params) if params is not None else None,
                 train_time_s=_metric(m, "train_time_s"),
-                epochs=None,
+                epochs=None if (epochs := _metric(m, "epochs_run")) is None else int(epochs),
                 status=r.info.status,
                 start_time_ms=int(r.info.start_time or 0),
                 experiments=[n for n in tags.get(EXP_NAMES_TAG, tags.get("dvc.exp.name", "")).split(",") if n],
             )
         )
     attr, largest_first = SORT_KEYS[sort]
-    # epochs come from each run's loss history, one query a run: for every run only when
-    # sorting by them, otherwise (below) for the rows shown
+    # a run without `epochs_run` (it failed mid-training) has its epochs in its loss history,
+    # one query a run: for every such run only when sorting by them, otherwise (below) for the rows shown
     if attr == "epochs":
         for row in rows:
-            row.epochs = _epochs_run(client, row.run_id)
+            if row.epochs is None:
+                row.epochs = _epochs_run(client, row.run_id)
     present = [row for row in rows if getattr(row, attr) is not None]
     missing = [row for row in rows if getattr(row, attr) is None]
     # ties (and the runs without a value) newest first

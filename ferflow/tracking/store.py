@@ -221,7 +221,8 @@ def configure(root: str | os.PathLike[str] | None = None) -> str:
 # ---------------------------------------------------------------- first use of a store (#20 item 2)
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///PATH[?query]` URI; None for other stores."""
     if not uri.startswith("sqlite:///"):
         return None
     return Path(uri[len("sqlite:///") :].split("?", 1)[0])
@@ -234,7 +235,7 @@ def first_use_lock(uri: str) -> Iterator[None]:
     fail with `duplicate column name: step` or a half-done migration. A lock file next to
     the database (flock: released by the OS if the holder dies). Other stores: no lock
     (a server creates its schema once, at its own start)."""
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is None or fcntl is None:
         yield
         return

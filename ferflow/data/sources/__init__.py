@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
+from ferflow.core.params import DataParams
 from ferflow.data.sources.base import SPLITS, Source, SourceItem, SourceReject
 
 
@@ -29,17 +29,15 @@ def resolve_path(source: str, root: str | os.PathLike[str]) -> Path:
     return path if path.is_absolute() else Path(root) / path
 
 
-def open_source(data_params: dict[str, Any], root: str | os.PathLike[str] = ".") -> Source:
-    """The Source named by `data.source` (validated params of the `data` section)."""
-    spec = data_params["source"]
-    if spec == "synthetic":
-        syn = data_params["synthetic"]
+def open_source(data: DataParams, root: str | os.PathLike[str] = ".") -> Source:
+    """The Source named by `data.source`."""
+    if data.source == "synthetic":
         from ferflow.data.sources.synthetic import SyntheticSource
 
-        return SyntheticSource(syn["train_per_class"], syn["test_per_class"], data_params["seed"], data_params["classes"])
+        return SyntheticSource(data.synthetic.train_per_class, data.synthetic.test_per_class, data.seed, data.classes)
     from ferflow.data.sources.files import open_path_source  # real-data readers: folders, zips, fer2013.csv
 
-    return open_path_source(resolve_path(spec, root), data_params)
+    return open_path_source(resolve_path(data.source, root), data.class_map, follow_symlinks=data.follow_symlinks)
 
 
 __all__ = ["SPLITS", "Source", "SourceItem", "SourceReject", "open_source", "resolve_path"]

@@ -480,12 +480,13 @@ def _lone_csv(files: list[_File]) -> _File | None:
 
 def open_path_source(
     path: Path,
-    data_params: Mapping[str, Any],
+    class_map: Mapping[str, str] | None = None,
+    *,
+    follow_symlinks: bool = False,
     max_zip_entries: int = MAX_ZIP_ENTRIES,
     max_zip_bytes: int = MAX_ZIP_BYTES,
 ) -> Source:
     """The source for a folder, a .zip or a .csv path (see the module docstring)."""
-    class_map = data_params.get("class_map") or {}
     if not os.path.exists(path):
         raise FileNotFoundError(f"data.source: {path} does not exist (expected 'synthetic' or a folder, .zip or .csv)")
     mode = os.stat(path).st_mode  # without opening: a FIFO would block the open
@@ -493,7 +494,7 @@ def open_path_source(
         raise ValueError(f"data.source: {path} is not a regular file ({_kind(mode)}); expected a folder, .zip or .csv")
     skipped: Counter[str] = Counter()
     if path.is_dir():
-        files = _list_folder(path, skipped, bool(data_params.get("follow_symlinks", False)))
+        files = _list_folder(path, skipped, follow_symlinks)
         lone = _lone_csv(files)
         if lone is not None:
             csv_path = path.joinpath(*lone.parts)
