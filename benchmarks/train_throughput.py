@@ -43,7 +43,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 
-from ferflow.core.params import PRECISIONS
+from ferflow.core.params import PRECISIONS, AugmentParams, TrainParams
 from ferflow.data.preprocessing import INPUT_SHAPE, normalize
 from ferflow.data.sources.synthetic import generate_split
 from ferflow.model import distribution
@@ -51,7 +51,7 @@ from ferflow.model.architectures import build_model
 from ferflow.model.augmentation import build_augmentation
 from ferflow.model.training import build_at_precision
 
-SEED003_AUGMENT = {"flip": True, "rotation": 10 / 360, "zoom": 0.1, "shift": 0.0, "erasing": 0.0}
+SEED003_AUGMENT = AugmentParams(flip=True, rotation=10 / 360, zoom=0.1)
 # The same augmentation as seed 003 asks ImageDataGenerator for it.
 SEED003_GENERATOR = {"rotation_range": 10, "zoom_range": 0.1, "horizontal_flip": True}
 
@@ -111,7 +111,7 @@ def measure(variant: str, arch: str, width: float, n_images: int, batch_size: in
     n = len(x)
     compile_args = {"optimizer": "adam", "loss": "categorical_crossentropy", "metrics": ["accuracy"]}
     if variant in ("c", "c_devices"):  # ferflow's pipeline also picks the compute precision (train.mixed_precision)
-        params = {"arch": arch, "width": width, "dropout_scale": 1.0, "crop_size": 48, "mixed_precision": precision, "seed": 0}
+        params = TrainParams(arch=arch, width=width, dropout_scale=1.0, mixed_precision=precision, seed=0)
         if variant == "c_devices":  # 1 device: distribution none; N: data_parallel over all N
             mode = "data_parallel" if int(os.environ["FERFLOW_BENCH_DEVICES"]) > 1 else "none"
             layout = distribution.setup(mode, batch_size)

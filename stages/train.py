@@ -7,26 +7,16 @@ import project_python  # noqa: F401  (first: stops a Python without the project'
 
 from ferflow.core import stage
 from ferflow.core.params import read_params
-from ferflow.model.training_run import run_training
+from ferflow.model.training_run import TrainPaths, run_training
 
 
 def main(args) -> None:
     params = read_params(args.params)
-    metrics = run_training(
-        params.train,
-        params.data,
-        args.params,
-        arrays=args.arrays,
-        label_map=args.label_map,
-        index=args.index,
-        data_plots=args.data_plots,
-        model_path=args.model,
-        metrics_json=args.metrics,
-        history_csv=args.history,
-        run_file=args.run_file,
-        work_dir=args.work_dir,
-        use_mlflow=not args.no_mlflow,
-    )
+    paths = TrainPaths(
+        args.params, args.arrays, args.label_map, args.index, args.data_plots, args.model, args.metrics, args.history,
+        args.run_file, args.work_dir,
+    )  # fmt: skip
+    metrics = run_training(params.train, params.data, paths, use_mlflow=not args.no_mlflow)
     stage.log.info(
         "trained %s: best val_accuracy %.4f after %d epochs", metrics["arch"], metrics["best_val_accuracy"], metrics["epochs_run"]
     )

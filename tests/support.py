@@ -133,3 +133,15 @@ def prepare_data(root: Path, source: Source, data: DataParams, plots: bool = Fal
     )
     extract_arrays(ExtractPaths(root / "index.csv", root / "ingested", root / "arrays", root / "label_map.json"), data.classes)
     return ingested, indexed
+
+
+def fit(train: Any, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, out: Path | str, **kw: Any):
+    """`fit_model` on 7 classes into `out` (model.keras, history.csv, work/), on the layout
+    `train.distribution` sets up, as the train stage calls it; returns (model, summary)."""
+    from ferflow.model import distribution
+    from ferflow.model.training import FitOutputs, Splits, fit_model
+
+    out = Path(out)
+    layout = distribution.setup(train.distribution, train.batch_size)
+    outputs = FitOutputs(out / "model.keras", out / "history.csv", out / "work")
+    return fit_model(train, Splits(x, y, x_val, y_val, 7), outputs, layout, **kw)

@@ -6,9 +6,8 @@ import keras
 import numpy as np
 import pytest
 
+from ferflow.core.params import AugmentParams
 from ferflow.model.augmentation import RandomAffine, build_augmentation
-
-OFF = {"flip": False, "rotation": 0.0, "zoom": 0.0, "shift": 0.0, "erasing": 0.0}
 
 
 def faces(n: int = 32, seed: int = 0) -> np.ndarray:
@@ -94,5 +93,5 @@ def test_config_round_trip():
     ],
 )
 def test_params_map_to_layers(aug, kinds):
-    layers = build_augmentation({**OFF, **aug}, seed=0)
+    layers = build_augmentation(AugmentParams(**aug), seed=0)
     assert [type(layer) for layer in layers] == kinds

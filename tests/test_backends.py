@@ -22,16 +22,16 @@ OTHER_BACKENDS = [b for b, module in (("jax", "jax"), ("torch", "torch")) if imp
 # augmentation) at the precision `auto` picks on a JAX GPU, on the tiny net to stay quick.
 TRAIN_ONE_STEP = """
 import sys, numpy as np, keras
-from ferflow.core.params import default_params
+from ferflow.core.params import TrainParams
 from ferflow.core.presets import load_preset
-from ferflow.model.training import fit_model
 assert keras.backend.backend() == sys.argv[2], keras.backend.backend()
-p = default_params()["train"]
-p.update(load_preset("full")["train"])
-p.update(arch="ferflow_tiny", epochs=1, batch_size=8, deterministic=False, mixed_precision="mixed_bfloat16")
+sys.path.insert(0, sys.argv[3])
+from support import fit
+recipe = {**load_preset("full")["train"], "arch": "ferflow_tiny", "epochs": 1, "batch_size": 8, "deterministic": False}
+p = TrainParams.model_validate({**recipe, "mixed_precision": "mixed_bfloat16"})
 rng = np.random.default_rng(0)
 x = rng.random((16, 48, 48, 1), dtype=np.float32); y = np.arange(16) % 7
-_, summary = fit_model(p, x, y, x[:8], y[:8], 7, sys.argv[1] + "/model.keras", sys.argv[1] + "/h.csv", sys.argv[1] + "/work", verbose=0)
+_, summary = fit(p, x, y, x[:8], y[:8], sys.argv[1], verbose=0)
 print("precision", summary["precision"])
 """
 
@@ -41,7 +41,7 @@ print("precision", summary["precision"])
 def test_one_training_step_under_another_backend_loads_in_tensorflow(backend, tmp_path):
     env = {**os.environ, "KERAS_BACKEND": backend}
     proc = subprocess.run(
-        [sys.executable, "-c", TRAIN_ONE_STEP, str(tmp_path), backend],
+        [sys.executable, "-c", TRAIN_ONE_STEP, str(tmp_path), backend, str(REPO / "tests")],
         env=env,
         capture_output=True,
         text=True,

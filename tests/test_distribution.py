@@ -188,17 +188,17 @@ def test_data_parallel_repro_matches_one_device_and_loads_in_tensorflow(tmp_path
 KILL_THEN_RESUME = """
 import json, sys
 import numpy as np
-sys.path.insert(0, sys.argv[2])
-from ferflow.core.params import default_params
+sys.path[:0] = [sys.argv[2], sys.argv[2] + "/tests"]
+from ferflow.core.params import TrainParams
 from ferflow.model import training
+from support import fit as fit_tiny
 
 class Killed(Exception):
     pass
 
 out = sys.argv[1]
-p = default_params()["train"]
-p.update(arch="ferflow_tiny", epochs=4, batch_size=16, early_stopping_patience=10, mixed_precision="float32",
-         distribution="data_parallel", augment={**p["augment"], "flip": True, "erasing": 0.5})
+p = TrainParams(arch="ferflow_tiny", epochs=4, batch_size=16, early_stopping_patience=10, mixed_precision="float32",
+                distribution="data_parallel", augment={"flip": True, "erasing": 0.5})
 rng = np.random.default_rng(0)
 x = rng.random((67, 48, 48, 1), dtype=np.float32); y = np.arange(67) % 7
 log_epoch_end, log_epoch_begin = training.EpochLogger.on_epoch_end, training.EpochLogger.on_epoch_begin
@@ -217,7 +217,7 @@ def record_start(self, epoch, logs=None):
     log_epoch_begin(self, epoch, logs)
 
 def fit():
-    return training.fit_model(p, x, y, x[:15], y[:15], 7, out + "/model.keras", out + "/h.csv", out + "/work", verbose=0)[1]
+    return fit_tiny(p, x, y, x[:15], y[:15], out, verbose=0)[1]
 
 training.EpochLogger.on_epoch_end = killed_after_epoch_2
 try:
@@ -241,7 +241,7 @@ def test_data_parallel_resumes_after_a_kill_from_the_backup(tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["resumed"] is True and summary["devices"] == 2 and summary["epochs_run"] == 4
     assert summary["repeated_images"] == {"train": 1, "val": 1}  # 67 and 15 images over 2 devices
-    assert pd.read_csv(tmp_path / "h.csv")["epoch"].tolist() == [1, 2, 3, 4]
+    assert pd.read_csv(tmp_path / "history.csv")["epoch"].tolist() == [1, 2, 3, 4]
     assert (tmp_path / "first_epoch.txt").read_text() == "3"
     # the resumed run started at epoch 3 from the distributed weights epoch 2 ended with
     with np.load(tmp_path / "at_kill.npz") as killed, np.load(tmp_path / "at_resume.npz") as resumed:

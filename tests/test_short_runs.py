@@ -14,6 +14,7 @@ from ferflow.data.preprocessing import prepare_batch
 from ferflow.data.sources.synthetic import generate_face
 from ferflow.model import training
 from ferflow.model.architectures import build_model
+from support import fit
 
 
 def _faces(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -45,21 +46,10 @@ def test_a_few_steps_of_training_predict_more_than_one_class(tmp_path: Path) -> 
     recomputation the saved model predicts one class for every face."""
     x_train, y_train = _faces(60, seed=1)
     x_val, y_val = _faces(10, seed=2)
-    p = TrainParams(arch="seed001", epochs=2, batch_size=32, mixed_precision="float32").model_dump()
-    model, summary = training.fit_model(
-        p,
-        x_train,
-        y_train,
-        x_val,
-        y_val,
-        len(FER_CLASSES),
-        tmp_path / "m.keras",
-        tmp_path / "h.csv",
-        tmp_path / "work",
-        verbose=0,
-    )
+    p = TrainParams(arch="seed001", epochs=2, batch_size=32, mixed_precision="float32")
+    model, summary = fit(p, x_train, y_train, x_val, y_val, tmp_path, verbose=0)
     assert summary["batchnorm_recomputed"] is True
-    saved = keras.saving.load_model(tmp_path / "m.keras")
+    saved = keras.saving.load_model(tmp_path / "model.keras")
     predicted = np.argmax(saved.predict(x_train, verbose=0), axis=1)
     share_of_top_class = np.bincount(predicted, minlength=len(FER_CLASSES)).max() / len(predicted)
     assert share_of_top_class < 0.6, np.bincount(predicted)

@@ -15,14 +15,14 @@ from PIL import Image
 
 from conftest import REPO
 from ferflow.core.classes import FER_CLASSES
-from ferflow.core.params import DataParams, load_params, read_params
+from ferflow.core.params import DataParams, read_params
 from ferflow.data.arrays import ExtractPaths, extract_arrays, load_label_map, load_split, split_digest
 from ferflow.data.index import IndexPaths, build_index
 from ferflow.data.ingest import pixel_hash
 from ferflow.data.preprocessing import prepare_batch
 from ferflow.data.sources.synthetic import SyntheticSource, generate_split
 from ferflow.tracking.store import RUNS_VIEW_KEY
-from support import prepare_data
+from support import fit, prepare_data
 
 
 def test_synthetic_is_deterministic_and_shaped_like_fer():
@@ -147,16 +147,14 @@ def test_load_split_refuses_pickled_or_malformed_arrays(tmp_path):
 
 
 def _train(data_dir: Path, params_file: Path, out: Path) -> dict:
-    from ferflow.model.training_run import run_training
+    from ferflow.model.training_run import TrainPaths, run_training
 
     params = read_params(params_file)
-    return run_training(
-        params.train, params.data, params_file,
-        arrays=data_dir / "arrays", label_map=data_dir / "label_map.json", index=data_dir / "index.csv",
-        data_plots=data_dir / "plots",
-        model_path=out / "model.keras", metrics_json=out / "train.json", history_csv=out / "history.csv",
-        run_file=out / "run.json", work_dir=out / "work",
+    paths = TrainPaths(
+        params_file, data_dir / "arrays", data_dir / "label_map.json", data_dir / "index.csv", data_dir / "plots",
+        out / "model.keras", out / "train.json", out / "history.csv", out / "run.json", out / "work",
     )  # fmt: skip
+    return run_training(params.train, params.data, paths)
 
 
 def _evaluate(data_dir: Path, params_file: Path, out: Path, metrics_json: Path) -> dict:
@@ -239,17 +237,13 @@ def test_train_evaluate_export_share_one_mlflow_run(data_dir, tiny_params, tmp_p
 
 def test_training_is_deterministic_on_cpu(data_dir, tmp_path):
     """Same params and seed on the same CPU machine -> identical weights and predictions."""
-    from ferflow.model.training import fit_model
-
-    p = load_params(Path(__file__).resolve().parents[1] / "params.yaml")["train"]
-    p.update(arch="ferflow_tiny", epochs=2, batch_size=32, mixed_precision="float32")
+    p = read_params(Path(__file__).resolve().parents[1] / "params.yaml").train
+    p = p.model_copy(update={"arch": "ferflow_tiny", "epochs": 2, "batch_size": 32, "mixed_precision": "float32"})
     xt, yt = load_split(data_dir / "arrays", "train")
     xv, yv = load_split(data_dir / "arrays", "val")
     preds = []
     for run in ("a", "b"):
-        model, _ = fit_model(
-            p, xt, yt, xv, yv, 7, tmp_path / f"{run}.keras", tmp_path / f"{run}.csv", tmp_path / f"w{run}", verbose=0
-        )
+        model, _ = fit(p, xt, yt, xv, yv, tmp_path / run, verbose=0)
         preds.append(model.predict(xv, verbose=0))
     np.testing.assert_array_equal(preds[0], preds[1])
 
@@ -360,14 +354,16 @@ from ferflow.core import stage
 from ferflow.core.params import TrainParams
 
 def main(args):
-    from ferflow.model.training import fit_model
+    from ferflow.model import distribution
+    from ferflow.model.training import FitOutputs, Splits, fit_model
     os.write(2, b"I0000 00:00:1796231445.427481 12315 port.cc:153] oneDNN custom operations are on.\\n")
     warnings.warn("a real warning stays visible")
     rng = np.random.default_rng(0)
     x, y = rng.random((28, 48, 48, 1), dtype=np.float32), np.arange(28) % 7
-    p = TrainParams(arch="ferflow_tiny", epochs=2, batch_size=8, mixed_precision="float32").model_dump()
+    p = TrainParams(arch="ferflow_tiny", epochs=2, batch_size=8, mixed_precision="float32")
     work = Path(sys.argv[1])
-    fit_model(p, x, y, x[:14], y[:14], 7, work / "m.keras", work / "h.csv", work / "w")
+    outputs = FitOutputs(work / "m.keras", work / "h.csv", work / "w")
+    fit_model(p, Splits(x, y, x[:14], y[:14], 7), outputs, distribution.setup("none", 8))
 
 stage.run(main, None, "train")
 """

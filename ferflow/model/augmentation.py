@@ -15,6 +15,8 @@ from typing import Any
 import keras
 from keras import ops
 
+from ferflow.core.params import AugmentParams
+
 
 @keras.saving.register_keras_serializable(package="ferflow")
 class RandomAffine(keras.layers.Layer):
@@ -78,11 +80,11 @@ class RandomAffine(keras.layers.Layer):
         }
 
 
-def build_augmentation(aug: dict[str, Any], seed: int) -> list[keras.layers.Layer]:
+def build_augmentation(aug: AugmentParams, seed: int) -> list[keras.layers.Layer]:
     """The `train.augment` params as layers that act only in training (none when all are off)."""
     out: list[keras.layers.Layer] = []
-    if aug["flip"] or aug["rotation"] > 0 or aug["zoom"] > 0 or aug["shift"] > 0:
-        out.append(RandomAffine(aug["flip"], aug["rotation"], aug["zoom"], aug["shift"], seed=seed, name="random_affine"))
-    if aug["erasing"] > 0:
-        out.append(keras.layers.RandomErasing(factor=aug["erasing"], scale=(0.02, 0.2), fill_value=0.5, seed=seed + 4))
+    if aug.flip or aug.rotation > 0 or aug.zoom > 0 or aug.shift > 0:
+        out.append(RandomAffine(aug.flip, aug.rotation, aug.zoom, aug.shift, seed=seed, name="random_affine"))
+    if aug.erasing > 0:
+        out.append(keras.layers.RandomErasing(factor=aug.erasing, scale=(0.02, 0.2), fill_value=0.5, seed=seed + 4))
     return out

@@ -14,6 +14,7 @@ from typing import Any
 from ferflow.core import files
 from ferflow.core.params import EvaluateParams, flatten
 from ferflow.model.evaluation import evaluate
+from ferflow.model.history import read_history
 
 log = logging.getLogger("ferflow")
 ONE_CLASS_SHARE = 0.9  # above this share of one class in the predictions, the model is degenerate
@@ -25,15 +26,12 @@ SUMMARY_KEYS = ("test_accuracy", "test_macro_f1", "test_loss", "train_time_s", "
 def experiment_summary(metrics: dict[str, Any], model: Any, history_csv: Path) -> dict[str, float | int]:
     """The numbers `dvc exp show` compares: test metrics, and from the model and its history
     the size, epochs run and training time (data statistics stay in the stages' JSON files)."""
-    import csv
-
-    with open(history_csv, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_history(history_csv)
     return {
         "test_accuracy": round(float(metrics["accuracy"]), 4),
         "test_macro_f1": round(float(metrics["macro_f1"]), 4),
         "test_loss": round(float(metrics["loss"]), 4),
-        "train_time_s": round(sum(float(r.get("epoch_time_s") or 0.0) for r in rows), 1),
+        "train_time_s": round(sum(r.get("epoch_time_s", 0.0) for r in rows), 1),
         "params_count": int(model.count_params()),
         "epochs": len(rows),
     }
@@ -70,7 +68,6 @@ def run_evaluation(
     import keras
 
     from ferflow.data.arrays import load_label_map, load_split
-    from ferflow.model.training import read_history
     from ferflow.tracking.runs import backfill_epochs, recorded_run_id, resume_run
     from ferflow.tracking.signals import interrupts_held
 

@@ -7,12 +7,12 @@ optional determinism switch touches TensorFlow, and only when it is the backend.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,12 @@ import keras
 import numpy as np
 
 from ferflow.core import files
+from ferflow.core.params import TrainParams
 from ferflow.core.signals import interrupts_held
 from ferflow.model import distribution
 from ferflow.model.architectures import build_model
 from ferflow.model.augmentation import build_augmentation
+from ferflow.model.history import read_history, write_history
 
 log = logging.getLogger("ferflow")
 
@@ -53,15 +55,19 @@ def detect_precision(requested: str, num_params: int | None = None) -> str:
     return "mixed_bfloat16" if has_bf16 and (num_params or 0) > 2_000_000 else "float32"
 
 
-def build_at_precision(p: dict[str, Any], num_classes: int) -> tuple[keras.Model, str]:
-    """The `train` params' model, built under the precision `p["mixed_precision"]` resolves to
-    (set as Keras' global policy), and that precision's name."""
-    probe = build_model(p["arch"], num_classes, p["width"], p["dropout_scale"], p["crop_size"])
-    precision = detect_precision(p["mixed_precision"], probe.count_params())
+def build_at_precision(train: TrainParams, num_classes: int) -> tuple[keras.Model, str]:
+    """The `train` params' model, built under the precision `train.mixed_precision` resolves
+    to (set as Keras' global policy), and that precision's name."""
+
+    def build() -> keras.Model:
+        return build_model(train.arch, num_classes, train.width, train.dropout_scale, train.crop_size)
+
+    probe = build()
+    precision = detect_precision(train.mixed_precision, probe.count_params())
     del probe
     keras.mixed_precision.set_global_policy(precision)
-    keras.utils.set_random_seed(p["seed"])  # same init whatever the probe consumed
-    return build_model(p["arch"], num_classes, p["width"], p["dropout_scale"], p["crop_size"]), precision
+    keras.utils.set_random_seed(train.seed)  # same init whatever the probe consumed
+    return build(), precision
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
@@ -72,16 +78,17 @@ def set_determinism(seed: int, deterministic: bool) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def make_optimizer(p: dict[str, Any]) -> keras.optimizers.Optimizer:
-    lr: float | keras.optimizers.schedules.LearningRateSchedule = p["learning_rate"]
-    if p["lr_schedule"] == "cosine":
-        # steps are unknown here; set by `fit_model` through `cosine_steps`
-        lr = keras.optimizers.schedules.CosineDecay(p["learning_rate"], decay_steps=p["_cosine_steps"], alpha=0.01)
-    if p["optimizer"] == "adam":
+def make_optimizer(train: TrainParams, total_steps: int) -> keras.optimizers.Optimizer:
+    """`train.optimizer` at `train.learning_rate`; with the cosine schedule the rate decays
+    over `total_steps` (all epochs' steps) to 1% of it."""
+    lr: float | keras.optimizers.schedules.LearningRateSchedule = train.learning_rate
+    if train.lr_schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(train.learning_rate, decay_steps=max(1, total_steps), alpha=0.01)
+    if train.optimizer == "adam":
         return keras.optimizers.Adam(lr)
-    if p["optimizer"] == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=p["weight_decay"])
-    return keras.optimizers.SGD(lr, momentum=p["momentum"], nesterov=True, weight_decay=p["weight_decay"] or None)
+    if train.optimizer == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=train.weight_decay)
+    return keras.optimizers.SGD(lr, momentum=train.momentum, nesterov=True, weight_decay=train.weight_decay or None)
 
 
 class EpochLogger(keras.callbacks.Callback):
@@ -216,160 +223,197 @@ def recompute_batchnorm_statistics(model: keras.Model, x: np.ndarray, batch_size
     return len(norms)
 
 
-def write_history(path: Path, rows: list[dict[str, Any]]) -> None:
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with files.atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def read_history(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as fh:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items() if v != ""} for r in csv.DictReader(fh)]
-
-
 def class_weights(y: np.ndarray, num_classes: int) -> dict[int, float]:
     counts = np.bincount(y, minlength=num_classes).astype(np.float64)
     weights = len(y) / (num_classes * np.maximum(counts, 1))
     return {i: float(w) for i, w in enumerate(weights)}
 
 
-def _resume_key(p: dict[str, Any]) -> dict[str, Any]:
+def _resume_key(train: TrainParams) -> dict[str, Any]:
     # everything but the epoch budget must match for a backup to be reusable
-    return {k: v for k, v in p.items() if k != "epochs" and not k.startswith("_")}
+    return train.model_dump(mode="json", exclude={"epochs"})
 
 
-def can_resume(work_dir: str | os.PathLike[str], p: dict[str, Any]) -> bool:
+def can_resume(work_dir: str | os.PathLike[str], train: TrainParams) -> bool:
     """True when `work_dir` holds a per-epoch backup made with the same train params."""
     work_dir = Path(work_dir)
     if not (work_dir / "backup").exists() or not (work_dir / "train_params.json").exists():
         return False
     try:
-        return files.read_json(work_dir / "train_params.json") == _resume_key(p)
+        return files.read_json(work_dir / "train_params.json") == _resume_key(train)
     except ValueError:
         return False
 
 
+@dataclass(frozen=True)
+class Splits:
+    """The arrays a model is fitted on: train and val images (N, 48, 48, 1) and label ids."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class FitOutputs:
+    """Where a fit writes: the model and history (stage outputs) and the resume work dir,
+    which lives outside DVC's outputs so `dvc repro` does not wipe it before resuming."""
+
+    model: Path
+    history: Path
+    work_dir: Path
+
+
+@dataclass
+class _Fit:
+    """What the steps of one fit hand each other."""
+
+    trainer: keras.Model  # the model with its augmentation layers in front
+    model: keras.Model
+    precision: str
+    splits: Splits  # this process's share, padded to split over the devices
+    n_train: int  # images per epoch, all processes together
+    padded: dict[str, int]
+    resumed: bool = False
+    previous_rows: list[dict[str, Any]] = field(default_factory=list)
+
+
 def fit_model(
-    p: dict[str, Any],
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
-    num_classes: int,
-    model_path: str | os.PathLike[str],
-    history_csv: str | os.PathLike[str],
-    work_dir: str | os.PathLike[str],
+    train: TrainParams,
+    splits: Splits,
+    outputs: FitOutputs,
+    layout: distribution.Layout,
+    *,
     log_to_mlflow: bool = False,
     verbose: int | str = "auto",
 ) -> tuple[keras.Model, dict[str, Any]]:
-    """Train per `p` (the validated `train` section); save the best model atomically.
-
-    `work_dir` holds the per-epoch backup (resume after a kill) and the best weights;
-    it lives outside DVC's outputs so `dvc repro` does not wipe it before resuming.
-    """
-    work_dir = Path(work_dir)
-    history_csv = Path(history_csv)
-    # before the model is built: its variables are laid out on the devices of `layout`
-    layout = distribution.setup(p["distribution"], p["batch_size"])
-    weights_by_class = class_weights(y_train, num_classes) if p["class_weight"] else None
-    n_train = len(x_train)
-    x_train, y_train, padded_train = distribution.local_share(layout, x_train, y_train, p["seed"])
-    x_val, y_val, padded_val = distribution.local_share(layout, x_val, y_val, p["seed"] + 1)
-    n_train += padded_train  # images per epoch, all processes together
-    set_determinism(p["seed"], p["deterministic"])
-    model, precision = build_at_precision(p, num_classes)
-    augmentation = build_augmentation(p["augment"], p["seed"])
-    trainer = (
-        keras.Sequential([keras.Input(model.input_shape[1:]), *augmentation, model], name="trainer") if augmentation else model
-    )
-
-    steps_per_epoch = int(np.ceil(n_train / p["batch_size"]))
-    opt_params = {**p, "_cosine_steps": max(1, steps_per_epoch * p["epochs"])}
-    trainer.compile(
-        optimizer=make_optimizer(opt_params),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=p["label_smoothing"]),
-        metrics=["accuracy"],
-    )
-    best_weights = work_dir / "best.weights.h5"
-    backup_dir = work_dir / "backup"
-    # processes other than 0 keep no backup, so a multi-process run cannot resume consistently
-    resumed = can_resume(work_dir, p) and layout.num_processes == 1
-    if not resumed:  # stale state of another configuration (the MLflow run record stays)
-        shutil.rmtree(backup_dir, ignore_errors=True)
-        for name in ("best.weights.h5", "history.csv", "train_params.json"):
-            (work_dir / name).unlink(missing_ok=True)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    files.write_json(work_dir / "train_params.json", _resume_key(p))
-    previous_rows = read_history(work_dir / "history.csv") if resumed else []
-    checkpoint = keras.callbacks.ModelCheckpoint(
-        str(best_weights), monitor="val_loss", save_best_only=True, save_weights_only=True
-    )
-    early = keras.callbacks.EarlyStopping(
-        monitor="val_loss", patience=p["early_stopping_patience"], start_from_epoch=p["early_stopping_start_epoch"]
-    )
-    plateau = (
-        keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=p["reduce_lr_factor"], patience=p["reduce_lr_patience"], min_lr=p["min_learning_rate"]
-        )
-        if p["lr_schedule"] == "plateau"
-        else None
-    )
-    callbacks: list[keras.callbacks.Callback] = [
-        *([keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=True)] if layout.num_processes == 1 else []),
-        checkpoint,
-        early,
-        *([plateau] if plateau else []),
-        RestorePlateauState([r["val_loss"] for r in previous_rows if "val_loss" in r], early, plateau, checkpoint),
-        epoch_logger := EpochLogger([history_csv, work_dir / "history.csv"], n_train, log_to_mlflow, previous_rows),
-    ]
-    y_train_1h = keras.utils.to_categorical(y_train, num_classes)
-    y_val_1h = keras.utils.to_categorical(y_val, num_classes)
+    """Train per `train` on the devices of `layout` (from `distribution.setup`, called once by
+    the caller before anything asks for devices); save the best model atomically."""
+    fit = _build(train, splits, layout)
+    _restore_or_reset(fit, train, outputs.work_dir, layout)
+    callbacks, epoch_logger = _callbacks(fit, train, outputs, layout, log_to_mlflow)
     if verbose == "auto":  # a progress bar on a terminal; one line per epoch in a log (CI, dvc queue logs)
         verbose = 1 if sys.stdout.isatty() else 2
     start = time.perf_counter()
-    trainer.fit(
-        x_train,
-        y_train_1h,
-        batch_size=p["batch_size"] // layout.num_processes,  # each process feeds its share of the global batch
-        epochs=p["epochs"],
-        validation_data=(x_val, y_val_1h),
+    s = fit.splits
+    fit.trainer.fit(
+        s.x_train,
+        keras.utils.to_categorical(s.y_train, s.num_classes),
+        batch_size=train.batch_size // layout.num_processes,  # each process feeds its share of the global batch
+        epochs=train.epochs,
+        validation_data=(s.x_val, keras.utils.to_categorical(s.y_val, s.num_classes)),
         callbacks=callbacks,
-        class_weight=weights_by_class,
+        class_weight=class_weights(splits.y_train, s.num_classes) if train.class_weight else None,
         shuffle=True,
         verbose=verbose,
     )
-    train_seconds = time.perf_counter() - start
+    summary = _finalize(fit, train, outputs, layout, time.perf_counter() - start)
+    summary["tracking_error"] = epoch_logger.tracking_error
+    return fit.model, summary
+
+
+def _build(train: TrainParams, splits: Splits, layout: distribution.Layout) -> _Fit:
+    """This process's share of the data, and the model (with augmentation) compiled."""
+    x_train, y_train, padded_train = distribution.local_share(layout, splits.x_train, splits.y_train, train.seed)
+    x_val, y_val, padded_val = distribution.local_share(layout, splits.x_val, splits.y_val, train.seed + 1)
+    n_train = len(splits.x_train) + padded_train
+    set_determinism(train.seed, train.deterministic)
+    model, precision = build_at_precision(train, splits.num_classes)
+    augmentation = build_augmentation(train.augment, train.seed)
+    trainer = (
+        keras.Sequential([keras.Input(model.input_shape[1:]), *augmentation, model], name="trainer") if augmentation else model
+    )
+    trainer.compile(
+        optimizer=make_optimizer(train, int(np.ceil(n_train / train.batch_size)) * train.epochs),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing),
+        metrics=["accuracy"],
+    )
+    local = Splits(x_train, y_train, x_val, y_val, splits.num_classes)
+    return _Fit(trainer, model, precision, local, n_train, {"train": padded_train, "val": padded_val})
+
+
+def _restore_or_reset(fit: _Fit, train: TrainParams, work_dir: Path, layout: distribution.Layout) -> None:
+    """Resume from the work dir's backup when it was made with the same params; otherwise
+    clear stale state of another configuration (the MLflow run record stays)."""
+    # processes other than 0 keep no backup, so a multi-process run cannot resume consistently
+    fit.resumed = can_resume(work_dir, train) and layout.num_processes == 1
+    if not fit.resumed:
+        shutil.rmtree(work_dir / "backup", ignore_errors=True)
+        for name in ("best.weights.h5", "history.csv", "train_params.json"):
+            (work_dir / name).unlink(missing_ok=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    files.write_json(work_dir / "train_params.json", _resume_key(train))
+    fit.previous_rows = read_history(work_dir / "history.csv") if fit.resumed else []
+
+
+def _callbacks(
+    fit: _Fit, train: TrainParams, outputs: FitOutputs, layout: distribution.Layout, log_to_mlflow: bool
+) -> tuple[list[keras.callbacks.Callback], EpochLogger]:
+    """Backup (resume), best checkpoint, early stopping, the plateau schedule, their restored
+    counters after a resume, and the per-epoch logger."""
+    work_dir = outputs.work_dir
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        str(work_dir / "best.weights.h5"), monitor="val_loss", save_best_only=True, save_weights_only=True
+    )
+    early = keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=train.early_stopping_patience, start_from_epoch=train.early_stopping_start_epoch
+    )
+    plateau = (
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=train.reduce_lr_factor, patience=train.reduce_lr_patience, min_lr=train.min_learning_rate
+        )
+        if train.lr_schedule == "plateau"
+        else None
+    )
+    val_losses = [r["val_loss"] for r in fit.previous_rows if "val_loss" in r]
+    epoch_logger = EpochLogger([outputs.history, work_dir / "history.csv"], fit.n_train, log_to_mlflow, fit.previous_rows)
+    callbacks: list[keras.callbacks.Callback] = [
+        *(
+            [keras.callbacks.BackupAndRestore(str(work_dir / "backup"), delete_checkpoint=True)]
+            if layout.num_processes == 1
+            else []
+        ),
+        checkpoint,
+        early,
+        *([plateau] if plateau else []),
+        RestorePlateauState(val_losses, early, plateau, checkpoint),
+        epoch_logger,
+    ]
+    return callbacks, epoch_logger
+
+
+def _finalize(fit: _Fit, train: TrainParams, outputs: FitOutputs, layout: distribution.Layout, seconds: float) -> dict[str, Any]:
+    """The best epoch's weights, BatchNorm statistics recomputed, the model saved atomically;
+    the run's summary. The work dir is removed: nothing is left to resume."""
+    best_weights = outputs.work_dir / "best.weights.h5"
     if best_weights.exists():
-        trainer.load_weights(str(best_weights))
-    recalibrated = recompute_batchnorm_statistics(model, x_train, batch_size=max(p["batch_size"], 256))
+        fit.trainer.load_weights(str(best_weights))
+    recalibrated = recompute_batchnorm_statistics(fit.model, fit.splits.x_train, batch_size=max(train.batch_size, 256))
     if recalibrated:
-        log.info("BatchNorm statistics recomputed over %d training images (%d layers)", len(x_train), recalibrated)
-    with files.atomic_path(model_path) as tmp:
-        model.save(tmp)
-    rows = read_history(history_csv)
+        log.info("BatchNorm statistics recomputed over %d training images (%d layers)", len(fit.splits.x_train), recalibrated)
+    with files.atomic_path(outputs.model) as tmp:
+        fit.model.save(tmp)
+    rows = read_history(outputs.history)
     best = min(rows, key=lambda r: r["val_loss"]) if rows else {}
     summary = {
-        "arch": p["arch"],
-        "params": int(model.count_params()),
-        "precision": precision,
+        "arch": train.arch,
+        "params": int(fit.model.count_params()),
+        "precision": fit.precision,
         "epochs_run": len(rows),
         "best_epoch": int(best.get("epoch", 0)),
         "best_val_loss": float(best.get("val_loss", float("nan"))),
         "best_val_accuracy": float(best.get("val_accuracy", float("nan"))),
         "train_time_s": round(sum(r.get("epoch_time_s", 0.0) for r in rows), 2),
-        "this_session_time_s": round(train_seconds, 2),
+        "this_session_time_s": round(seconds, 2),
         "images_per_s": round(float(np.mean([r["images_per_s"] for r in rows])) if rows else 0.0, 1),
-        "resumed": resumed,
+        "resumed": fit.resumed,
         "distribution": layout.mode,
         "devices": layout.replicas,
         "processes": layout.num_processes,
-        "repeated_images": {"train": padded_train, "val": padded_val},
+        "repeated_images": fit.padded,
         "batchnorm_recomputed": bool(recalibrated),
-        "tracking_error": epoch_logger.tracking_error,
     }
-    shutil.rmtree(work_dir, ignore_errors=True)  # finished: nothing left to resume
-    return model, summary
+    shutil.rmtree(outputs.work_dir, ignore_errors=True)
+    return summary
