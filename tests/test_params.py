@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ferflow.core.params import DataParams, ParamsError, default_params, flatten, load_params, load_section, validate_params
+from ferflow.core.params import DataParams, Params, ParamsError, flatten, load_params, read_params, validate_params
+
+DEFAULTS = Params().model_dump()
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,14 +19,14 @@ REPO = Path(__file__).resolve().parents[1]
 def test_repo_params_file_is_valid_and_spells_out_every_schema_default():
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     params = load_params(REPO / "params.yaml")
-    assert params == default_params() == raw  # nothing hidden: the file lists every key
+    assert params == DEFAULTS == raw  # nothing hidden: the file lists every key
     assert params["train"]["arch"] == "seed001" and params["data"]["source"] == "synthetic"
 
 
 def test_defaults_fill_missing_keys():
     params = validate_params({"train": {"epochs": 3}})
     assert params["train"]["epochs"] == 3
-    assert params["train"]["batch_size"] == default_params()["train"]["batch_size"]
+    assert params["train"]["batch_size"] == DEFAULTS["train"]["batch_size"]
     assert params["train"]["augment"]["flip"] is False
 
 
@@ -47,9 +49,9 @@ def test_empty_sections_take_their_defaults():
     # `train:` or `augment:` with nothing under it is null in YAML
     assert (
         validate_params({"train": {"augment": None, "epochs": 3}, "evaluate": None})["train"]["augment"]
-        == (default_params()["train"]["augment"])
+        == (DEFAULTS["train"]["augment"])
     )
-    assert validate_params(yaml.safe_load("serve:\n"))["serve"] == default_params()["serve"]
+    assert validate_params(yaml.safe_load("serve:\n"))["serve"] == DEFAULTS["serve"]
 
 
 def test_int_is_accepted_for_float():
@@ -106,16 +108,16 @@ def test_unreadable_yaml_and_missing_file(tmp_path):
         load_params(tmp_path / "missing.yaml")
 
 
-def test_load_section_returns_only_that_section(tiny_params):
-    train = load_section("train", tiny_params)
-    assert train["arch"] == "ferflow_tiny"
-    assert "source" not in train
+def test_a_stage_reads_its_typed_section(tiny_params):
+    train = read_params(tiny_params).train
+    assert train.arch == "ferflow_tiny"
+    assert "source" not in type(train).model_fields
 
 
 def test_flatten_uses_dotted_keys():
-    flat = flatten(default_params())
+    flat = flatten(DEFAULTS)
     assert flat["train.augment.flip"] is False
-    assert flat["data.synthetic.train_per_class"] == default_params()["data"]["synthetic"]["train_per_class"]
+    assert flat["data.synthetic.train_per_class"] == DEFAULTS["data"]["synthetic"]["train_per_class"]
     assert flat["data.class_map"] == {}
 
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import BIN
-from ferflow.core.params import ParamsError, default_params, flatten
+from ferflow.core.params import Params, ParamsError, flatten
 from ferflow.core.presets import load_preset, preset_names, preset_overrides
 
 
@@ -21,7 +21,7 @@ def test_overrides_are_shell_words_that_parse_back_to_the_preset(name):
     preset = flatten(load_preset(name))
     overrides = preset_overrides(name)
     assert len(overrides) == len(preset)
-    defaults = flatten(default_params())
+    defaults = flatten(Params())
     for override in overrides:
         assert not any(ch.isspace() for ch in override), override  # survives $(...) word splitting
         key, _, text = override.partition("=")

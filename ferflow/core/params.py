@@ -362,17 +362,8 @@ def validate_params(raw: Any, source: str = "params.yaml") -> dict[str, Any]:
     return parse_params(raw, source).model_dump()
 
 
-def default_params() -> dict[str, Any]:
-    return Params().model_dump()
-
-
 def load_params(path: str | os.PathLike[str] = "params.yaml") -> dict[str, Any]:
     return read_params(path).model_dump()
-
-
-def load_section(section: str, path: str | os.PathLike[str] = "params.yaml") -> dict[str, Any]:
-    """The validated params of one section (what a stage is allowed to read)."""
-    return load_params(path)[section]
 
 
 def flatten(params: Mapping[str, Any] | BaseModel, prefix: str = "") -> dict[str, Any]:
