@@ -74,7 +74,7 @@ def end_to_end(emotion: Any, detector: Any, path: Path, work: Path) -> dict[str,
 
     options = video.WatchOptions(progress=False)
     classes = list(emotion.classes)
-    cap, info, first = video.open_source(str(path), None)
+    cap, info, first = video.open_video(str(path), None)
     classify = video.FrameClassifier(emotion.predictor, classes, detector, options)
     cpu = time.process_time()
     result = video.watch(cap, info, first, classify, classes, options, work / "annotated.mp4", work / "frames.csv")

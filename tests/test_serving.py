@@ -25,7 +25,7 @@ from ferflow.data.preprocessing import decode_image, normalize, prepare_batch, t
 from ferflow.data.sources.synthetic import generate_face
 from ferflow.model.evaluation import predict_proba
 from ferflow.serving.faces import DETECT_MIN_SIDE, Box, FaceDetector, centre_square, square_with_margin
-from ferflow.serving.pyfunc import RequestError, ServeConfig, decode_base64, pixels_to_batch
+from ferflow.serving.pyfunc import RequestError, ServeParams, decode_base64, pixels_to_batch
 from support import local_server, synthetic_photo
 
 SERVE_CONFIG = {
@@ -193,11 +193,11 @@ def test_decode_base64_is_strict_and_bounded() -> None:
 
 
 def test_serve_config_validation() -> None:
-    assert ServeConfig.from_mapping({**SERVE_CONFIG, "unknown_future_key": 1}).max_image_bytes == 400_000
+    assert ServeParams.from_mapping({**SERVE_CONFIG, "unknown_future_key": 1}).max_image_bytes == 400_000
     with pytest.raises(ValueError, match=r"serve.tta = 'mirror'"):
-        ServeConfig.from_mapping({"tta": "mirror"})
+        ServeParams.from_mapping({"tta": "mirror"})
     with pytest.raises(ValueError, match=r"serve.max_image_pixels = 0"):
-        ServeConfig.from_mapping({"max_image_pixels": 0})
+        ServeParams.from_mapping({"max_image_pixels": 0})
 
 
 def test_square_with_margin_stays_inside_the_image() -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import reprlib
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ferflow.core.classes import FER_CLASSES
+from ferflow.core.errors import short_repr
 
 ArchName = Literal["seed000", "seed001", "seed003", "seed004", "ferflow_vgg", "ferflow_tiny"]
 Optimizer = Literal["adam", "adamw", "sgd"]
@@ -52,7 +52,6 @@ MAX_SEED = 2**32 - 1  # numpy's seed range
 MAX_EPOCHS = 100_000
 MAX_BATCH = 65_536
 MAX_COUNT = 10_000_000
-MAX_MESSAGE_VALUE = 200  # characters of a bad value shown in a message
 
 
 def _int(default: int, ge: int | None = None, le: int | None = None) -> Any:
@@ -218,7 +217,7 @@ class ServeParams(_Section):
         except ValidationError as exc:
             dotted, value, allowed, hint = _explain(exc, {"serve": known}, prefix=("serve",))
             raise ParamsError(
-                f"invalid serve config: {dotted} = {_short(value)} is not allowed: expected {allowed}.{hint}"
+                f"invalid serve config: {dotted} = {short_repr(value)} is not allowed: expected {allowed}.{hint}"
             ) from None
 
 
@@ -231,17 +230,6 @@ class Params(_Section):
 
 
 # ---------------------------------------------------------------- one-line messages
-
-
-_REPR = reprlib.Repr()  # bounded repr: nested lists of an alias bomb would print megabytes
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 3, 8, 8
-_REPR.maxstring = _REPR.maxother = MAX_MESSAGE_VALUE
-
-
-def _short(value: Any) -> str:
-    """repr of a bad value, cut to MAX_MESSAGE_VALUE characters (a message stays one line)."""
-    text = _REPR.repr(value)
-    return text if len(text) <= MAX_MESSAGE_VALUE else text[:MAX_MESSAGE_VALUE] + "..."
 
 
 def _did_you_mean(key: str, known: list[str]) -> str:
@@ -274,7 +262,7 @@ def _explain(exc: ValidationError, raw: Mapping[str, Any], prefix: tuple[str, ..
         value = value.get(part) if isinstance(value, Mapping) else None
         if _is_section(field):
             if not isinstance(value, Mapping):
-                raise ParamsError(f"`{'.'.join(path)}` must be a mapping, got {_short(value)}")
+                raise ParamsError(f"`{'.'.join(path)}` must be a mapping, got {short_repr(value)}")
             model = field.annotation
             continue
         if field.annotation is float and isinstance(value, int) and not isinstance(value, bool):
@@ -282,7 +270,7 @@ def _explain(exc: ValidationError, raw: Mapping[str, Any], prefix: tuple[str, ..
         allowed, choices = _allowed(field)
         hint = _did_you_mean(value, list(choices)) if choices and isinstance(value, str) else ""
         return ".".join(path), value, allowed, hint
-    raise ParamsError(f"`{'.'.join(path) or '<top level>'}` must be a mapping, got {_short(value)}")
+    raise ParamsError(f"`{'.'.join(path) or '<top level>'}` must be a mapping, got {short_repr(value)}")
 
 
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:
@@ -290,7 +278,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise ParamsError(f"{source}: `<top level>` must be a mapping, got {_short(raw)}")
+        raise ParamsError(f"{source}: `<top level>` must be a mapping, got {short_repr(raw)}")
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
@@ -298,7 +286,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
             dotted, value, allowed, hint = _explain(exc, raw)
         except ParamsError as structural:
             raise ParamsError(f"{source}: {structural}") from None
-        raise ParamsError(f"{source}: `{dotted}` = {_short(value)} is not allowed: expected {allowed}.{hint}") from None
+        raise ParamsError(f"{source}: `{dotted}` = {short_repr(value)} is not allowed: expected {allowed}.{hint}") from None
 
 
 def read_params(path: str | os.PathLike[str] = "params.yaml") -> Params:
@@ -340,7 +328,7 @@ class _ParamsLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {_short(key)} (each key once)", key_node.start_mark
+                    None, None, f"duplicate key {short_repr(key)} (each key once)", key_node.start_mark
                 )
             seen.add(key)
         return super().construct_mapping(node, deep)

@@ -20,8 +20,8 @@ import keras
 import numpy as np
 
 from ferflow.core import files
+from ferflow.core.interrupts import interrupts_held
 from ferflow.core.params import TrainParams
-from ferflow.core.signals import interrupts_held
 from ferflow.model import distribution
 from ferflow.model.architectures import build_model
 from ferflow.model.augmentation import build_augmentation

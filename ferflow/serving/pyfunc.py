@@ -50,6 +50,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 
 from ferflow.core import files
+from ferflow.core.errors import short_repr
 from ferflow.core.params import FACE_DETECTORS, TTA_MODES, ServeParams
 from ferflow.data.preprocessing import IMAGE_SIZE, ImageError, decode_image, normalize, prepare_batch
 from ferflow.model.evaluation import predict_proba, renormalize
@@ -87,7 +88,6 @@ class RequestError(MlflowException, ValueError):
 
 
 # params.yaml `serve`, as baked into the export: the one params model validates both
-ServeConfig = ServeParams
 
 
 # ---------------------------------------------------------------- request parsing
@@ -129,7 +129,7 @@ def image_bytes(value: Any, row: int, max_bytes: int) -> bytes:
     return data
 
 
-def decode_request_image(value: Any, row: int, cfg: ServeConfig) -> Image.Image:
+def decode_request_image(value: Any, row: int, cfg: ServeParams) -> Image.Image:
     """One `image` value -> decoded PIL image within the configured limits, or RequestError."""
     data = image_bytes(value, row, cfg.max_image_bytes)
     try:
@@ -232,11 +232,6 @@ def _allowed_text(allowed: Sequence[Any]) -> str:
     return ", ".join(json.dumps(a) if isinstance(a, bool) else repr(a) for a in allowed)
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 100 else text[:100] + "..."
-
-
 def check_request_params(params: Any) -> None:
     """Every request param known and of an allowed value, else RequestError naming it.
 
@@ -246,20 +241,20 @@ def check_request_params(params: Any) -> None:
     if params is None:
         return
     if not isinstance(params, Mapping):
-        raise RequestError(f"params is {_short(params)}: expected a JSON object of {', '.join(REQUEST_PARAMS)}")
+        raise RequestError(f"params is {short_repr(params)}: expected a JSON object of {', '.join(REQUEST_PARAMS)}")
     for name, value in params.items():
         if name not in REQUEST_PARAMS:
-            raise RequestError(f"unknown param {_short(name)}: expected only {', '.join(REQUEST_PARAMS)}")
+            raise RequestError(f"unknown param {short_repr(name)}: expected only {', '.join(REQUEST_PARAMS)}")
         allowed = REQUEST_PARAMS[name]
         # type as well as value: 1 == True and 0 == False in Python
         if value is not None and not any(type(value) is type(a) and value == a for a in allowed):
-            raise RequestError(f"param {name!r} = {_short(value)}: expected one of {_allowed_text(allowed)}")
+            raise RequestError(f"param {name!r} = {short_repr(value)}: expected one of {_allowed_text(allowed)}")
 
 
 def _param(params: Mapping[str, Any] | None, name: str, default: Any, allowed: Sequence[Any]) -> Any:
     value = default if not params or params.get(name) is None else params[name]
     if value not in allowed or type(value) is not type(default):
-        raise RequestError(f"param {name!r} = {_short(value)}: expected one of {_allowed_text(allowed)}")
+        raise RequestError(f"param {name!r} = {short_repr(value)}: expected one of {_allowed_text(allowed)}")
     return value
 
 
@@ -348,10 +343,10 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
         self.setup(
             context.artifacts["keras_model"],
             context.artifacts["label_map"],
-            ServeConfig.from_mapping(files.read_json(context.artifacts["serve_config"])),
+            ServeParams.from_mapping(files.read_json(context.artifacts["serve_config"])),
         )
 
-    def setup(self, keras_model_path: str, label_map_json: str, config: ServeConfig) -> None:
+    def setup(self, keras_model_path: str, label_map_json: str, config: ServeParams) -> None:
         """Load everything once (also usable without MLflow, e.g. in benchmarks)."""
         import keras
 

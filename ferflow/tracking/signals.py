@@ -16,7 +16,7 @@ import signal
 import threading
 from collections.abc import Iterator
 
-from ferflow.core.signals import HoldableInterrupt, interrupts_held
+from ferflow.core.interrupts import HoldableInterrupt, interrupts_held
 
 log = logging.getLogger(__name__)
 

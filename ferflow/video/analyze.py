@@ -108,7 +108,7 @@ def _fourcc_text(code: float) -> str:
     return text if value and text.isprintable() else "unknown"
 
 
-def open_source(source: str | None, camera: int | None) -> tuple[Any, SourceInfo, np.ndarray]:
+def open_video(source: str | None, camera: int | None) -> tuple[Any, SourceInfo, np.ndarray]:
     """Open a video file or camera; return (capture, info, first frame) or raise VideoError."""
     import cv2
 

@@ -79,7 +79,7 @@ def _run(args: argparse.Namespace) -> int:
         out_timeline = video.check_output(args.timeline, "--timeline", (".png",))
         if options.show:
             video.check_display()
-        cap, info, first = video.open_source(args.source, args.camera)
+        cap, info, first = video.open_video(args.source, args.camera)
         try:
             emotion = _load_emotion_model(args.model, load_model, video.VideoError)
             detector_name = args.detector or emotion.config.face_detector
