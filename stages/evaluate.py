@@ -4,22 +4,16 @@ import project_python  # noqa: F401  (first: stops a Python without the project'
 
 from ferflow.core import stage
 from ferflow.core.params import read_params
+from ferflow.model.evaluation import EvalPaths
 from ferflow.model.evaluation_run import run_evaluation
 
 
 def main(args) -> None:
-    m = run_evaluation(
-        read_params(args.params).evaluate,
-        arrays=args.arrays,
-        label_map=args.label_map,
-        model_path=args.model,
-        history_csv=args.history,
-        run_file=args.run_file,
-        metrics_json=args.metrics,
-        predictions_csv=args.predictions,
-        plots_dir=args.plots,
-        summary_json=args.summary,
-    )
+    paths = EvalPaths(
+        args.arrays, args.label_map, args.model, args.history, args.run_file, args.metrics, args.predictions, args.plots,
+        args.summary,
+    )  # fmt: skip
+    m = run_evaluation(read_params(args.params).evaluate, paths)
     stage.log.info("test accuracy %.4f, macro-F1 %.4f (n=%d, tta=%s)", m["accuracy"], m["macro_f1"], m["n_test"], m["tta"])
 
 

@@ -71,7 +71,8 @@ def test_evaluate_warns_when_one_class_takes_the_predictions(tmp_path, caplog: p
     import logging
 
     from ferflow.core.classes import FER_CLASSES
-    from ferflow.model.evaluation import evaluate
+    from ferflow.core.params import EvaluateParams
+    from ferflow.model.evaluation import EvalPaths, evaluate
     from ferflow.model.evaluation_run import warn_if_one_class
 
     bias = np.zeros(len(FER_CLASSES), np.float32)
@@ -81,9 +82,10 @@ def test_evaluate_warns_when_one_class_takes_the_predictions(tmp_path, caplog: p
     y = np.arange(14) % len(FER_CLASSES)
     history = tmp_path / "history.csv"
     history.write_text("epoch,loss,val_loss,accuracy,val_accuracy\n1,2.0,2.0,0.1,0.1\n")
-    metrics = evaluate(
-        model, faces(14), y, list(FER_CLASSES), history, tmp_path / "plots", tmp_path / "eval.json", tmp_path / "pred.csv"
+    paths = EvalPaths(
+        tmp_path, tmp_path, tmp_path, history, tmp_path, tmp_path / "eval.json", tmp_path / "pred.csv", tmp_path / "plots"
     )
+    metrics = evaluate(model, faces(14), y, list(FER_CLASSES), paths, EvaluateParams())
     assert (metrics["top_class"], metrics["top_class_share"]) == ("happy", 1.0)
     with caplog.at_level(logging.WARNING, logger="ferflow"):
         assert warn_if_one_class(metrics) is True

@@ -158,14 +158,14 @@ def _train(data_dir: Path, params_file: Path, out: Path) -> dict:
 
 
 def _evaluate(data_dir: Path, params_file: Path, out: Path, metrics_json: Path) -> dict:
+    from ferflow.model.evaluation import EvalPaths
     from ferflow.model.evaluation_run import run_evaluation
 
-    return run_evaluation(
-        read_params(params_file).evaluate,
-        arrays=data_dir / "arrays", label_map=data_dir / "label_map.json", model_path=out / "model.keras",
-        history_csv=out / "history.csv", run_file=out / "run.json", metrics_json=metrics_json,
-        predictions_csv=out / "pred.csv", plots_dir=out / "plots",
+    paths = EvalPaths(
+        data_dir / "arrays", data_dir / "label_map.json", out / "model.keras", out / "history.csv", out / "run.json",
+        metrics_json, out / "pred.csv", out / "plots",
     )  # fmt: skip
+    return run_evaluation(read_params(params_file).evaluate, paths)
 
 
 def test_train_evaluate_export_share_one_mlflow_run(data_dir, tiny_params, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from ferflow.core import files
-from ferflow.core.params import TTA_MODES
+from ferflow.core.params import TTA_MODES, EvaluateParams
 
 # Views of `tencrop` for a model without a crop layer: shifts of this many pixels (reflect
 # padding). Chosen on FER-2013 validation over the 4 cpu-quick seed models (trained with
@@ -131,27 +132,38 @@ def _save_fig(fig, out: str | os.PathLike[str]) -> None:
     plt.close(fig)
 
 
+@dataclass(frozen=True)
+class EvalPaths:
+    """What the evaluate stage reads and writes (its deps and outs in dvc.yaml)."""
+
+    arrays: Path
+    label_map: Path
+    model: Path
+    history: Path  # read: the training curves and the summary's epochs and time
+    run_file: Path  # the pipeline run to log to
+    metrics: Path  # eval.json: headline numbers
+    predictions: Path  # one row per test image
+    plots: Path  # confusion matrix, curves, report, per-class JSON
+    summary: Path | None = None  # what `dvc exp show` compares
+
+
 def evaluate(
     model,
     x_test: np.ndarray,
     y_test: np.ndarray,
     classes: list[str],
-    history_csv: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    metrics_json: str | os.PathLike[str],
-    predictions_csv: str | os.PathLike[str],
-    tta: str = "none",
-    batch_size: int = 256,
+    paths: EvalPaths,
+    params: EvaluateParams,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write metrics JSON (headline numbers, for `dvc exp show`), per-class JSON,
-    predictions CSV, report and plots; return all metrics."""
+    """Write metrics JSON (headline numbers), per-class JSON, predictions CSV, report and
+    plots; return all metrics. `extra` goes into the metrics JSON as given."""
     from sklearn.metrics import classification_report
 
-    out_dir = Path(out_dir)
-    probs = predict_proba(model, x_test, tta, batch_size)
+    out_dir = paths.plots
+    probs = predict_proba(model, x_test, params.tta, params.batch_size)
     metrics = compute_metrics(y_test, probs, classes)
-    metrics["tta"] = tta
+    metrics["tta"] = params.tta
     y_pred = probs.argmax(axis=1)
     counts = np.bincount(y_pred, minlength=len(classes))
     metrics["top_class"] = classes[int(counts.argmax())]
@@ -159,15 +171,15 @@ def evaluate(
     preds = pd.DataFrame({"actual": [classes[i] for i in y_test], "predicted": [classes[i] for i in y_pred]})
     for i, c in enumerate(classes):
         preds[f"p_{c}"] = probs[:, i].round(5)
-    with files.atomic_path(predictions_csv) as tmp:
+    with files.atomic_path(paths.predictions) as tmp:
         preds.to_csv(tmp, index=False)
     report = classification_report(
         y_test, y_pred, labels=list(range(len(classes))), target_names=classes, digits=4, zero_division=0
     )
     files.write_text(out_dir / "classification_report.txt", report)
     plot_confusion(y_test, y_pred, classes, out_dir / "confusion_matrix.png")
-    plot_curves(history_csv, out_dir / "training_curves.png")
+    plot_curves(paths.history, out_dir / "training_curves.png")
     headline = {k: v for k, v in metrics.items() if k != "per_class"} | (extra or {})
-    files.write_json(metrics_json, headline)
+    files.write_json(paths.metrics, headline)
     files.write_json(out_dir / "per_class.json", metrics["per_class"])
     return metrics

@@ -13,7 +13,7 @@ from typing import Any
 
 from ferflow.core import files
 from ferflow.core.params import EvaluateParams, flatten
-from ferflow.model.evaluation import evaluate
+from ferflow.model.evaluation import EvalPaths, evaluate
 from ferflow.model.history import read_history
 
 log = logging.getLogger("ferflow")
@@ -51,18 +51,7 @@ def warn_if_one_class(metrics: dict[str, Any]) -> bool:
     return True
 
 
-def run_evaluation(
-    params: EvaluateParams,
-    arrays: Path,
-    label_map: Path,
-    model_path: Path,
-    history_csv: Path,
-    run_file: Path,
-    metrics_json: Path,
-    predictions_csv: Path,
-    plots_dir: Path,
-    summary_json: Path | None = None,
-) -> dict[str, Any]:
+def run_evaluation(params: EvaluateParams, paths: EvalPaths) -> dict[str, Any]:
     """The evaluate stage's work: the test split through the model, logged to the training run
     (or to a linked fork when the evaluate params changed since)."""
     import keras
@@ -71,36 +60,33 @@ def run_evaluation(
     from ferflow.tracking.runs import backfill_epochs, recorded_run_id, resume_run
     from ferflow.tracking.signals import interrupts_held
 
-    classes = load_label_map(label_map)
-    x_test, y_test = load_split(arrays, "test")
-    model = keras.models.load_model(model_path, compile=False)
+    classes = load_label_map(paths.label_map)
+    x_test, y_test = load_split(paths.arrays, "test")
+    model = keras.models.load_model(paths.model, compile=False)
 
     def work(run_id: str | None) -> dict[str, Any]:
-        metrics = evaluate(
-            model, x_test, y_test, classes, history_csv, plots_dir, metrics_json, predictions_csv, params.tta, params.batch_size,
-            extra={"mlflow_run_id": run_id},
-        )  # fmt: skip
-        if summary_json is not None:
+        metrics = evaluate(model, x_test, y_test, classes, paths, params, extra={"mlflow_run_id": run_id})
+        if paths.summary is not None:
             # in SUMMARY_KEYS order, not sorted: DVC shows the columns in the file's order
-            files.write_text(summary_json, json.dumps(experiment_summary(metrics, model, history_csv), indent=2) + "\n")
+            files.write_text(paths.summary, json.dumps(experiment_summary(metrics, model, paths.history), indent=2) + "\n")
         warn_if_one_class(metrics)
         return metrics
 
-    train_run_id = recorded_run_id(run_file)
+    train_run_id = recorded_run_id(paths.run_file)
     if not train_run_id:
         return work(None)
     import mlflow
 
-    with resume_run(train_run_id, flatten({"evaluate": params}), str(run_file)) as run_id:
+    with resume_run(train_run_id, flatten({"evaluate": params}), str(paths.run_file)) as run_id:
         metrics = work(run_id)
         with interrupts_held():
-            added = backfill_epochs(train_run_id, read_history(history_csv))  # the server was lost mid-training
+            added = backfill_epochs(train_run_id, read_history(paths.history))  # the server was lost mid-training
             if added:
                 log.info("logged epochs %s to MLflow run %s (trained while the server was unreachable)", added, train_run_id)
             mlflow.log_metrics({f"test_{k}": metrics[k] for k in ("accuracy", "loss", "macro_f1")})
             mlflow.log_metrics({f"test_f1_{c}": v["f1"] for c, v in metrics["per_class"].items()})
             for name in ("confusion_matrix.png", "training_curves.png", "classification_report.txt", "per_class.json"):
-                mlflow.log_artifact(str(plots_dir / name), "evaluation")
-            mlflow.log_artifact(str(predictions_csv), "evaluation")
-            mlflow.log_artifact(str(metrics_json), "evaluation")
+                mlflow.log_artifact(str(paths.plots / name), "evaluation")
+            mlflow.log_artifact(str(paths.predictions), "evaluation")
+            mlflow.log_artifact(str(paths.metrics), "evaluation")
     return metrics
