@@ -76,7 +76,7 @@ def prepare_model(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
     from ferflow.core import files
     from ferflow.core.classes import FER_CLASSES
     from ferflow.model.architectures import build_model
-    from ferflow.serving.export import export_model
+    from ferflow.serving.packaging import export_model
 
     keras_path = work / "model.keras"
     build_model(args.arch, len(FER_CLASSES)).save(keras_path)

@@ -43,7 +43,7 @@ def prepare_model(model: str | None, arch: str, work: Path) -> str:
     from ferflow.core.classes import FER_CLASSES
     from ferflow.data.sources.synthetic import generate_face
     from ferflow.model.architectures import build_model
-    from ferflow.serving.export import export_model
+    from ferflow.serving.packaging import export_model
 
     build_model(arch, len(FER_CLASSES)).save(work / "model.keras")
     files.write_json(work / "label_map.json", {"classes": list(FER_CLASSES)})

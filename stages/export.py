@@ -4,21 +4,13 @@ import project_python  # noqa: F401  (first: stops a Python without the project'
 
 from ferflow.core import stage
 from ferflow.core.params import read_params
-from ferflow.serving.export import run_export
+from ferflow.serving.export import ExportPaths, run_export
 
 
 def main(args) -> None:
     params = read_params(args.params)
-    r = run_export(
-        params.export,
-        params.serve,
-        arrays=args.arrays,
-        label_map=args.label_map,
-        model_path=args.model,
-        eval_metrics_json=args.eval_metrics,
-        out_dir=args.out,
-        metrics_json=args.metrics,
-    )
+    paths = ExportPaths(args.arrays, args.label_map, args.model, args.eval_metrics, args.out, args.metrics)
+    r = run_export(params.export, params.serve, paths)
     if "version" in r:
         stage.log.info(
             "exported to %s; registered %s v%d, test accuracy %.4f; %s: v%d; champion: v%d",

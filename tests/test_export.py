@@ -22,15 +22,8 @@ from ferflow.core import files
 from ferflow.core.classes import FER_CLASSES
 from ferflow.data.arrays import split_digest
 from ferflow.data.sources.synthetic import generate_face
-from ferflow.serving.export import (
-    dataset_alias,
-    encode_png,
-    export_model,
-    model_kwargs,
-    promote,
-    register_and_promote,
-    should_promote,
-)
+from ferflow.serving.packaging import encode_png, export_model, model_kwargs
+from ferflow.serving.registry import dataset_alias, promote, register_and_promote, should_promote
 
 SERVE = {"detect_face": True, "tta": "flip", "max_image_bytes": 1_000_000, "max_image_pixels": 4_000_000}
 TEST_SET = "0123456789abcdef"
@@ -240,7 +233,7 @@ def test_champion_is_compared_only_within_a_test_set(registry) -> None:
 
 RACER = """
 import sys, mlflow
-from ferflow.serving.export import promote
+from ferflow.serving.registry import promote
 uri, test_set, accuracies = sys.argv[1], sys.argv[2], [float(a) for a in sys.argv[3:]]
 mlflow.set_tracking_uri(uri)
 client = mlflow.MlflowClient()

@@ -10,7 +10,7 @@ import yaml
 
 from conftest import REPO
 from ferflow.core.imports import direct_imports, imported_modules, module_name, module_path
-from ferflow.serving.export import MODEL_CODE
+from ferflow.serving.packaging import MODEL_CODE
 
 # subpackage -> the subpackages it may import (itself included); top-level modules are free
 ALLOWED = {

@@ -24,7 +24,7 @@ PHOTO_SIZE = (800, 600)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ferflow.serving.export import export_model
+    from ferflow.serving.packaging import export_model
 
     work = tmp_path_factory.mktemp("predict-model")
     model, labels = write_tiny_model(work)
@@ -199,7 +199,7 @@ def test_collect_images_under_a_hidden_folder_skips_only_hidden_parts_below_it(t
 
 def test_predict_says_which_model_it_used(tmp_path: Path, images: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     """#19.4: the model's URI, run, test accuracy and test data go to stderr (stdout stays the table/JSON)."""
-    from ferflow.serving.export import export_model
+    from ferflow.serving.packaging import export_model
 
     model, labels = write_tiny_model(tmp_path)
     info = {"mlflow_run_id": "0123abcd" * 4, "test_accuracy": 0.6029, "test_set": "3f2a9c01deadbeef", "n_test": 700}

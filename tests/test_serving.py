@@ -91,7 +91,7 @@ def served_model(tmp_path_factory: pytest.TempPathFactory) -> dict:
     import keras
 
     from ferflow.model.architectures import build_model
-    from ferflow.serving.export import export_model
+    from ferflow.serving.packaging import export_model
 
     work = tmp_path_factory.mktemp("served")
     keras.utils.set_random_seed(0)

@@ -171,7 +171,7 @@ def _evaluate(data_dir: Path, params_file: Path, out: Path, metrics_json: Path) 
 def test_train_evaluate_export_share_one_mlflow_run(data_dir, tiny_params, tmp_path, monkeypatch):
     import mlflow
 
-    from ferflow.serving.export import run_export
+    from ferflow.serving.export import ExportPaths, run_export
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
@@ -194,11 +194,11 @@ def test_train_evaluate_export_share_one_mlflow_run(data_dir, tiny_params, tmp_p
         assert (tmp_path / "plots" / name).stat().st_size > 0
 
     params = read_params(tiny_params)
-    exported = run_export(
-        params.export, params.serve,
-        arrays=data_dir / "arrays", label_map=data_dir / "label_map.json", model_path=tmp_path / "model.keras",
-        eval_metrics_json=tmp_path / "eval.json", out_dir=tmp_path / "export", metrics_json=tmp_path / "export.json",
+    paths = ExportPaths(
+        data_dir / "arrays", data_dir / "label_map.json", tmp_path / "model.keras", tmp_path / "eval.json",
+        tmp_path / "export", tmp_path / "export.json",
     )  # fmt: skip
+    exported = run_export(params.export, params.serve, paths)
     assert (tmp_path / "export" / "MLmodel").exists()
     assert exported["version"] == 1 and exported["champion"] is True
 

@@ -34,7 +34,7 @@ SIZE = (480, 360)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ferflow.serving.export import export_model
+    from ferflow.serving.packaging import export_model
 
     work = tmp_path_factory.mktemp("video-model")
     model, labels = write_tiny_model(work)
@@ -398,7 +398,8 @@ def test_mtcnn_serving_and_watch(capsys, model_dir: Path, tmp_path: Path) -> Non
 def test_watch_with_a_registered_model_uri(capsys, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow
 
-    from ferflow.serving.export import model_kwargs, register_and_promote
+    from ferflow.serving.packaging import model_kwargs
+    from ferflow.serving.registry import register_and_promote
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
