@@ -85,7 +85,7 @@ def test_evaluate_warns_when_one_class_takes_the_predictions(tmp_path, caplog: p
     paths = EvalPaths(
         tmp_path, tmp_path, tmp_path, history, tmp_path, tmp_path / "eval.json", tmp_path / "pred.csv", tmp_path / "plots"
     )
-    metrics = evaluate(model, faces(14), y, list(FER_CLASSES), paths, EvaluateParams())
+    metrics = evaluate(model, (faces(14), y), list(FER_CLASSES), paths, EvaluateParams())
     assert (metrics["top_class"], metrics["top_class_share"]) == ("happy", 1.0)
     with caplog.at_level(logging.WARNING, logger="ferflow"):
         assert warn_if_one_class(metrics) is True

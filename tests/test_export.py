@@ -23,7 +23,7 @@ from ferflow.core.classes import FER_CLASSES
 from ferflow.data.arrays import split_digest
 from ferflow.data.sources.synthetic import generate_face
 from ferflow.serving.packaging import encode_png, export_model, model_kwargs
-from ferflow.serving.registry import dataset_alias, promote, register_and_promote, should_promote
+from ferflow.serving.registry import Evaluated, dataset_alias, promote, register_and_promote, should_promote
 
 SERVE = {"detect_face": True, "tta": "flip", "max_image_bytes": 1_000_000, "max_image_pixels": 4_000_000}
 TEST_SET = "0123456789abcdef"
@@ -157,7 +157,7 @@ def test_champion_alias_moves_only_to_better_models(tmp_path: Path, inputs: dict
 
         def export(accuracy: float, force: bool = False) -> dict:
             with mlflow.start_run(experiment_id=exp):
-                return register_and_promote(kwargs, "ferflow-test", accuracy, force, TEST_SET, list(FER_CLASSES))
+                return register_and_promote(kwargs, "ferflow-test", Evaluated(accuracy, TEST_SET, list(FER_CLASSES)), force)
 
         first = export(0.50)
         assert (first["version"], first["champion"], first["previous_champion"]) == (1, True, None)
@@ -177,7 +177,7 @@ def test_champion_alias_moves_only_to_better_models(tmp_path: Path, inputs: dict
         served = mlflow.pyfunc.load_model("models:/ferflow-test@champion")
         assert served.metadata.get_params_schema().params[1].default == "flip"
         with pytest.raises(ValueError, match="finite"):
-            register_and_promote(kwargs, "ferflow-test", float("nan"), False, TEST_SET, list(FER_CLASSES))
+            register_and_promote(kwargs, "ferflow-test", Evaluated(float("nan"), TEST_SET, list(FER_CLASSES)), False)
     finally:
         mlflow.set_tracking_uri(previous_uri)
 
@@ -200,7 +200,7 @@ def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 def _register(client, accuracy: float, test_set: str, classes: tuple[str, ...] = FER_CLASSES, force: bool = False) -> dict:
     version = int(client.create_model_version("ferflow-test", source=UNUSED_SOURCE).version)
-    return promote(client, "ferflow-test", version, accuracy, force, test_set, list(classes))
+    return promote(client, "ferflow-test", version, Evaluated(accuracy, test_set, list(classes)), force)
 
 
 def test_split_digest_covers_pixels_labels_and_classes() -> None:
@@ -233,13 +233,13 @@ def test_champion_is_compared_only_within_a_test_set(registry) -> None:
 
 RACER = """
 import sys, mlflow
-from ferflow.serving.registry import promote
+from ferflow.serving.registry import Evaluated, promote
 uri, test_set, accuracies = sys.argv[1], sys.argv[2], [float(a) for a in sys.argv[3:]]
 mlflow.set_tracking_uri(uri)
 client = mlflow.MlflowClient()
 for accuracy in accuracies:
     version = int(client.create_model_version("ferflow-test", source="s3://ferflow-tests/unused-model").version)
-    promote(client, "ferflow-test", version, accuracy, False, test_set, ["a", "b"])
+    promote(client, "ferflow-test", version, Evaluated(accuracy, test_set, ["a", "b"]), False)
 """
 
 

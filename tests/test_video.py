@@ -399,7 +399,7 @@ def test_watch_with_a_registered_model_uri(capsys, model_dir: Path, tmp_path: Pa
     import mlflow
 
     from ferflow.serving.packaging import model_kwargs
-    from ferflow.serving.registry import register_and_promote
+    from ferflow.serving.registry import Evaluated, register_and_promote
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -415,7 +415,7 @@ def test_watch_with_a_registered_model_uri(capsys, model_dir: Path, tmp_path: Pa
         kwargs = model_kwargs(work / "model.keras", work / "label_map.json", tmp_path / "serve.json", face)
         kwargs.pop("input_example")
         with mlflow.start_run(experiment_id=exp):
-            register_and_promote(kwargs, "ferflow-video", 0.5, False, "test-set-of-this-test", list(FER_CLASSES))
+            register_and_promote(kwargs, "ferflow-video", Evaluated(0.5, "test-set-of-this-test", list(FER_CLASSES)), False)
         frames, _ = synthetic_frames(3, size=(320, 240), n_faces=1, patch_side=120)
         video = write_video(tmp_path / "one.mp4", frames)
         rc, out, err = watch(capsys, str(video), "--model", "models:/ferflow-video@champion", "--csv", str(tmp_path / "f.csv"))

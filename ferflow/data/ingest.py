@@ -255,22 +255,7 @@ def ingest(
     written in a temp dir that replaces `paths.out` only when the data set passes its checks.
     """
     classes = list(data.classes)
-    wanted = set(classes)
-    skipped: Counter[str] = Counter()
-    groups: dict[tuple[str, str], list[SourceItem]] = defaultdict(list)
-    for item in source.items():
-        if item.class_name in wanted:
-            groups[(item.split, item.class_name)].append(item)
-        else:
-            skipped["class_not_selected"] += 1
-    skipped.update(source.skipped())
-    rejected: list[dict[str, str]] = []
-    for r in source.rejected():
-        if r.class_name and r.class_name not in wanted:
-            skipped["class_not_selected"] += 1
-        else:
-            rejected.append({"split": r.split, "label": r.class_name, "path": r.origin, "reason": r.reason})
-
+    groups, rejected, skipped = _sort_out(source, classes)
     caps = data.split_caps()
     for key in groups:
         if caps[key[0]] is not None:
@@ -290,35 +275,61 @@ def ingest(
             runner.close()
         rejected += more_rejected
         skipped["over_max_per_class"] += len(items) - len(accepted) - len(more_rejected)
-
-        per_split_class = Counter((a["split"], a["label"]) for a in accepted)
-        splits_present = [s for s in SPLITS if any(per_split_class[(s, c)] for c in classes)]
-        metrics = {
-            "source": source.describe(),
-            "classes": classes,
-            # every file the source saw is in exactly one bucket: seen = total + rejected + skipped
-            "seen": len(accepted) + len(rejected) + sum(skipped.values()),
-            "total": len(accepted),
-            "counts": {s: {c: per_split_class[(s, c)] for c in classes} for s in splits_present},
-            "split_totals": {s: sum(per_split_class[(s, c)] for c in classes) for s in splits_present},
-            "rejected": len(rejected),
-            "rejected_by_reason": dict(sorted(Counter(_reason_kind(r["reason"]) for r in rejected).items())),
-            "skipped": {k: v for k, v in sorted(skipped.items()) if v},
-            "duplicates": duplicate_stats(
-                [a["split"] for a in accepted], [a["label"] for a in accepted], [a["pixel_hash"] for a in accepted]
-            ),
-        }
+        metrics = _metrics(source, classes, accepted, rejected, skipped)
         # Written before any failure, so the user can see why.
         rejected.sort(key=lambda r: (r["split"], r["label"], r["path"]))
         _write_csv(paths.rejected, REJECTED_FIELDS, rejected)
         files.write_json(paths.metrics, metrics)
-        problems = _problems(
-            per_split_class, splits_present, classes, len(accepted), len(rejected), data.max_reject_fraction, paths.rejected
-        )
+        problems = _problems(metrics, classes, data.max_reject_fraction, paths.rejected)
         if problems:
             raise IngestError("ingest failed: " + "; ".join(problems))
         _write_csv(tmp / MANIFEST_NAME, MANIFEST_FIELDS, accepted)
     return metrics
+
+
+def _sort_out(
+    source: Source, classes: list[str]
+) -> tuple[dict[tuple[str, str], list[SourceItem]], list[dict[str, str]], Counter[str]]:
+    """The source's items grouped by (split, class) of the selected classes; its rejected
+    files as rows; the count of everything skipped, by reason."""
+    wanted = set(classes)
+    skipped: Counter[str] = Counter()
+    groups: dict[tuple[str, str], list[SourceItem]] = defaultdict(list)
+    for item in source.items():
+        if item.class_name in wanted:
+            groups[(item.split, item.class_name)].append(item)
+        else:
+            skipped["class_not_selected"] += 1
+    skipped.update(source.skipped())
+    rejected: list[dict[str, str]] = []
+    for r in source.rejected():
+        if r.class_name and r.class_name not in wanted:
+            skipped["class_not_selected"] += 1
+        else:
+            rejected.append({"split": r.split, "label": r.class_name, "path": r.origin, "reason": r.reason})
+    return groups, rejected, skipped
+
+
+def _metrics(
+    source: Source, classes: list[str], accepted: list[dict[str, Any]], rejected: list[dict[str, str]], skipped: Counter[str]
+) -> dict[str, Any]:
+    per_split_class = Counter((a["split"], a["label"]) for a in accepted)
+    splits_present = [s for s in SPLITS if any(per_split_class[(s, c)] for c in classes)]
+    return {
+        "source": source.describe(),
+        "classes": classes,
+        # every file the source saw is in exactly one bucket: seen = total + rejected + skipped
+        "seen": len(accepted) + len(rejected) + sum(skipped.values()),
+        "total": len(accepted),
+        "counts": {s: {c: per_split_class[(s, c)] for c in classes} for s in splits_present},
+        "split_totals": {s: sum(per_split_class[(s, c)] for c in classes) for s in splits_present},
+        "rejected": len(rejected),
+        "rejected_by_reason": dict(sorted(Counter(_reason_kind(r["reason"]) for r in rejected).items())),
+        "skipped": {k: v for k, v in sorted(skipped.items()) if v},
+        "duplicates": duplicate_stats(
+            [a["split"] for a in accepted], [a["label"] for a in accepted], [a["pixel_hash"] for a in accepted]
+        ),
+    }
 
 
 def _group_order(classes: list[str]):
@@ -374,17 +385,20 @@ def _run_rounds(
             return accepted, rejected
 
 
-def _problems(per_split_class, splits_present, classes, n_ok, n_rejected, max_fraction, rejected_csv) -> list[str]:
+def _problems(metrics: dict[str, Any], classes: list[str], max_fraction: float, rejected_csv: Path) -> list[str]:
+    """Why the data set must not be used (missing splits or classes, too many rejects), from its metrics."""
     problems = []
+    splits_present = list(metrics["counts"])
     if "train" not in splits_present or "test" not in splits_present:
         problems.append(
             f"the source must provide a train and a test split with usable images, found: {', '.join(splits_present) or 'none'}"
         )
     for split in splits_present:
-        empty = [c for c in classes if per_split_class[(split, c)] == 0]
+        empty = [c for c in classes if metrics["counts"][split][c] == 0]
         if empty:
             problems.append(f"split {split!r} has no usable image of class(es) {', '.join(empty)}")
-    total = n_ok + n_rejected
+    n_rejected = metrics["rejected"]
+    total = metrics["total"] + n_rejected
     if total and n_rejected / total > max_fraction:
         problems.append(
             f"{n_rejected} of {total} images rejected ({n_rejected / total:.2%}), over "

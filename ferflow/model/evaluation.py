@@ -149,17 +149,18 @@ class EvalPaths:
 
 def evaluate(
     model,
-    x_test: np.ndarray,
-    y_test: np.ndarray,
+    test: tuple[np.ndarray, np.ndarray],
     classes: list[str],
     paths: EvalPaths,
     params: EvaluateParams,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write metrics JSON (headline numbers), per-class JSON, predictions CSV, report and
-    plots; return all metrics. `extra` goes into the metrics JSON as given."""
+    plots for the `test` images and labels; return all metrics. `extra` goes into the
+    metrics JSON as given."""
     from sklearn.metrics import classification_report
 
+    x_test, y_test = test
     out_dir = paths.plots
     probs = predict_proba(model, x_test, params.tta, params.batch_size)
     metrics = compute_metrics(y_test, probs, classes)

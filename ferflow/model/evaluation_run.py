@@ -65,7 +65,7 @@ def run_evaluation(params: EvaluateParams, paths: EvalPaths) -> dict[str, Any]:
     model = keras.models.load_model(paths.model, compile=False)
 
     def work(run_id: str | None) -> dict[str, Any]:
-        metrics = evaluate(model, x_test, y_test, classes, paths, params, extra={"mlflow_run_id": run_id})
+        metrics = evaluate(model, (x_test, y_test), classes, paths, params, extra={"mlflow_run_id": run_id})
         if paths.summary is not None:
             # in SUMMARY_KEYS order, not sorted: DVC shows the columns in the file's order
             files.write_text(paths.summary, json.dumps(experiment_summary(metrics, model, paths.history), indent=2) + "\n")

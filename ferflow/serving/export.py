@@ -13,7 +13,7 @@ import numpy as np
 from ferflow.core import files
 from ferflow.core.params import ExportParams, ServeParams, flatten
 from ferflow.serving.packaging import model_kwargs, save_pyfunc
-from ferflow.serving.registry import ACCURACY_DIGITS, register_and_promote
+from ferflow.serving.registry import ACCURACY_DIGITS, Evaluated, register_and_promote
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def run_export(export: ExportParams, serve: ServeParams, paths: ExportPaths) -> 
         result: dict[str, Any] = {"export_dir": str(paths.out), "test_accuracy": eval_metrics["accuracy"]}
         # evaluate recorded the run it logged to (the training run, or a fork of it)
         if eval_metrics.get("mlflow_run_id"):
-            result |= _register(export, serve, paths, kwargs, eval_metrics, test_set, classes)
+            result |= _register(export, serve, paths, kwargs, eval_metrics)
     finally:
         config_path.unlink(missing_ok=True)
     files.write_json(paths.metrics, result)
@@ -63,10 +63,10 @@ def run_export(export: ExportParams, serve: ServeParams, paths: ExportPaths) -> 
 
 
 def _register(
-    export: ExportParams, serve: ServeParams, paths: ExportPaths, kwargs: dict[str, Any], eval_metrics: dict[str, Any],
-    test_set: str, classes: list[str],
-) -> dict[str, Any]:  # fmt: skip
-    """Log and register the model in the run evaluate logged to, and promote it."""
+    export: ExportParams, serve: ServeParams, paths: ExportPaths, kwargs: dict[str, Any], eval_metrics: dict[str, Any]
+) -> dict[str, Any]:
+    """Log and register the model (`kwargs` of save_pyfunc, with its metadata) in the run
+    evaluate logged to, and promote it."""
     import mlflow
 
     from ferflow.tracking.runs import resume_run
@@ -74,8 +74,9 @@ def _register(
 
     params = flatten({"export": export, "serve": serve})
     with resume_run(eval_metrics["mlflow_run_id"], params, str(paths.eval_metrics)) as run_id, interrupts_held():
-        accuracy = eval_metrics["accuracy"]
-        result = register_and_promote(kwargs, export.registered_model_name, accuracy, export.force_champion, test_set, classes)
+        about = kwargs["metadata"]["ferflow"]
+        evaluated = Evaluated(eval_metrics["accuracy"], about["test_set"], about["classes"])
+        result = register_and_promote(kwargs, export.registered_model_name, evaluated, export.force_champion)
         # the lock of this working copy (DVC writes export's own entry after the stage)
         if Path("dvc.lock").exists():
             mlflow.log_artifact("dvc.lock")

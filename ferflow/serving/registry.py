@@ -11,6 +11,7 @@ converge: each re-checks after moving an alias.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from ferflow.serving.packaging import quiet_mlflow_pyfunc
@@ -115,12 +116,20 @@ def _point_champion_at(client: Any, name: str, test_set: str) -> int:
     raise RuntimeError(f"registered model {name!r}: alias {CHAMPION!r} kept moving for {CONVERGE_ROUNDS} rounds")
 
 
-def promote(
-    client: Any, name: str, version: int, test_accuracy: float, force: bool, test_set: str, classes: list[str]
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Evaluated:
+    """What a model's evaluation says about it, as the champion protocol compares it."""
+
+    test_accuracy: float
+    test_set: str  # the content digest of the test split and classes
+    classes: list[str]
+
+
+def promote(client: Any, name: str, version: int, evaluated: Evaluated, force: bool) -> dict[str, Any]:
     """Tag registered `version` with its test accuracy, test set and classes; move the alias
     `champion-<test set>` to it if it beats that alias's holder (only models evaluated on the
     same test set compete), then point `champion` at that test set's champion."""
+    test_accuracy, test_set = evaluated.test_accuracy, evaluated.test_set
     if not math.isfinite(test_accuracy):
         raise ValueError(f"test accuracy must be a finite number, got {test_accuracy!r}")
     previous = current_champion(client, name, dataset_alias(test_set))
@@ -128,7 +137,7 @@ def promote(
     for key, value in {
         ACCURACY_TAG: f"{stored_accuracy(test_accuracy):.{ACCURACY_DIGITS}f}",
         TEST_SET_TAG: test_set,
-        CLASSES_TAG: ",".join(classes),
+        CLASSES_TAG: ",".join(evaluated.classes),
     }.items():
         client.set_model_version_tag(name, str(version), key, value)
     if force:
@@ -146,17 +155,15 @@ def promote(
     }
 
 
-def register_and_promote(
-    run_kwargs: dict[str, Any], name: str, test_accuracy: float, force: bool, test_set: str, classes: list[str]
-) -> dict[str, Any]:
+def register_and_promote(run_kwargs: dict[str, Any], name: str, evaluated: Evaluated, force: bool) -> dict[str, Any]:
     """Log the model to the active run, register a version and `promote` it."""
     import mlflow
 
-    if not math.isfinite(test_accuracy):
-        raise ValueError(f"test accuracy must be a finite number, got {test_accuracy!r}")
+    if not math.isfinite(evaluated.test_accuracy):
+        raise ValueError(f"test accuracy must be a finite number, got {evaluated.test_accuracy!r}")
     quiet_mlflow_pyfunc()
     info = mlflow.pyfunc.log_model(name="model", registered_model_name=name, **run_kwargs)
     version = int(info.registered_model_version)
-    result = promote(mlflow.MlflowClient(), name, version, test_accuracy, force, test_set, classes)
+    result = promote(mlflow.MlflowClient(), name, version, evaluated, force)
     mlflow.set_tag("ferflow.registered_version", f"{name}/{version}")
     return result | {"model_uri": info.model_uri}
