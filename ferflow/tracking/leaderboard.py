@@ -109,50 +109,8 @@ def _all_runs(client: Any, experiment_id: str) -> list[Any]:
 
 def collect(tracking_uri: str, experiment: str, sort: str = "accuracy", limit: int | None = None) -> list[Row]:
     """The experiment's runs, best first by `sort` (runs lacking that value last), at most `limit`."""
-    import mlflow
-
-    store_file = sqlite_path(tracking_uri)
-    if store_file is not None and not store_file.exists():
-        # MlflowClient would create an empty database here; say what is wrong instead.
-        raise LeaderboardError(f"no MLflow store at {store_file} (run the pipeline first, or pass --tracking-uri)")
-    # an unreachable server should fail in seconds, as in the pipeline stages
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    client = mlflow.MlflowClient(tracking_uri)
-    try:
-        found = client.get_experiment_by_name(experiment)
-    except Exception as exc:  # mlflow raises many types for an unreachable store
-        raise LeaderboardError(
-            f"MLflow store {tracking_uri!r} is not reachable ({type(exc).__name__}: {str(exc)[:300]})"
-        ) from None
-    if found is None:
-        raise LeaderboardError(f"no experiment {experiment!r} in {tracking_uri}")
-
-    runs = _all_runs(client, found.experiment_id)
-
-    rows = []
-    for r in runs:
-        m, tags = r.data.metrics, r.data.tags
-        params = _metric(m, "params_count")
-        source = r.data.params.get("data.source", "")
-        rows.append(
-            Row(
-                run_id=r.info.run_id,
-                run_name=r.info.run_name or r.info.run_id[:8],
-                arch=tags.get("arch") or r.data.params.get("train.arch", "?"),
-                data=Path(source).name or source or "?",
-                data_hash=tags.get("data.hash", ""),
-                test_set=_test_digest(r) or tags.get("data.hash", ""),
-                test_accuracy=_metric(m, "test_accuracy"),
-                macro_f1=_metric(m, "test_macro_f1"),
-                params=int(params) if params is not None else None,
-                train_time_s=_metric(m, "train_time_s"),
-                epochs=None if (epochs := _metric(m, "epochs_run")) is None else int(epochs),
-                status=r.info.status,
-                start_time_ms=int(r.info.start_time or 0),
-                experiments=[n for n in tags.get(EXP_NAMES_TAG, tags.get("dvc.exp.name", "")).split(",") if n],
-            )
-        )
+    client, experiment_id = _open_experiment(tracking_uri, experiment)
+    rows = [_row(run) for run in _all_runs(client, experiment_id)]
     attr, largest_first = SORT_KEYS[sort]
     # a run without `epochs_run` (it failed mid-training) has its epochs in its loss history,
     # one query a run: for every such run only when sorting by them, otherwise (below) for the rows shown
@@ -171,6 +129,53 @@ def collect(tracking_uri: str, experiment: str, sort: str = "accuracy", limit: i
         if row.epochs is None:
             row.epochs = _epochs_run(client, row.run_id)
     return rows
+
+
+def _open_experiment(tracking_uri: str, experiment: str) -> tuple[Any, str]:
+    """A client of the store and the experiment's id, or LeaderboardError saying what is missing."""
+    import mlflow
+
+    store_file = sqlite_path(tracking_uri)
+    if store_file is not None and not store_file.exists():
+        # MlflowClient would create an empty database here; say what is wrong instead.
+        raise LeaderboardError(f"no MLflow store at {store_file} (run the pipeline first, or pass --tracking-uri)")
+    # an unreachable server should fail in seconds, as in the pipeline stages
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    client = mlflow.MlflowClient(tracking_uri)
+    try:
+        found = client.get_experiment_by_name(experiment)
+    except Exception as exc:  # mlflow raises many types for an unreachable store
+        raise LeaderboardError(
+            f"MLflow store {tracking_uri!r} is not reachable ({type(exc).__name__}: {str(exc)[:300]})"
+        ) from None
+    if found is None:
+        raise LeaderboardError(f"no experiment {experiment!r} in {tracking_uri}")
+    return client, found.experiment_id
+
+
+def _row(r: Any) -> Row:
+    """One run as a leaderboard row (epochs None when the run never logged `epochs_run`)."""
+    m, tags = r.data.metrics, r.data.tags
+    params = _metric(m, "params_count")
+    epochs = _metric(m, "epochs_run")
+    source = r.data.params.get("data.source", "")
+    return Row(
+        run_id=r.info.run_id,
+        run_name=r.info.run_name or r.info.run_id[:8],
+        arch=tags.get("arch") or r.data.params.get("train.arch", "?"),
+        data=Path(source).name or source or "?",
+        data_hash=tags.get("data.hash", ""),
+        test_set=_test_digest(r) or tags.get("data.hash", ""),
+        test_accuracy=_metric(m, "test_accuracy"),
+        macro_f1=_metric(m, "test_macro_f1"),
+        params=int(params) if params is not None else None,
+        train_time_s=_metric(m, "train_time_s"),
+        epochs=int(epochs) if epochs is not None else None,
+        status=r.info.status,
+        start_time_ms=int(r.info.start_time or 0),
+        experiments=[n for n in tags.get(EXP_NAMES_TAG, tags.get("dvc.exp.name", "")).split(",") if n],
+    )
 
 
 def _fmt(value: float | None, spec: str) -> str:
