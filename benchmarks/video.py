@@ -100,7 +100,7 @@ def main() -> int:
     import cv2
 
     from ferflow.serving.faces import make_detector
-    from ferflow.serving.predict import load_model
+    from ferflow.serving.model import load_model
     from video_synth import synthetic_frames, write_video
 
     rows = []

@@ -16,7 +16,8 @@ from conftest import BIN, write_tiny_model
 from ferflow.cli import build_parser, main
 from ferflow.core.classes import FER_CLASSES
 from ferflow.data.sources.synthetic import generate_face
-from ferflow.serving.predict import annotation_paths, collect_images, format_table, load_model, predict_files
+from ferflow.serving.model import load_model
+from ferflow.serving.predict import annotation_paths, collect_images, format_table, predict_files
 from support import synthetic_photo
 
 PHOTO_SIZE = (800, 600)

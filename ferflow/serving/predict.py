@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ferflow.core.params import FACE_DETECTORS, TTA_MODES
+from ferflow.serving.model import DEFAULT_MODEL, UsageError, describe_model, load_model, model_classes
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -25,11 +26,6 @@ if TYPE_CHECKING:
 # Only light imports here: `ferflow --help` imports this module to list the subcommand.
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
-DEFAULT_MODEL = "models/export"
-
-
-class UsageError(ValueError):
-    """Bad arguments: missing files, no images, an unusable model path."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,43 +73,6 @@ def collect_images(paths: Iterable[str | Path]) -> list[Path]:
     if not found:
         raise UsageError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, paths))}")
     return found
-
-
-def load_model(uri: str):
-    """An exported model directory or any MLflow model URI (models:/, runs:/, ...)."""
-    import mlflow
-
-    if "://" in uri or uri.startswith(("models:/", "runs:/")):
-        from ferflow.tracking.store import tracking_uri
-
-        mlflow.set_tracking_uri(tracking_uri())  # the project store, for models:/ URIs
-        return mlflow.pyfunc.load_model(uri)
-    path = Path(uri)
-    if not (path / "MLmodel").is_file():
-        raise UsageError(f"{path}: not an exported model (no MLmodel file); run the export stage (`dvc repro`) or pass --model")
-    return mlflow.pyfunc.load_model(str(path))
-
-
-def describe_model(uri: str, model: Any) -> str:
-    """One line naming the model used: URI, training run, test accuracy and test data (from
-    the metadata the export stage writes into MLmodel)."""
-    info = (model.metadata.metadata or {}).get("ferflow")
-    if not info:
-        return f"model: {uri} (no ferflow metadata: exported before it was recorded; its run and accuracy are unknown)"
-    return (
-        f"model: {uri}  run {info.get('mlflow_run_id') or '-'}  test accuracy {info['test_accuracy']:.4f} "
-        f"on test set {info['test_set'][:8]} ({info['n_test']} images, {len(info['classes'])} classes)"
-    )
-
-
-def model_classes(model: Any) -> list[str]:
-    """Class names in output order, from the model's output signature."""
-    from ferflow.serving.faces import BOX_COLUMNS
-
-    outputs = model.metadata.get_output_schema()
-    names = outputs.input_names() if outputs is not None else []
-    skip = {"label", "confidence", "face_found", "image_index", *BOX_COLUMNS}
-    return [n for n in names if n not in skip]
 
 
 def _record(path: Path, row: dict[str, Any], classes: Sequence[str]) -> dict[str, Any]:

@@ -12,10 +12,10 @@ import argparse
 import sys
 
 from ferflow.core.params import FACE_DETECTORS, TTA_MODES
+from ferflow.serving.model import DEFAULT_MODEL
 
 # Only light imports here: `ferflow --help` imports this module to list the subcommand.
 
-DEFAULT_MODEL = "models/export"
 DEFAULT_SMOOTH = 5  # frames averaged by a bare --smooth: ~1/6 s at 30 fps, enough to stop flicker
 
 
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ferflow.serving.predict import UsageError, load_model
+    from ferflow.serving.model import UsageError, load_model
     from ferflow.video import analyze as video
 
     try:
