@@ -163,6 +163,10 @@ def test_runs_on_different_test_sets_get_separate_tables_with_a_data_column(tmp_
             mlflow.log_metrics({"test_accuracy": acc, "train_time_s": 60.0, "params_count": 1000})
             log_datasets(source, {"test": (faces, labels, test_digest)})
     mlflow.set_tracking_uri("")
+    fer_a = mlflow.MlflowClient(uri).search_runs([exp_id], filter_string="attributes.run_name = 'fer-a'")[0]
+    dataset = fer_a.inputs.dataset_inputs[0].dataset
+    assert (dataset.name, dataset.digest, dataset.source_type) == ("fer2013.zip", "t-fer", "local")
+    assert json.loads(dataset.source) == {"uri": "/data/fer2013.zip"}
 
     rows = leaderboard.collect(uri, "ferflow")
     assert {(r.run_name, r.data, r.test_set) for r in rows} == {

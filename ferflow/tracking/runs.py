@@ -258,18 +258,16 @@ def log_datasets(source: str, splits: dict[str, tuple[Any, Any, str]]) -> None:
     """
     import mlflow
     from mlflow.data.code_dataset_source import CodeDatasetSource
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
 
     if source == "synthetic":
         origin: Any = CodeDatasetSource(tags={"generator": "ferflow.data.sources.synthetic"})
         name = source
     else:
-        # two registered local-file source classes match a path; MLflow warns and picks one
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
-            origin = resolve_dataset_source(str(Path(source).resolve()))
+        origin = str(Path(source).resolve())  # from_numpy resolves a path to its local-file source
         name = Path(source).name or source
-    with interrupts_held():
+    with interrupts_held(), warnings.catch_warnings():
+        # two registered local-file source classes match a path; MLflow warns and picks one
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
         for context, (images, labels, digest) in splits.items():
             dataset = mlflow.data.from_numpy(images, targets=labels, source=origin, name=name, digest=digest)
             mlflow.log_input(dataset, context=context)
