@@ -21,11 +21,13 @@ from PIL import Image
 
 from ferflow.core import files
 from ferflow.core.classes import FER_CLASSES
+from ferflow.core.params import ServeParams
 from ferflow.data.preprocessing import decode_image, normalize, prepare_batch, to_grayscale
 from ferflow.data.sources.synthetic import generate_face
 from ferflow.model.evaluation import predict_proba
 from ferflow.serving.faces import DETECT_MIN_SIDE, Box, FaceDetector, centre_square, square_with_margin
-from ferflow.serving.pyfunc import RequestError, ServeParams, decode_base64, pixels_to_batch
+from ferflow.serving.mlflow_adapter import RequestError
+from ferflow.serving.pyfunc import decode_base64, pixels_to_batch
 from support import local_server, synthetic_photo
 
 SERVE_CONFIG = {

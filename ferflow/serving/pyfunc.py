@@ -45,8 +45,6 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 
 from ferflow.core import files
@@ -55,6 +53,7 @@ from ferflow.core.params import FACE_DETECTORS, TTA_MODES, ServeParams
 from ferflow.data.preprocessing import IMAGE_SIZE, ImageError, decode_image, normalize, prepare_batch
 from ferflow.model.evaluation import predict_proba, renormalize
 from ferflow.serving.faces import BOX_COLUMNS, Box, FaceDetector, centre_square, make_detector
+from ferflow.serving.mlflow_adapter import RequestError, check_params_first
 
 INPUT_COLUMN = "image"
 PIXEL_RANGES = ("auto", "0-255", "0-1")
@@ -66,25 +65,6 @@ INFER_BATCH = 256  # images per model call; bounds activation memory for large r
 TRIM_MIN_PIXELS = 4_000_000
 PARALLEL_MIN = 8  # decode + detect in a thread pool from this many images per request
 _PIXEL_SHAPES = "(N,48,48), (N,48,48,1) or (N,2304)"
-
-
-class RequestError(MlflowException, ValueError):
-    """A bad request; the message names the row, field and what was expected (HTTP 400)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
-
-    # The scoring server rewrites `e.message` to "Failed to predict data '<repr of the whole
-    # request>'. Error: ...", which for a pixel tensor is megabytes of numbers in front of
-    # the reason. Keep the first message set: it already names row, field and expectation.
-    @property
-    def message(self) -> str:
-        return self._request_message
-
-    @message.setter
-    def message(self, value: str) -> None:
-        if not hasattr(self, "_request_message"):
-            self._request_message = value
 
 
 # params.yaml `serve`, as baked into the export: the one params model validates both
@@ -235,7 +215,7 @@ def _allowed_text(allowed: Sequence[Any]) -> str:
 def check_request_params(params: Any) -> None:
     """Every request param known and of an allowed value, else RequestError naming it.
 
-    Also run ahead of MLflow's own params check when served (`guard_mlflow_params`),
+    Also run ahead of MLflow's own params check when served (`check_params_first`),
     which drops unknown params with only a log warning and reports a bad type with a
     repr of the whole request."""
     if params is None:
@@ -256,31 +236,6 @@ def _param(params: Mapping[str, Any] | None, name: str, default: Any, allowed: S
     if value not in allowed or type(value) is not type(default):
         raise RequestError(f"param {name!r} = {short_repr(value)}: expected one of {_allowed_text(allowed)}")
     return value
-
-
-def guard_mlflow_params() -> None:
-    """Run `check_request_params` before MLflow's params schema check in this process.
-
-    MLflow validates params against the signature before the model sees them: unknown
-    ones are dropped (200, a log line), a bad type fails with MLflow's message wrapped
-    around a repr of the whole request. There is no hook for a model to see the raw
-    params, so the schema check (a module function PyFuncModel looks up at call time)
-    is wrapped; it only acts for a schema of exactly ferflow's params. If MLflow renames
-    it, nothing is wrapped and `tests/test_serving.py` (bad params) fails.
-    """
-    import mlflow.pyfunc as pyfunc_module
-
-    original = getattr(pyfunc_module, "_enforce_params_schema", None)
-    if original is None or getattr(original, "ferflow_guard", False):
-        return
-
-    def enforce(params: Any, schema: Any) -> Any:
-        if schema is not None and {p.name for p in schema.params} == set(REQUEST_PARAMS):
-            check_request_params(params)
-        return original(params, schema)
-
-    enforce.ferflow_guard = True  # type: ignore[attr-defined]
-    pyfunc_module._enforce_params_schema = enforce
 
 
 # ---------------------------------------------------------------- the model
@@ -339,7 +294,7 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
     """pyfunc: column `image` (encoded bytes/base64, or pixel arrays) -> emotion predictions."""
 
     def load_context(self, context: Any) -> None:
-        guard_mlflow_params()
+        check_params_first(check_request_params, set(REQUEST_PARAMS))
         self.setup(
             context.artifacts["keras_model"],
             context.artifacts["label_map"],
