@@ -174,8 +174,8 @@ def backfill_epochs(run_id: str, rows: list[dict[str, Any]]) -> list[int]:
     metrics = [
         mlflow.entities.Metric(k, float(v), now, int(row["epoch"])) for row in missing for k, v in row.items() if k != "epoch"
     ]
-    for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
-        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+    if metrics:
+        client.log_batch(run_id, metrics=metrics)  # the client splits it into batches MLflow accepts
     return [int(row["epoch"]) for row in missing]
 
 
@@ -225,15 +225,11 @@ def _fork_run(run, values: dict[str, str], changed: list[str]) -> str:
     tags |= dvc_tags() | {"ferflow.train_run_id": run.info.run_id, "ferflow.forked_for": ",".join(changed)}
     name = os.environ.get("DVC_EXP_NAME") or f"{run.info.run_name}+{changed[0].split('.')[-1]}"
     new = client.create_run(run.info.experiment_id, run_name=name, tags=tags)
-    params = {**run.data.params, **values}
-    for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-        chunk = list(params.items())[start : start + 100]
-        client.log_batch(new.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in chunk])
+    params = [mlflow.entities.Param(k, v) for k, v in {**run.data.params, **values}.items()]
+    metrics = [mlflow.entities.Metric(k, v, 0, 0) for k, v in run.data.metrics.items() if not k.startswith("test_")]
+    client.log_batch(new.info.run_id, metrics=metrics, params=params)  # the client splits it into batches MLflow accepts
     if run.inputs and run.inputs.dataset_inputs:  # the same data: keep the Dataset column filled
         client.log_inputs(new.info.run_id, datasets=list(run.inputs.dataset_inputs))
-    metrics = [mlflow.entities.Metric(k, v, 0, 0) for k, v in run.data.metrics.items() if not k.startswith("test_")]
-    for start in range(0, len(metrics), 1000):
-        client.log_batch(new.info.run_id, metrics=metrics[start : start + 1000])
     return new.info.run_id
 
 
