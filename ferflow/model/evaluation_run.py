@@ -57,7 +57,7 @@ def run_evaluation(params: EvaluateParams, paths: EvalPaths) -> dict[str, Any]:
     import keras
 
     from ferflow.data.arrays import load_label_map, load_split
-    from ferflow.tracking.runs import backfill_epochs, recorded_run_id, resume_run
+    from ferflow.tracking.runs import StageRun, backfill_epochs, pipeline_run, recorded_run_id
     from ferflow.tracking.signals import interrupts_held
 
     classes = load_label_map(paths.label_map)
@@ -77,7 +77,7 @@ def run_evaluation(params: EvaluateParams, paths: EvalPaths) -> dict[str, Any]:
         return work(None)
     import mlflow
 
-    with resume_run(train_run_id, flatten({"evaluate": params}), str(paths.run_file)) as run_id:
+    with pipeline_run(StageRun(train_run_id, flatten({"evaluate": params}), str(paths.run_file))) as run_id:
         metrics = work(run_id)
         with interrupts_held():
             added = backfill_epochs(train_run_id, read_history(paths.history))  # the server was lost mid-training

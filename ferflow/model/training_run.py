@@ -23,16 +23,17 @@ from ferflow.data.arrays import load_label_map, load_split, split_digest
 from ferflow.data.index import dataset_hash
 from ferflow.model.training import FitOutputs, Splits, can_resume, fit_model
 from ferflow.tracking.runs import (
+    TrainingRun,
     device_name,
     dvc_tags,
     git_info,
     log_datasets,
     log_params_flat,
     mark_training_complete,
+    pipeline_run,
     run_name,
-    start_training_run,
 )
-from ferflow.tracking.signals import interrupts_held, run_status_guard
+from ferflow.tracking.signals import interrupts_held
 from ferflow.tracking.store import configure
 
 if TYPE_CHECKING:
@@ -96,11 +97,11 @@ def run_training(train: TrainParams, data: DataParams, paths: TrainPaths, use_ml
         configure()  # fails fast, before the first epoch, if the store is unreachable
         tags = {**git_info(find_root()), **dvc_tags(), **_versions(), "data.hash": data_hash, "arch": train.arch}
         tags |= {"device": device_name(), **layout.tags()}
-        run_id = start_training_run(run_name(train.arch), tags, paths.run_file, paths.work_dir / "mlflow_run.json", resuming)
-        guard = run_status_guard(run_id)
+        opening = TrainingRun(run_name(train.arch), tags, paths.run_file, paths.work_dir / "mlflow_run.json", resuming)
+        run: contextlib.AbstractContextManager[str | None] = pipeline_run(opening)
     else:
-        run_id, guard = None, contextlib.nullcontext()
-    with guard:
+        run = contextlib.nullcontext()
+    with run as run_id:
         if use_mlflow:
             log_params_flat(flatten({"data": data, "train": train}))
             if not resuming:  # a resumed run has its inputs already

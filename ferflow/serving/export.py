@@ -69,11 +69,12 @@ def _register(
     evaluate logged to, and promote it."""
     import mlflow
 
-    from ferflow.tracking.runs import resume_run
+    from ferflow.tracking.runs import StageRun, pipeline_run
     from ferflow.tracking.signals import interrupts_held
 
     params = flatten({"export": export, "serve": serve})
-    with resume_run(eval_metrics["mlflow_run_id"], params, str(paths.eval_metrics)) as run_id, interrupts_held():
+    opening = StageRun(eval_metrics["mlflow_run_id"], params, str(paths.eval_metrics))
+    with pipeline_run(opening) as run_id, interrupts_held():
         about = kwargs["metadata"]["ferflow"]
         evaluated = Evaluated(eval_metrics["accuracy"], about["test_set"], about["classes"])
         result = register_and_promote(kwargs, export.registered_model_name, evaluated, export.force_champion)

@@ -14,6 +14,7 @@ import subprocess
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,19 +103,50 @@ def note_experiment(run_id: str) -> None:
         client.set_tag(run_id, EXP_NAMES_TAG, ",".join([*names, name]))
 
 
-def start_training_run(
-    name: str, tags: dict[str, str], run_file: str | os.PathLike[str], resume_file: str | os.PathLike[str], resuming: bool
-) -> str:
-    """Start the training run, or continue the interrupted one when training resumes.
+@dataclass(frozen=True)
+class TrainingRun:
+    """The train stage's side of the pipeline run: start it, or continue the interrupted one
+    when training resumes. `resume_file` lives in the training work dir, which DVC does not
+    delete (it deletes `run_file`, a stage output, before rerunning)."""
 
-    `resume_file` lives in the training work dir, which DVC does not delete (it deletes
-    `run_file`, a stage output, before rerunning). A run left RUNNING by a SIGKILL that
-    will not be resumed (params changed) is marked KILLED.
-    """
+    name: str
+    tags: dict[str, str]
+    run_file: Path
+    resume_file: Path
+    resuming: bool
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """Evaluate's and export's side: reopen the run `run_id` (recorded in `source`) and log
+    the stage's params; forked when it already holds one of them with another value."""
+
+    run_id: str
+    stage_params: dict[str, Any]
+    source: str
+
+
+@contextlib.contextmanager
+def pipeline_run(opening: TrainingRun | StageRun) -> Iterator[str]:
+    """The pipeline's MLflow run, active inside: started, resumed or reopened (or forked) as
+    `opening` says, and ended FINISHED, FAILED or KILLED on the way out, never left RUNNING."""
+    if isinstance(opening, TrainingRun):
+        run_id = _start_training(opening)
+        with run_status_guard(run_id):
+            yield run_id
+    else:
+        with _reopen(opening) as run_id:
+            yield run_id
+
+
+def _start_training(opening: TrainingRun) -> str:
+    """Start the training run, or continue the interrupted one when training resumes. A run
+    left RUNNING by a SIGKILL that will not be resumed (params changed) is marked KILLED."""
     import mlflow
 
+    name, tags, run_file, resume_file = opening.name, opening.tags, opening.run_file, opening.resume_file
     previous = _recorded_run(resume_file)
-    if previous and resuming:
+    if previous and opening.resuming:
         run = mlflow.start_run(run_id=previous)
         mlflow.set_tag("ferflow.resumed", "true")
     else:
@@ -185,10 +217,10 @@ def recorded_run_id(run_file: str | os.PathLike[str]) -> str | None:
 
 
 @contextlib.contextmanager
-def resume_run(run_id: str, stage_params: dict[str, Any], source: str) -> Iterator[str]:
-    """Reopen the pipeline run `run_id` (from `source`) for evaluate/export and log their params.
+def _reopen(opening: StageRun) -> Iterator[str]:
+    """Reopen the pipeline run for evaluate/export and log their params.
 
-    If the run already holds one of `stage_params` with another value (e.g. an experiment
+    If the run already holds one of the stage's params with another value (e.g. an experiment
     that only changes `evaluate.tta` reuses the trained model), the run is forked instead:
     a new run with the same params/tags/final metrics, the new values, and tag
     `ferflow.train_run_id` pointing at the run that holds the model and training curves.
@@ -196,6 +228,7 @@ def resume_run(run_id: str, stage_params: dict[str, Any], source: str) -> Iterat
     """
     import mlflow
 
+    run_id, stage_params, source = opening.run_id, opening.stage_params, opening.source
     configure()
     client = mlflow.MlflowClient()
     try:
@@ -235,7 +268,7 @@ def _fork_run(run, values: dict[str, str], changed: list[str]) -> str:
 
 def log_params_flat(params: dict[str, Any]) -> None:
     """Log params not yet on the active run (a resumed run has them already; values that
-    differ are handled by forking in `resume_run`)."""
+    differ are handled by forking in `pipeline_run`)."""
     import mlflow
 
     with interrupts_held():
