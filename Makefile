@@ -1,12 +1,13 @@
 # ferflow: the two commands a user needs.
 #   make repro   create .venv if missing, install pinned requirements, run `dvc repro`
 #   make test    create .venv if missing, install requirements + test deps, run pytest
+#   make test-unit   the quick lane: tests/unit only
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP_FLAGS ?= --disable-pip-version-check --no-input -q
 
-.PHONY: repro test lint venv install install-dev clean-outputs system-deps tracking-server
+.PHONY: repro test test-unit lint venv install install-dev clean-outputs system-deps tracking-server
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +28,7 @@ install-dev: $(VENV)/.installed-dev
 repro: $(VENV)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-# PostgreSQL's server programs, for the team-server tests (tests/test_team.py) and
+# PostgreSQL's server programs, for the team-server tests (tests/pipeline/test_team.py) and
 # `make tracking-server`. Installed from Debian only when missing and only as root (CI);
 # elsewhere those tests skip and say why.
 system-deps:
@@ -35,7 +36,7 @@ system-deps:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	else \
-		echo "note: PostgreSQL is not installed (sudo apt-get install postgresql): tests/test_team.py's server tests will skip"; \
+		echo "note: PostgreSQL is not installed (sudo apt-get install postgresql): tests/pipeline/test_team.py's server tests will skip"; \
 	fi
 
 # A local team tracking server (PostgreSQL + mlflow server on 127.0.0.1:5000); docs/team.md
@@ -47,6 +48,11 @@ tracking-server: system-deps $(VENV)/.installed
 TEST_WORKERS ?= 2
 test: system-deps $(VENV)/.installed-dev
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+# The unit lane: tests/unit (no DVC, no servers, a few training steps at most), to check a
+# change quickly; `make test` (CI) runs it and tests/pipeline (repro, servers, clones).
+test-unit: $(VENV)/.installed-dev
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests/unit $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check ferflow stages tests benchmarks

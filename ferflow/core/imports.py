@@ -1,7 +1,7 @@
 """Which ferflow modules a file imports, read from its source (`ast`, nothing is executed).
 
 Used by the export (the model ships only the modules its pyfunc imports) and by
-tests/test_layout.py (dvc.yaml deps cover what each stage imports; layering; no cycles).
+tests/unit/test_layout.py (dvc.yaml deps cover what each stage imports; layering; no cycles).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Both exist so that a bad request gets a short 400 naming what is wrong, instead of what
 MLflow would send: every use of MLflow internals is here, and
-tests/test_mlflow_adapter.py fails loudly when an MLflow upgrade moves what they rely on.
+tests/unit/test_mlflow_adapter.py fails loudly when an MLflow upgrade moves what they rely on.
 
 1. `RequestError.message` keeps the first message set. The scoring server rewrites
    `e.message` of a failed predict to "Failed to predict data '<repr of the whole request>'.
@@ -44,7 +44,7 @@ class RequestError(MlflowException, ValueError):
 def check_params_first(check: Callable[[Any], None], names: Set[str]) -> None:
     """In this process, call `check(params)` before MLflow's params-schema check of any model
     whose params schema has exactly the params `names` (see 2. above). Idempotent. If
-    MLflow renames the function, nothing is wrapped and tests/test_mlflow_adapter.py fails."""
+    MLflow renames the function, nothing is wrapped and tests/unit/test_mlflow_adapter.py fails."""
     import mlflow.pyfunc as pyfunc_module
 
     original = getattr(pyfunc_module, "_enforce_params_schema", None)

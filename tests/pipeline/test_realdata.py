@@ -1,6 +1,6 @@
 """Optional: ingest + index the real FER-2013 zip (Kaggle layout). Needs FER2013_ZIP=<path>.
 
-FER2013_ZIP=../shared/data/fer2013.zip .venv/bin/pytest tests/test_realdata.py -s
+FER2013_ZIP=../shared/data/fer2013.zip .venv/bin/pytest tests/pipeline/test_realdata.py -s
 """
 
 from __future__ import annotations

@@ -164,7 +164,7 @@ def test_server_refuses_clients_without_or_with_wrong_credentials_naming_the_var
     with pytest.raises(TrackingError, match=r"user 'admin' was not accepted.*check MLFLOW_TRACKING_PASSWORD"):
         configure(tmp_path)
     # stages print this TrackingError as one line and exit 2, like the unreachable server in
-    # tests/test_reliability.py::test_unreachable_tracking_server_fails_before_the_first_epoch
+    # tests/pipeline/test_reliability.py::test_unreachable_tracking_server_fails_before_the_first_epoch
 
 
 def test_a_teammate_account_created_as_docs_team_md_shows_can_log_runs_once_granted_edit(team_server, as_admin, monkeypatch):

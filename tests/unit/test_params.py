@@ -13,7 +13,7 @@ from ferflow.core.params import DataParams, Params, ParamsError, flatten, load_p
 
 DEFAULTS = Params().model_dump()
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_repo_params_file_is_valid_and_spells_out_every_schema_default():

@@ -237,7 +237,7 @@ def test_train_evaluate_export_share_one_mlflow_run(data_dir, tiny_params, tmp_p
 
 def test_training_is_deterministic_on_cpu(data_dir, tmp_path):
     """Same params and seed on the same CPU machine -> identical weights and predictions."""
-    p = read_params(Path(__file__).resolve().parents[1] / "params.yaml").train
+    p = read_params(Path(__file__).resolve().parents[2] / "params.yaml").train
     p = p.model_copy(update={"arch": "ferflow_tiny", "epochs": 2, "batch_size": 32, "mixed_precision": "float32"})
     xt, yt = load_split(data_dir / "arrays", "train")
     xv, yv = load_split(data_dir / "arrays", "val")
@@ -290,7 +290,7 @@ def test_dvc_yaml_cmds_name_every_path_the_stage_declares():
 
     import yaml
 
-    stages = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"]
+    stages = yaml.safe_load((Path(__file__).resolve().parents[2] / "dvc.yaml").read_text())["stages"]
     for name, spec in stages.items():
         words = shlex.split(spec["cmd"])
         assert words[:2] == ["python", f"stages/{name}.py"], name

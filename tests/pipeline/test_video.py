@@ -27,7 +27,7 @@ from ferflow.serving.faces import Box
 from ferflow.video.tracker import IouTracker, iou
 from video_synth import synthetic_frames, write_video
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 N_FRAMES = 20
 SIZE = (480, 360)
 

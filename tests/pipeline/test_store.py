@@ -12,7 +12,7 @@ import pytest
 
 from ferflow.tracking.store import TrackingError, configure, explain_store_error
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 RACE = """
 import os, sys, time

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OTHER_BACKENDS = [b for b, module in (("jax", "jax"), ("torch", "torch")) if importlib.util.find_spec(module)]
 
 # The `full` preset's recipe (SGD-Nesterov, weight decay, cosine, label smoothing, every

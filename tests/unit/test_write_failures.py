@@ -14,7 +14,7 @@ import pytest
 from ferflow.core import files
 from ferflow.core.stage import run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_enospc_names_the_file_being_written(tmp_path, monkeypatch):
