@@ -74,7 +74,8 @@ class Demo:
             raise UploadError(f"{name}: empty file (0 bytes); expected an image")
         record = predict_bytes(self.model, name, data, {"faces": "all"})
         if "error" in record:  # the served model's 400 message, which names its request column
-            raise UploadError(f"{name}: {record['error'].replace("column 'image': ", '').replace("column 'image'", 'the image')}")
+            reason = record["error"].replace("column 'image': ", "").replace("column 'image'", "the image")
+            raise UploadError(f"{name}: {reason}")
         return {"file": name, "faces": record.get("faces") or [{k: v for k, v in record.items() if k != "file"}]}
 
     def _classifier(self, stream: str) -> tuple[threading.Lock, analyze.FrameClassifier]:
