@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import io
 import json
 import os
 import signal
@@ -203,7 +204,7 @@ def browser(media: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> 
         "--disable-component-update",
         "--disable-sync",
         f"--user-data-dir={profile}",
-        "--window-size=1200,1000",
+        "--window-size=1200,2400",  # tall: element screenshots are clipped to the window
         # a fake webcam that plays the clip, and no permission prompt for it
         "--use-fake-ui-for-media-stream",
         "--use-fake-device-for-media-stream",
@@ -248,9 +249,13 @@ def drop_file(browser: Any, path: Path, target_id: str) -> None:
 
 
 def screenshot(element: Any, name: str) -> None:
+    """The element as a JPEG in FERFLOW_DEMO_SCREENSHOTS (PNG of the noisy test pictures: ~1 MB)."""
     if SCREENSHOTS:
+        from PIL import Image
+
         Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
-        element.screenshot(str(Path(SCREENSHOTS) / name))
+        with Image.open(io.BytesIO(element.screenshot_as_png)) as img:
+            img.convert("RGB").save(Path(SCREENSHOTS) / name, format="JPEG", quality=85, optimize=True)
 
 
 def box_from_style(style: dict[str, str], width: int, height: int) -> Box:
@@ -280,7 +285,7 @@ def test_a_dropped_photo_gets_one_box_per_face(browser: Any, demo_url: str, medi
     for b in boxes:  # "label 0.xx" on each box
         label, confidence = b["text"].split()
         assert label == b["label"] and label in FER_CLASSES and 0 < float(confidence) <= 1
-    screenshot(browser.find_element("css selector", ".photo-result"), "demo-photo.png")
+    screenshot(browser.find_element("css selector", ".photo-result"), "demo-photo.jpg")
 
 
 @needs_chromium
@@ -319,7 +324,7 @@ def test_an_uploaded_video_gets_the_watch_summary_and_timeline(browser: Any, dem
     assert rows["frames processed"].startswith("45 ") and rows["dominant emotion"] in FER_CLASSES
     assert int(rows["frames with faces"]) >= 40 and int(rows["face ids"]) >= 1
     assert wait_for(browser, "document.getElementById('video-timeline').naturalWidth") > 500  # the timeline PNG shows
-    screenshot(browser.find_element("id", "video-panel"), "demo-video.png")
+    screenshot(browser.find_element("id", "video-panel"), "demo-video.jpg")
 
 
 @needs_chromium
@@ -342,7 +347,7 @@ def test_the_webcam_is_labelled_live_at_10_frames_per_second(browser: Any, demo_
     assert labelled1 - labelled0 >= 0.9 * (frames1 - frames0)  # the face is found in (nearly) every frame
     shown = browser.find_element("id", "fps").text
     assert shown.endswith("labelled frames/s") and float(shown.split()[0]) > 0
-    screenshot(browser.find_element("id", "camera-panel"), "demo-webcam.png")
+    screenshot(browser.find_element("id", "camera-panel"), "demo-webcam.jpg")
     browser.find_element("id", "camera-toggle").click()
     assert fps >= MIN_LABELLED_FPS, f"{fps:.1f} labelled frames/s, below {MIN_LABELLED_FPS}"
 
