@@ -14,6 +14,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -122,6 +123,21 @@ def test_demo_refuses_a_model_that_is_not_there(tmp_path: Path) -> None:
     assert "not an exported model" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_demo_refuses_a_port_in_use() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [str(BIN / "ferflow"), "demo", "--model", "anything", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"error: --host 127.0.0.1 --port {port}: cannot listen there" in proc.stderr.strip().splitlines()[-1]
+
+
 # ---------------------------------------------------------------- bad uploads over HTTP
 
 
@@ -170,6 +186,16 @@ def test_bad_uploads_get_one_line_each_and_the_server_keeps_answering(demo_url: 
     # still answering, and still right: three faces in the group photo
     good = requests.post(f"{demo_url}/api/photo?name=group.png", data=media["group"].read_bytes(), timeout=60)
     assert good.status_code == 200 and sum(f["face_found"] for f in good.json()["faces"]) == 3
+
+
+def test_a_long_video_is_refused_with_its_length(demo_url: str, tmp_path: Path) -> None:
+    frames = [np.full((96, 96, 3), 80 + i % 50, np.uint8) for i in range(125)]
+    long_clip = write_video(tmp_path / "long.mp4", frames, fps=1.0)  # 125 s, a few KB
+    response = requests.post(f"{demo_url}/api/video?name=long.mp4", data=long_clip.read_bytes(), timeout=60)
+    assert response.status_code == 400
+    assert (
+        response.json()["error"] == "long.mp4: 125 s long; the demo takes videos up to 120 s (`ferflow watch` takes any length)"
+    )
 
 
 def test_photo_answer_is_the_served_models(demo_url: str, media: dict[str, Any], model_dir: Path) -> None:
