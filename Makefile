@@ -28,15 +28,23 @@ install-dev: $(VENV)/.installed-dev
 repro: $(VENV)/.installed
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-# PostgreSQL's server programs, for the team-server tests (tests/pipeline/test_team.py) and
-# `make tracking-server`. Installed from Debian only when missing and only as root (CI);
-# elsewhere those tests skip and say why.
+# System packages the tests use, each installed from Debian only when missing and only as
+# root (CI); elsewhere the tests that need it skip and say why:
+#   PostgreSQL's server programs: tests/pipeline/test_team.py's server tests and `make tracking-server`;
+#   Chromium and its WebDriver: tests/pipeline/test_demo.py drives `ferflow demo` in a real browser.
+APT_INSTALL = apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 system-deps:
 	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+		$(APT_INSTALL) postgresql >/dev/null; \
 	else \
 		echo "note: PostgreSQL is not installed (sudo apt-get install postgresql): tests/pipeline/test_team.py's server tests will skip"; \
+	fi
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		$(APT_INSTALL) chromium chromium-driver >/dev/null; \
+	else \
+		echo "note: Chromium is not installed (sudo apt-get install chromium chromium-driver): tests/pipeline/test_demo.py's browser tests will skip"; \
 	fi
 
 # A local team tracking server (PostgreSQL + mlflow server on 127.0.0.1:5000); docs/team.md

@@ -1,4 +1,4 @@
-"""`ferflow` command line: models, preset, leaderboard, predict, watch, validate-params, tracking-server.
+"""`ferflow` command line: models, preset, leaderboard, predict, watch, demo, validate-params, tracking-server.
 
 Heavy libraries (keras, mlflow) are imported only by the subcommand that runs, so
 `ferflow --help` is instant.
@@ -53,6 +53,37 @@ def cmd_preset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
+    from ferflow.demo.analysis import UploadError
+    from ferflow.demo.app import serve
+    from ferflow.serving.model import UsageError
+
+    if args.max_video_mb <= 0:
+        print(f"error: --max-video-mb {args.max_video_mb}: expected a positive number", file=sys.stderr)
+        return 2
+    try:
+        serve(args.model, args.host, args.port, int(args.max_video_mb * 1_000_000), args.open)
+    except (UsageError, UploadError, MlflowException, OSError) as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        print(f"error: {message.splitlines()[0] if message else type(exc).__name__}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    from ferflow.serving.model import DEFAULT_MODEL  # light: importing ferflow.demo here would slow down `ferflow --help`
+
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"exported model directory or MLflow model URI (default: {DEFAULT_MODEL})"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    p.add_argument("--max-video-mb", type=float, default=100, help="largest video upload in MB (default 100)")
+    p.add_argument("--open", action="store_true", help="also open the page in the default web browser")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ferflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.set_defaults(func=cmd_preset)
 
+    p = sub.add_parser("demo", help="a local web page: photos, the webcam and videos through the model")
+    add_demo_arguments(p)
+    p.set_defaults(func=cmd_demo)
+
     # these modules keep heavy imports (keras, mlflow) inside their functions
     from ferflow.serving import predict
     from ferflow.tracking import leaderboard, server
@@ -86,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 # sets TensorFlow's log level and MLflow's no-progress-bar default before either loads, and
 # its filter drops the C++ start-up lines (oneDNN, absl) from stderr. Not the tracking
 # server: its children outlive a filter thread.
-LOADS_TENSORFLOW = ("predict", "watch")
+LOADS_TENSORFLOW = ("predict", "watch", "demo")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -158,6 +158,19 @@ def predict_files(
     return records
 
 
+def predict_bytes(model: Any, name: str, data: bytes, params: dict[str, Any]) -> dict[str, Any]:
+    """The record `predict_files` gives a file, for an image held in memory (an upload);
+    {'file', 'error'} when the model refuses it (the served model's 400 message)."""
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    try:
+        out = model.predict(pd.DataFrame({"image": [data]}), params=params)
+    except MlflowException as exc:
+        return {"file": name, "error": exc.message.replace("row 0: ", "")}
+    return _records([Path(name)], out, model_classes(model))[Path(name)]
+
+
 def format_table(records: Sequence[dict[str, Any]]) -> str:
     """Aligned text table: file, face found, label, confidence, top-3 (errors in place of labels)."""
     from tabulate import tabulate

@@ -81,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
             video.check_display()
         cap, info, first = video.open_video(args.source, args.camera)
         try:
-            emotion = _load_emotion_model(args.model, load_model, video.VideoError)
+            emotion = load_emotion_model(args.model, load_model, video.VideoError)
             detector_name = args.detector or emotion.config.face_detector
             detector = emotion.detector if detector_name == emotion.detector.name else _make_detector(detector_name, emotion)
         except BaseException:
@@ -148,7 +148,7 @@ def _options(args: argparse.Namespace, video):
     )
 
 
-def _load_emotion_model(uri: str, load_model, error: type[Exception]):
+def load_emotion_model(uri: str, load_model, error: type[Exception]):
     """The ferflow pyfunc behind an export directory or MLflow URI, or a one-line error."""
     from mlflow.exceptions import MlflowException
 

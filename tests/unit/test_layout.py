@@ -20,6 +20,7 @@ ALLOWED = {
     "tracking": {"core", "tracking"},
     "serving": {"core", "data", "model", "tracking", "serving"},
     "video": {"core", "data", "model", "serving", "video"},  # `ferflow watch` uses the served model's code
+    "demo": {"core", "data", "model", "serving", "video", "demo"},  # `ferflow demo`: the page over both
 }
 
 
