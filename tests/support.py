@@ -49,6 +49,21 @@ def synthetic_photo(
     return img
 
 
+def tiled_faces(tile: int = 40, grid: int = 10, seed: int = 0) -> np.ndarray:
+    """A grid x grid mosaic of synthetic faces, `tile` pixels each (uint8 gray): the Haar
+    detector finds ~39 of the 100 at 40 px. Every-face requests on such images are the
+    costliest the image and pixel limits alone let through (issue #30)."""
+    from ferflow.data.sources.synthetic import generate_face
+
+    rng = np.random.default_rng(seed)
+    canvas = np.zeros((tile * grid, tile * grid), np.uint8)
+    for i in range(grid):
+        for j in range(grid):
+            face = Image.fromarray(generate_face(rng, "happy")).resize((tile, tile), Image.Resampling.BICUBIC)
+            canvas[i * tile : (i + 1) * tile, j * tile : (j + 1) * tile] = np.asarray(face)
+    return canvas
+
+
 def serve_command(model_uri: str | os.PathLike[str], port: int, workers: int = 1) -> list[str]:
     """The documented serve command, bound to loopback (never 0.0.0.0)."""
     return [

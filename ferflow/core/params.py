@@ -197,11 +197,19 @@ class ServeParams(_Section):
     detect_face: bool = _bool(True)
     tta: TtaMode = "none"
     max_image_bytes: int = _int(10_000_000, 1, 1_000_000_000)
-    max_image_pixels: int = _int(25_000_000, 1, 1_000_000_000)
+    max_image_pixels: int = _int(25_000_000, 2304, 1_000_000_000)
     min_image_side: int = _int(16, 1, 4096)
     # what one request may cost: images (rows) and decoded pixels summed over them
     max_images_per_request: int = _int(256, 1, 1_000_000)
-    max_request_pixels: int = _int(50_000_000, 1, 10_000_000_000)
+    # at least one 48x48 face crop: a smaller limit refuses every request (issue #30)
+    max_request_pixels: int = _int(50_000_000, 2304, 10_000_000_000)
+    # the model work of a request: rows it classifies (faces with faces=all) x TTA views
+    # (1, 2 for flip, 10 for tencrop); 2560 = 256 images x tencrop
+    max_request_model_inputs: int = _int(2560, 1, 10_000_000)
+    # pixels the face detector scans, summed over the request (each image scaled to <= 480 px)
+    max_request_detect_pixels: int = _int(30_000_000, 2304, 10_000_000_000)
+    # server-side deadline: work past it stops with HTTP 504 (below MLflow's 60 s scoring timeout)
+    request_timeout_s: float = _float(30.0, "seconds in [0.1, 3600]", ge=0.1, le=3600)
     face_margin: float = _float(0.05, "a fraction of the face size in [0, 1]", ge=0, le=1)
     face_detector: FaceDetector = "haar"
 

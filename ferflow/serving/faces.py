@@ -73,6 +73,15 @@ def centre_square(width: int, height: int) -> Box:
     return Box((width - side) // 2, (height - side) // 2, side, side)
 
 
+def detect_pixels(width: int, height: int, max_side: int = DETECT_MAX_SIDE) -> int:
+    """Pixels the detector scans for a width x height image (`locate_all`: 0 below
+    DETECT_MIN_SIDE; else the copy scaled to `max_side`), known from the header alone."""
+    if min(width, height) < DETECT_MIN_SIDE:
+        return 0
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, round(width * scale)) * max(1, round(height * scale))
+
+
 def square_with_margin(face: Box, width: int, height: int, margin: float) -> Box:
     """A square around `face`, `margin` x its size added on every side, kept inside the image.
 

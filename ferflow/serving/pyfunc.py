@@ -38,6 +38,7 @@ import json
 import math
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,8 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED
 from PIL import Image
 
 from ferflow.core import files
@@ -52,7 +55,7 @@ from ferflow.core.errors import short_repr
 from ferflow.core.params import FACE_DETECTORS, TTA_MODES, ServeParams
 from ferflow.data.preprocessing import IMAGE_SIZE, ImageError, decode_image, normalize, prepare_batch
 from ferflow.model.evaluation import predict_proba, renormalize
-from ferflow.serving.faces import BOX_COLUMNS, Box, FaceDetector, centre_square, make_detector
+from ferflow.serving.faces import BOX_COLUMNS, Box, FaceDetector, centre_square, detect_pixels, make_detector
 from ferflow.serving.mlflow_adapter import RequestError, check_params_first
 
 INPUT_COLUMN = "image"
@@ -68,6 +71,95 @@ _PIXEL_SHAPES = "(N,48,48), (N,48,48,1) or (N,2304)"
 
 
 # params.yaml `serve`, as baked into the export: the one params model validates both
+
+
+# ---------------------------------------------------------------- the request budget (issue #30)
+
+# model inputs per classified row for each `tta` (evaluation.tta_views: the face; + mirror; 5 crops x 2)
+TTA_VIEWS = {"none": 1, "flip": 2, "tencrop": 10}
+
+
+class RequestTimeout(RequestError):
+    """The request ran past serve.request_timeout_s and its work was stopped (HTTP 504)."""
+
+    def __init__(self, message: str) -> None:
+        MlflowException.__init__(self, message, error_code=DEADLINE_EXCEEDED)
+
+
+class RequestBudget:
+    """What one request may still cost: model inputs (rows x TTA views) and time.
+
+    The images of a request are prepared by several threads: the first to go over the
+    budget keeps its error here, and every other image raises the same one when it
+    starts, so the pool stops working for a request that is already refused.
+    """
+
+    def __init__(self, cfg: ServeParams, tta: str, started: float | None = None) -> None:
+        self.cfg, self.tta, self.views = cfg, tta, TTA_VIEWS[tta]
+        self.deadline = (time.monotonic() if started is None else started) + cfg.request_timeout_s
+        self.rows = 0
+        self.error: RequestError | None = None
+        self._lock = threading.Lock()
+
+    def _fail(self, error: RequestError) -> None:
+        with self._lock:
+            self.error = self.error or error
+        raise self.error
+
+    def check(self) -> None:
+        """Raise the request's error if it already failed, or the timeout once past the deadline."""
+        if self.error is not None:
+            raise self.error
+        if time.monotonic() > self.deadline:
+            self._fail(
+                RequestTimeout(
+                    f"request ran over {self.cfg.request_timeout_s:g} s (serve.request_timeout_s) and was stopped; "
+                    "send fewer images or faces per request, or a lighter tta"
+                )
+            )
+
+    def add_rows(self, n: int) -> None:
+        """Count `n` more rows to classify; refuse the request once rows x views pass the limit."""
+        with self._lock:
+            self.rows += n
+            rows = self.rows
+        needed = rows * self.views
+        if needed > self.cfg.max_request_model_inputs:
+            self._fail(
+                RequestError(
+                    f"request needs at least {needed} model inputs ({rows} faces or rows x {self.views} views of "
+                    f"tta={self.tta!r}), over the limit of {self.cfg.max_request_model_inputs} "
+                    "(serve.max_request_model_inputs); send fewer images or faces per request, or a lighter tta"
+                )
+            )
+
+
+def check_detect_pixels(sizes: Sequence[tuple[int, int]], cfg: ServeParams) -> None:
+    """Refuse, before decoding, a request whose face detection would scan too many pixels."""
+    total = sum(detect_pixels(width, height) for width, height in sizes)
+    if total > cfg.max_request_detect_pixels:
+        raise RequestError(
+            f"face detection would scan {total} pixels for this request, over the limit of "
+            f"{cfg.max_request_detect_pixels} (serve.max_request_detect_pixels); send fewer or smaller images, "
+            'or params {"detect_face": false} for face crops'
+        )
+
+
+class BudgetedPredictor:
+    """A predictor that checks the request's deadline before each model batch."""
+
+    def __init__(self, predictor: Any, budget: RequestBudget) -> None:
+        self.predictor, self.budget = predictor, budget
+
+    def __getattr__(self, name: str) -> Any:  # layers (tencrop reads the crop layer), output_shape...
+        return getattr(self.predictor, name)
+
+    def predict(self, x: np.ndarray, batch_size: int = INFER_BATCH, verbose: int = 0) -> np.ndarray:
+        parts = []
+        for i in range(0, max(len(x), 1), batch_size):
+            self.budget.check()
+            parts.append(np.asarray(self.predictor.predict(x[i : i + batch_size], batch_size=batch_size, verbose=verbose)))
+        return np.concatenate(parts)
 
 
 # ---------------------------------------------------------------- request parsing
@@ -320,60 +412,37 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
         self._request = threading.local()  # pixels the current request decodes, per server thread
         self.predictor.warm_up()
 
-    def prepare(self, model_input: Any, params: Mapping[str, Any] | None = None) -> Prepared:
-        """Validate and preprocess a request (no model call)."""
+    def prepare(self, model_input: Any, params: Mapping[str, Any] | None = None, budget: RequestBudget | None = None) -> Prepared:
+        """Validate and preprocess a request (no model call) within `budget` (default: a new one)."""
         cfg = self.config
         check_request_params(params)
+        if budget is None:
+            budget = RequestBudget(cfg, _param(params, "tta", cfg.tta, TTA_MODES))
         every_face = _param(params, "faces", "largest", FACES_MODES) == "all"
         detector = self.detector_for(_param(params, "face_detector", cfg.face_detector, FACE_DETECTORS))
         detect = _param(params, "detect_face", cfg.detect_face, (True, False))
         pixel_range = _param(params, "pixel_range", "auto", PIXEL_RANGES)
-        values = _column_values(model_input)
-        if isinstance(values, np.ndarray) and values.dtype.kind not in "OUS":
-            kinds = {"pixels"}  # a numeric array passed in-process
-        else:
-            values = values.tolist() if isinstance(values, np.ndarray) else list(values)
-            kinds = {"encoded" if _is_encoded(v) else "pixels" if _is_pixels(v) else "other" for v in values}
-        if len(values) > cfg.max_images_per_request:  # before any decoding: a request's cost is bounded
-            raise RequestError(
-                f"request has {len(values)} images, over the limit of {cfg.max_images_per_request} "
-                "(serve.max_images_per_request); send smaller batches"
-            )
-        if "other" in kinds:
-            row = next(i for i, v in enumerate(values) if not (_is_encoded(v) or _is_pixels(v)))
-            raise RequestError(
-                f"row {row}: column 'image' is {_describe(values[row])}: expected base64 text of an encoded image, "
-                "or a 48x48 pixel array"
-            )
-        if kinds == {"encoded", "pixels"}:
-            raise RequestError("column 'image' mixes encoded images and pixel arrays: send one kind per request")
-        if kinds == {"pixels"}:
+        values, kind = _request_values(model_input, cfg)
+        budget.add_rows(len(values))  # every image gives at least one row: refused here, before decoding
+        if kind == "pixels":
             batch = pixels_to_batch(values, pixel_range)
             n = len(batch)
             return Prepared(batch, [Box(0, 0, IMAGE_SIZE, IMAGE_SIZE)] * n, [False] * n, list(range(n)) if every_face else None)
-
-        # base64 decoded once, here; then the decoded pixels of the whole request are
-        # summed from the image headers before anything is decoded (100 blank 5000x5000
-        # PNGs are a 3 MB body but 2.5 G pixels of work)
-        values = [image_bytes(v, i, cfg.max_image_bytes) for i, v in enumerate(values)]
-        total = sum(_header_pixels(data) for data in values)
-        self._request.pixels = total
-        if total > cfg.max_request_pixels:
-            raise RequestError(
-                f"request images have {total} pixels in all, over the limit of {cfg.max_request_pixels} "
-                "(serve.max_request_pixels); send smaller images or fewer per request"
-            )
+        values = self._within_pixel_limits(values, detect)
 
         def one(item: tuple[int, Any]) -> tuple[np.ndarray, Box, bool]:
+            budget.check()
             img = decode_request_image(item[1], item[0], cfg)
             crop, box, found = detector.locate(img) if detect else (img, centre_square(*img.size), False)
             # THE preprocessing, per image: only 48x48 pixels outlive this call, not a 25 MP photo
             return prepare_batch([crop])[0], box, found
 
         def every(item: tuple[int, Any]) -> list[tuple[np.ndarray, Box, bool]]:
+            budget.check()
             located = detector.locate_all(decode_request_image(item[1], item[0], cfg)) if detect else []
             if not located:  # no face: the image still gets its one (whole-image) row, face_found false
                 return [one(item)]
+            budget.add_rows(len(located) - 1)  # its faces beyond the one row counted up front
             return [(pixels, box, True) for pixels, (_, box) in zip(prepare_batch([c for c, _ in located]), located)]
 
         items = list(enumerate(values))
@@ -385,6 +454,24 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
         results = [r for faces in mapped for r in faces] if every_face else mapped
         batch = np.stack([r[0] for r in results]) if results else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 1), np.float32)
         return Prepared(batch, [r[1] for r in results], [r[2] for r in results], index)
+
+    def _within_pixel_limits(self, values: list[Any], detect: bool) -> list[bytes]:
+        """The images' bytes (base64 decoded once, here), after their decoded pixels are summed
+        from the headers alone (100 blank 5000x5000 PNGs are a 3 MB body but 2.5 G pixels of
+        work) and checked against the request's pixel and detector limits."""
+        cfg = self.config
+        data = [image_bytes(v, i, cfg.max_image_bytes) for i, v in enumerate(values)]
+        sizes = [_header_size(d) for d in data]
+        total = sum(width * height for width, height in sizes)
+        self._request.pixels = total
+        if total > cfg.max_request_pixels:
+            raise RequestError(
+                f"request images have {total} pixels in all, over the limit of {cfg.max_request_pixels} "
+                "(serve.max_request_pixels); send smaller images or fewer per request"
+            )
+        if detect:
+            check_detect_pixels(sizes, cfg)
+        return data
 
     def detector_for(self, name: str) -> FaceDetector:
         """The configured detector, or another one loaded on first use (request param face_detector)."""
@@ -399,8 +486,9 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
         self._request.pixels = 0
         try:
             tta = _param(params, "tta", self.config.tta, TTA_MODES)  # before any decoding work
-            prepared = self.prepare(model_input, params)
-            probs = predict_proba(self.predictor, prepared.batch, tta, INFER_BATCH)
+            budget = RequestBudget(self.config, tta)
+            prepared = self.prepare(model_input, params, budget)
+            probs = predict_proba(BudgetedPredictor(self.predictor, budget), prepared.batch, tta, INFER_BATCH)
             frame = result_frame(probs, self.classes, prepared.boxes, prepared.face_found)
             if prepared.image_index is not None:
                 frame.insert(0, "image_index", np.array(prepared.image_index, dtype=np.int64))
@@ -410,15 +498,39 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
                 _MALLOC_TRIM(0)
 
 
-def _header_pixels(data: bytes) -> int:
-    """width*height from an image's header (no decoding); 0 when unreadable, which
+def _request_values(model_input: Any, cfg: ServeParams) -> tuple[list[Any] | np.ndarray, str]:
+    """The `image` column's values and their one kind, "encoded" or "pixels", or RequestError
+    (too many images, a value of neither kind, or both kinds mixed)."""
+    values = _column_values(model_input)
+    if isinstance(values, np.ndarray) and values.dtype.kind not in "OUS":
+        kinds = {"pixels"}  # a numeric array passed in-process
+    else:
+        values = values.tolist() if isinstance(values, np.ndarray) else list(values)
+        kinds = {"encoded" if _is_encoded(v) else "pixels" if _is_pixels(v) else "other" for v in values}
+    if len(values) > cfg.max_images_per_request:  # before any decoding: a request's cost is bounded
+        raise RequestError(
+            f"request has {len(values)} images, over the limit of {cfg.max_images_per_request} "
+            "(serve.max_images_per_request); send smaller batches"
+        )
+    if "other" in kinds:
+        row = next(i for i, v in enumerate(values) if not (_is_encoded(v) or _is_pixels(v)))
+        raise RequestError(
+            f"row {row}: column 'image' is {_describe(values[row])}: expected base64 text of an encoded image, "
+            "or a 48x48 pixel array"
+        )
+    if kinds == {"encoded", "pixels"}:
+        raise RequestError("column 'image' mixes encoded images and pixel arrays: send one kind per request")
+    return values, next(iter(kinds), "encoded")
+
+
+def _header_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from an image's header (no decoding); (0, 0) when unreadable, which
     decoding then reports with its reason."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
+            return img.size
     except Exception:  # any unreadable header is decode_image's to explain
-        return 0
-    return width * height
+        return (0, 0)
 
 
 def _describe(value: Any) -> str:

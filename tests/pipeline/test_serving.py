@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import struct
+import time
 import zlib
 
 import mlflow
@@ -28,7 +29,7 @@ from ferflow.model.evaluation import predict_proba
 from ferflow.serving.faces import DETECT_MIN_SIDE, Box, FaceDetector, centre_square, square_with_margin
 from ferflow.serving.mlflow_adapter import RequestError
 from ferflow.serving.pyfunc import decode_base64, pixels_to_batch
-from support import local_server, synthetic_photo
+from support import local_server, synthetic_photo, tiled_faces
 
 SERVE_CONFIG = {
     "detect_face": True,
@@ -39,6 +40,8 @@ SERVE_CONFIG = {
     "face_margin": 0.05,
     "max_images_per_request": 32,
     "max_request_pixels": 2_000_000,
+    "max_request_model_inputs": 200,
+    "max_request_detect_pixels": 1_000_000,
 }
 PHOTO_FACE_AT, PHOTO_FACE_SIDE = (300, 150), 240
 
@@ -376,6 +379,21 @@ def _bad_requests() -> dict[str, tuple[object, str]]:
             "2100000 pixels in all, over the limit of 2000000 (serve.max_request_pixels)",
         ),
         "not-json": ("{not json", "valid JSON"),
+        # issue #30 item 1: the model work of a request, not only its images and pixels
+        "too-many-model-inputs": (
+            {"inputs": np.zeros((21, 48, 48), int).tolist(), "params": {"tta": "tencrop"}},
+            "needs at least 210 model inputs (21 faces or rows x 10 views of tta='tencrop'), over the limit of 200 "
+            "(serve.max_request_model_inputs)",
+        ),
+        "too-many-faces-x-views": (
+            {"dataframe_records": [{"image": b64(encode(tiled_faces()))}], "params": {"faces": "all", "tta": "tencrop"}},
+            "over the limit of 200 (serve.max_request_model_inputs)",
+        ),
+        "too-many-detector-pixels": (
+            {"dataframe_records": [{"image": b64(encode(np.zeros((480, 480), np.uint8)))}] * 5},
+            "face detection would scan 1152000 pixels for this request, over the limit of 1000000 "
+            "(serve.max_request_detect_pixels)",
+        ),
     }
 
 
@@ -433,3 +451,57 @@ def test_requests_that_decode_many_pixels_hand_freed_heap_back(served_model: dic
     with pytest.raises(module.RequestError, match="truncated"):
         model.predict(pd.DataFrame({"image": [big, truncated]}))
     assert calls == [0, 0]  # a request that fails on the way too
+
+
+def _emotion_model(served_model: dict, **config: object):
+    """The exported pyfunc in process, its serve config changed, and the module it runs in
+    (models from code: the exported file under another name, with its own RequestError)."""
+    import sys
+
+    model = mlflow.pyfunc.load_model(str(served_model["export"]))
+    emotion = model.unwrap_python_model()
+    emotion.config = emotion.config.model_copy(update=config)
+    return model, emotion, sys.modules[type(emotion).__module__]
+
+
+def test_every_face_request_stops_at_the_model_input_budget_without_finishing_its_images(served_model: dict) -> None:
+    # issue #30 item 1: 217 mosaics of ~94 faces with tta tencrop ran ~6 min after the 504
+    model, emotion, module = _emotion_model(served_model, max_request_pixels=10**8, max_request_detect_pixels=10**9)
+    located: list[int] = []
+    real = type(emotion.detector).locate_all
+    emotion.detector.locate_all = lambda img: located.append(1) or real(emotion.detector, img)
+    # 16 rows x 10 views counted before decoding, then ~38 more faces per searched image: over 200 at the 2nd
+    frame = pd.DataFrame({"image": [b64(encode(tiled_faces()))] * 16})
+    started = time.monotonic()
+    with pytest.raises(module.RequestError, match=r"model inputs .* over the limit of 200 \(serve.max_request_model_inputs\)"):
+        model.predict(frame, params={"faces": "all", "tta": "tencrop"})
+    assert time.monotonic() - started < 5
+    assert len(located) < 8, len(located)  # the pool stopped: most of the 16 images were never searched
+
+
+def test_a_request_past_its_deadline_stops_between_model_batches_with_504(served_model: dict) -> None:
+    model, emotion, module = _emotion_model(served_model, request_timeout_s=0.1)
+    calls: list[int] = []
+    real = emotion.predictor.predict
+
+    def slow(x, batch_size=256, verbose=0):
+        calls.append(len(x))
+        time.sleep(0.25)
+        return real(x, batch_size=batch_size, verbose=verbose)
+
+    emotion.predictor.predict = slow
+    frame = pd.DataFrame({"image": [b64(encode(f)) for f in faces(3)]})
+    with pytest.raises(module.RequestTimeout, match=r"ran over 0.1 s \(serve.request_timeout_s\) and was stopped") as err:
+        model.predict(frame, params={"tta": "tencrop"})
+    assert len(calls) == 1  # of the 10 views: the rest were never computed
+    assert err.value.get_http_status_code() == 504
+    emotion.config = emotion.config.model_copy(update={"request_timeout_s": 30.0})
+    assert len(model.predict(frame, params={"tta": "tencrop"})) == 3 and len(calls) == 11
+
+
+def test_tta_view_counts_match_the_views_the_model_is_given() -> None:
+    from ferflow.model.evaluation import tta_views
+    from ferflow.serving.pyfunc import TTA_VIEWS
+
+    x = np.zeros((2, 48, 48, 1), np.float32)
+    assert {tta: len(tta_views(x, tta, 2)) for tta in TTA_VIEWS} == TTA_VIEWS

@@ -351,26 +351,26 @@ def test_detectors_find_the_astronaut() -> None:
 
 def test_face_detector_setting_is_checked(tmp_path: Path) -> None:
     from conftest import write_params
-    from ferflow.core.params import ParamsError, load_params
-    from ferflow.serving.pyfunc import ServeConfig
+    from ferflow.core.params import ParamsError, ServeParams, load_params
 
     write_params(tmp_path / "params.yaml", {"serve": {"face_detector": "yolo"}})
     with pytest.raises(ParamsError, match="serve.face_detector"):
         load_params(tmp_path / "params.yaml")
     with pytest.raises(ValueError, match="serve.face_detector = 'yolo'"):
-        ServeConfig.from_mapping({"face_detector": "yolo"})
-    assert ServeConfig.from_mapping({"face_detector": "mtcnn"}).face_detector == "mtcnn"
+        ServeParams.from_mapping({"face_detector": "yolo"})
+    assert ServeParams.from_mapping({"face_detector": "mtcnn"}).face_detector == "mtcnn"
 
 
 def test_mtcnn_serving_and_watch(capsys, model_dir: Path, tmp_path: Path) -> None:
     from skimage import data
 
-    from ferflow.serving.pyfunc import EmotionModel, ServeConfig
+    from ferflow.core.params import ServeParams
+    from ferflow.serving.pyfunc import EmotionModel
     from video_synth import ASTRONAUT_FACE, CAMERAMAN_FACE
 
     emotion = EmotionModel()
     emotion.setup(
-        str(model_dir.parent / "model.keras"), str(model_dir.parent / "label_map.json"), ServeConfig(face_detector="mtcnn")
+        str(model_dir.parent / "model.keras"), str(model_dir.parent / "label_map.json"), ServeParams(face_detector="mtcnn")
     )
     _, png = cv2.imencode(".png", cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
     out = emotion.predict(None, {"image": [png.tobytes()]}, params={"faces": "all"})
