@@ -48,7 +48,7 @@ needs_chromium = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from ferflow.serving.export import export_model
+    from ferflow.serving.packaging import export_model
 
     work = tmp_path_factory.mktemp("demo-model")
     model, labels = write_tiny_model(work)
