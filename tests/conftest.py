@@ -106,3 +106,28 @@ def tiny_params(tmp_path: Path) -> Path:
     path = tmp_path / "params.yaml"
     write_params(path, TINY_OVERRIDES)
     return path
+
+
+# Session fixtures: built once per test process (`make test` runs one per worker), shared
+# by every file that asks, instead of once per file.
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The untrained, seeded ferflow_tiny model and label map of `write_tiny_model` (read only)."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ingest -> index -> extract on 20 train / 6 test synthetic faces per class, with the
+    class plots, under the names dvc.yaml uses (read only)."""
+    from ferflow.core.classes import FER_CLASSES
+    from ferflow.core.params import DataParams
+    from ferflow.data.sources.synthetic import SyntheticSource
+    from support import prepare_data
+
+    root = tmp_path_factory.mktemp("synthetic-data")
+    source = SyntheticSource(20, 6, seed=3, classes=list(FER_CLASSES))
+    prepare_data(root, source, DataParams(val_fraction=0.2, seed=3), plots=True)
+    return root

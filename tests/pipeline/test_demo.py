@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import BIN, write_tiny_model
+from conftest import BIN
 from ferflow.cli import build_parser
 from ferflow.core.classes import FER_CLASSES
 from ferflow.data.sources.synthetic import generate_face
@@ -47,11 +47,11 @@ needs_chromium = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: tuple[Path, Path]) -> Path:
     from ferflow.serving.packaging import export_model
 
     work = tmp_path_factory.mktemp("demo-model")
-    model, labels = write_tiny_model(work)
+    model, labels = tiny_model
     face = generate_face(np.random.default_rng(0), "sad")
     serve = {"detect_face": True, "tta": "none", "max_image_bytes": MAX_PHOTO_BYTES}
     return export_model(model, labels, serve, face, work / "export")

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO, write_tiny_model
+from conftest import REPO
 from ferflow.core import files
 from ferflow.core.classes import FER_CLASSES
 from ferflow.data.arrays import split_digest
@@ -32,15 +32,14 @@ PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def inputs(tmp_path_factory: pytest.TempPathFactory, tiny_model: tuple[Path, Path]) -> dict:
     work = tmp_path_factory.mktemp("export-inputs")
-    write_tiny_model(work)
     files.write_json(work / "serve.json", SERVE)
     face = generate_face(np.random.default_rng(0), "happy")
     return {
         "dir": work,
-        "keras": work / "model.keras",
-        "labels": work / "label_map.json",
+        "keras": tiny_model[0],
+        "labels": tiny_model[1],
         "serve": work / "serve.json",
         "face": face,
     }

@@ -19,7 +19,6 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import write_tiny_model
 from ferflow.cli import main
 from ferflow.core.classes import FER_CLASSES
 from ferflow.data.sources.synthetic import generate_face
@@ -33,11 +32,11 @@ SIZE = (480, 360)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: tuple[Path, Path]) -> Path:
     from ferflow.serving.packaging import export_model
 
     work = tmp_path_factory.mktemp("video-model")
-    model, labels = write_tiny_model(work)
+    model, labels = tiny_model
     face = generate_face(np.random.default_rng(0), "sad")
     return export_model(model, labels, {"detect_face": True, "tta": "none"}, face, work / "export")
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import BIN, write_tiny_model
+from conftest import BIN
 from ferflow.cli import build_parser, main
 from ferflow.core.classes import FER_CLASSES
 from ferflow.data.sources.synthetic import generate_face
@@ -24,11 +24,11 @@ PHOTO_SIZE = (800, 600)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: tuple[Path, Path]) -> Path:
     from ferflow.serving.packaging import export_model
 
     work = tmp_path_factory.mktemp("predict-model")
-    model, labels = write_tiny_model(work)
+    model, labels = tiny_model
     serve = {"detect_face": True, "tta": "none", "max_image_bytes": 2_000_000, "max_image_pixels": 4_000_000}
     face = generate_face(np.random.default_rng(0), "sad")
     return export_model(model, labels, serve, face, work / "export")
@@ -198,11 +198,13 @@ def test_collect_images_under_a_hidden_folder_skips_only_hidden_parts_below_it(t
     assert collect_images([root]) == [root / "a.png"]
 
 
-def test_predict_says_which_model_it_used(tmp_path: Path, images: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_says_which_model_it_used(
+    tmp_path: Path, images: dict[str, Path], tiny_model: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     """#19.4: the model's URI, run, test accuracy and test data go to stderr (stdout stays the table/JSON)."""
     from ferflow.serving.packaging import export_model
 
-    model, labels = write_tiny_model(tmp_path)
+    model, labels = tiny_model
     info = {"mlflow_run_id": "0123abcd" * 4, "test_accuracy": 0.6029, "test_set": "3f2a9c01deadbeef", "n_test": 700}
     serve = {"detect_face": False, "tta": "none"}
     face = generate_face(np.random.default_rng(0), "sad")

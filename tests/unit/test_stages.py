@@ -20,9 +20,9 @@ from ferflow.data.arrays import ExtractPaths, extract_arrays, load_label_map, lo
 from ferflow.data.index import IndexPaths, build_index
 from ferflow.data.ingest import pixel_hash
 from ferflow.data.preprocessing import prepare_batch
-from ferflow.data.sources.synthetic import SyntheticSource, generate_split
+from ferflow.data.sources.synthetic import generate_split
 from ferflow.tracking.store import RUNS_VIEW_KEY
-from support import fit, prepare_data
+from support import fit
 
 
 def test_synthetic_is_deterministic_and_shaped_like_fer():
@@ -36,16 +36,6 @@ def test_synthetic_is_deterministic_and_shaped_like_fer():
     # train and test streams differ even with the same seed
     test = list(generate_split("test", 3, seed=7))
     assert not any(np.array_equal(x[2], y[2]) for x, y in zip(a, test))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """ingest -> index -> extract on 20 train / 6 test faces per class."""
-    root = tmp_path_factory.mktemp("stages")
-    prepare_data(
-        root, SyntheticSource(20, 6, seed=3, classes=list(FER_CLASSES)), DataParams(val_fraction=0.2, seed=3), plots=True
-    )
-    return root
 
 
 def test_ingest_writes_faces_manifest_and_counts(data_dir):
