@@ -77,7 +77,8 @@ def end_to_end(emotion: Any, detector: Any, path: Path, work: Path) -> dict[str,
     cap, info, first = video.open_video(str(path), None)
     classify = video.FrameClassifier(emotion.predictor, classes, detector, options)
     cpu = time.process_time()
-    result = video.watch(cap, info, first, classify, classes, options, work / "annotated.mp4", work / "frames.csv")
+    outputs = video.WatchOutputs(work / "annotated.mp4", work / "frames.csv")
+    result = video.watch(video.OpenedVideo(cap, info, first), classify, classes, options, outputs)
     cpu = time.process_time() - cpu
     faces = sum(len(f.faces) for f in result.frames)
     return {

@@ -124,7 +124,8 @@ class Demo:
     def _watch(self, name: str, path: Path, timeline: Path) -> dict[str, Any]:
         from ferflow.video.summary import plot_timeline, summarize
 
-        cap, info, first = analyze.open_source(str(path), None)
+        opened = analyze.open_video(str(path), None)
+        cap, info = opened.cap, opened.info
         seconds = (info.frame_count or 0) / info.fps
         if seconds > self.limits.video_seconds:
             cap.release()
@@ -133,7 +134,7 @@ class Demo:
                 "(`ferflow watch` takes any length)"
             )
         options = analyze.WatchOptions(smooth=self.smooth, tta="none", progress=False)
-        result = analyze.watch(cap, info, first, self._frame_classifier(options), self.classes, options)
+        result = analyze.watch(opened, self._frame_classifier(options), self.classes, options)
         summary = summarize(result, self.classes, options.every, options.smooth, self.emotion.detector.name)
         summary["source"] = name
         plot_timeline(summary, self.classes, timeline)

@@ -17,6 +17,7 @@ tests/unit/test_mlflow_adapter.py fails loudly when an MLflow upgrade moves what
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Set
 from typing import Any
 
@@ -51,6 +52,7 @@ def check_params_first(check: Callable[[Any], None], names: Set[str]) -> None:
     if original is None or getattr(original, "ferflow_guard", False):
         return
 
+    @functools.wraps(original)  # keeps MLflow's own function as `enforce.__wrapped__`
     def enforce(params: Any, schema: Any) -> Any:
         if schema is not None and {p.name for p in schema.params} == set(names):
             check(params)

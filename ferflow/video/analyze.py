@@ -22,10 +22,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -108,7 +108,7 @@ def _fourcc_text(code: float) -> str:
     return text if value and text.isprintable() else "unknown"
 
 
-def open_video(source: str | None, camera: int | None) -> tuple[Any, SourceInfo, np.ndarray]:
+def open_video(source: str | None, camera: int | None) -> OpenedVideo:
     """Open a video file or camera; return (capture, info, first frame) or raise VideoError."""
     import cv2
 
@@ -123,7 +123,7 @@ def open_video(source: str | None, camera: int | None) -> tuple[Any, SourceInfo,
             raise VideoError(f"--camera {camera}: no camera with this index could be opened (or it gives no frames)")
         fps = cap.get(cv2.CAP_PROP_FPS)
         info = SourceInfo(f"camera {camera}", frame.shape[1], frame.shape[0], fps if fps > 0 else FALLBACK_FPS, None, True)
-        return cap, info, frame
+        return OpenedVideo(cap, info, frame)
     if source is None:
         raise VideoError("no SOURCE: give a video file or --camera N")
     path = Path(source)
@@ -154,7 +154,7 @@ def open_video(source: str | None, camera: int | None) -> tuple[Any, SourceInfo,
     info = SourceInfo(
         str(path), frame.shape[1], frame.shape[0], fps if fps and fps > 0 else FALLBACK_FPS, count if count > 0 else None, False
     )
-    return cap, info, frame
+    return OpenedVideo(cap, info, frame)
 
 
 def output_size(width: int, height: int, max_side: int = MAX_FRAME_SIDE) -> tuple[int, int]:
@@ -370,83 +370,144 @@ class WatchResult:
     seconds: float
 
 
+class OpenedVideo(NamedTuple):
+    """A capture `open_video` opened, what it is, and its first frame (already read)."""
+
+    cap: Any
+    info: SourceInfo
+    first: np.ndarray
+
+
+class WatchOutputs(NamedTuple):
+    """Files `watch` writes while it runs, each atomically: the annotated video and the per-face CSV."""
+
+    video: Path | None = None
+    csv: Path | None = None
+
+
+# Signals that end `watch` between frames with every output valid: Ctrl-C, `kill`/`timeout`/
+# `docker stop`/systemd (SIGTERM), a closed terminal (SIGHUP).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def watch(
-    cap: Any,
-    info: SourceInfo,
-    first: np.ndarray,
+    opened: OpenedVideo,
     classify: Callable[[np.ndarray], list[FaceResult]],
     classes: list[str],
     options: WatchOptions,
-    out_video: Path | None = None,
-    out_csv: Path | None = None,
+    outputs: WatchOutputs | None = None,
 ) -> WatchResult:
-    """Run the loop; write the annotated video and CSV atomically (also after Ctrl-C)."""
-    import cv2
-    from tqdm import tqdm
-
+    """Run the loop; write the annotated video and CSV atomically (also after Ctrl-C,
+    SIGTERM or SIGHUP, which stop it between frames)."""
+    info, outputs = opened.info, outputs or WatchOutputs()
     size = output_size(info.width, info.height, options.max_side)
-    frames: list[FrameRecord] = []
-    frames_read = 0
-    interrupted = False
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        video = csv_file = None
-        if out_video is not None:
-            tmp_video = stack.enter_context(_atomic(out_video))
-            fourcc = cv2.VideoWriter_fourcc(*VIDEO_SUFFIXES[out_video.suffix.lower()])
-            video = cv2.VideoWriter(str(tmp_video), fourcc, info.fps, size)
-            if not video.isOpened():
-                raise VideoError(
-                    f"--out {out_video}: OpenCV cannot write this format here (codec {VIDEO_SUFFIXES[out_video.suffix.lower()]})"
-                )
-            stack.callback(video.release)
-        if out_csv is not None:
-            tmp_csv = stack.enter_context(_atomic(out_csv))
-            csv_file = stack.enter_context(open(tmp_csv, "w", newline="", encoding="utf-8"))
+        video = _video_writer(stack, outputs.video, info.fps, size)
+        csv_file = None
+        if outputs.csv is not None:
+            csv_file = stack.enter_context(open(stack.enter_context(_atomic(outputs.csv)), "w", newline="", encoding="utf-8"))
             csv.writer(csv_file).writerow(csv_header(classes))
         sink = _Sink(video, csv_file, classes)
-        # disable=None: tqdm stays silent when stderr is not a terminal (logs, CI)
-        bar = tqdm(total=info.frame_count, unit="frame", disable=None if options.progress else True, dynamic_ncols=True)
-        stack.callback(bar.close)
-        last: list[FaceResult] = []
-        reader = FrameReader(cap, first, latest_only=info.is_camera)
-        # Ctrl-C only raises a flag, checked between frames: a KeyboardInterrupt in the
-        # middle of a frame would leave the CSV, the video and the summary disagreeing.
-        stop_requested = threading.Event()
-        on_main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, lambda *_: stop_requested.set()) if on_main_thread else None
+        reader = FrameReader(opened.cap, opened.first, latest_only=info.is_camera)
+        stop_requested = stack.enter_context(_stop_on_signals())
+        loop = _Loop(classify, classes, options, info, size, start)
         try:
-            for frame in reader:
-                if stop_requested.is_set():
-                    interrupted = True
-                    break
-                index = frames_read
-                frames_read += 1
-                if (frame.shape[1], frame.shape[0]) != size:
-                    frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
-                rows: list[list[Any]] = []
-                if index % options.every == 0:
-                    t = (time.perf_counter() - start) if info.is_camera else index / info.fps
-                    result = FrameResult(index, t, classify(frame))
-                    frames.append(FrameRecord(index, t, tuple((f.face_id, int(np.argmax(f.probs))) for f in result.faces)))
-                    last = result.faces
-                    rows = csv_rows(result, classes)
-                if video is not None or options.show:
-                    draw(frame, last, classes)  # skipped frames keep the latest boxes: the video stays smooth
-                sink.put(frame if video is not None else None, rows)
-                if options.show:
-                    cv2.imshow("ferflow watch", frame)
-                    if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
-                        break
-                bar.update(1)
+            loop.run(reader, sink, stop_requested, show_video=video is not None)
         finally:
-            if on_main_thread:
-                signal.signal(signal.SIGINT, previous)
             reader.close()
             sink.close()
             if options.show:
+                import cv2
+
                 cv2.destroyAllWindows()
-    return WatchResult(info, size, frames_read, frames, interrupted, time.perf_counter() - start)
+    return WatchResult(info, size, loop.frames_read, loop.frames, loop.interrupted, time.perf_counter() - start)
+
+
+def _video_writer(stack: contextlib.ExitStack, target: Path | None, fps: float, size: tuple[int, int]) -> Any:
+    """An OpenCV writer into a temp file that replaces `target` when the stack closes; None without a target."""
+    if target is None:
+        return None
+    import cv2
+
+    codec = VIDEO_SUFFIXES[target.suffix.lower()]
+    video = cv2.VideoWriter(str(stack.enter_context(_atomic(target))), cv2.VideoWriter_fourcc(*codec), fps, size)
+    if not video.isOpened():
+        raise VideoError(f"--out {target}: OpenCV cannot write this format here (codec {codec})")
+    stack.callback(video.release)
+    return video
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """STOP_SIGNALS only set the returned flag, checked between frames: raising in the
+    middle of a frame would leave the CSV, the video and the summary disagreeing."""
+    stop_requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop_requested
+        return
+    previous = {signum: signal.signal(signum, lambda *_: stop_requested.set()) for signum in STOP_SIGNALS}
+    try:
+        yield stop_requested
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class _Loop:
+    """The frame loop of `watch`: resize, classify every `options.every`-th frame, draw, hand
+    to the sink; what it saw stays on it (frames read, per-frame records, interrupted)."""
+
+    def __init__(self, classify: Callable[[np.ndarray], list[FaceResult]], classes: list[str], options: WatchOptions,
+                 info: SourceInfo, size: tuple[int, int], start: float) -> None:  # fmt: skip
+        self.classify, self.classes, self.options, self.info, self.size, self.start = (
+            classify,
+            classes,
+            options,
+            info,
+            size,
+            start,
+        )
+        self.frames: list[FrameRecord] = []
+        self.frames_read = 0
+        self.interrupted = False
+
+    def run(self, reader: Iterable[np.ndarray], sink: Any, stop_requested: threading.Event, show_video: bool) -> None:
+        import cv2
+        from tqdm import tqdm
+
+        options = self.options
+        # disable=None: tqdm stays silent when stderr is not a terminal (logs, CI)
+        with tqdm(
+            total=self.info.frame_count, unit="frame", disable=None if options.progress else True, dynamic_ncols=True
+        ) as bar:
+            last: list[FaceResult] = []
+            for frame in reader:
+                if stop_requested.is_set():
+                    self.interrupted = True
+                    return
+                if (frame.shape[1], frame.shape[0]) != self.size:
+                    frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
+                rows, last = self._classify(frame, last)
+                if show_video or options.show:
+                    draw(frame, last, self.classes)  # skipped frames keep the latest boxes: the video stays smooth
+                sink.put(frame if show_video else None, rows)
+                if options.show:
+                    cv2.imshow("ferflow watch", frame)
+                    if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
+                        return
+                bar.update(1)
+
+    def _classify(self, frame: np.ndarray, last: list[FaceResult]) -> tuple[list[list[Any]], list[FaceResult]]:
+        """CSV rows and faces of this frame when it is one to classify; else none and the last faces."""
+        index = self.frames_read
+        self.frames_read += 1
+        if index % self.options.every:
+            return [], last
+        t = (time.perf_counter() - self.start) if self.info.is_camera else index / self.info.fps
+        result = FrameResult(index, t, self.classify(frame))
+        self.frames.append(FrameRecord(index, t, tuple((f.face_id, int(np.argmax(f.probs))) for f in result.faces)))
+        return csv_rows(result, self.classes), result.faces
 
 
 @contextlib.contextmanager

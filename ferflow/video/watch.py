@@ -9,7 +9,9 @@ Exit status: 0 done, 2 bad source/option/output, 130 interrupted (Ctrl-C; output
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from ferflow.core.params import FACE_DETECTORS, TTA_MODES
 from ferflow.serving.model import DEFAULT_MODEL
@@ -73,10 +75,7 @@ def _run(args: argparse.Namespace) -> int:
         options = _options(args, video)
         if args.source is not None and args.camera is not None:
             raise video.VideoError("give either SOURCE or --camera N, not both")
-        out_video = video.check_output(args.out, "--out", tuple(video.VIDEO_SUFFIXES))
-        out_csv = video.check_output(args.csv, "--csv")
-        out_summary = video.check_output(args.summary, "--summary")
-        out_timeline = video.check_output(args.timeline, "--timeline", (".png",))
+        out_video, out_csv, out_summary, out_timeline = _checked_outputs(args, video)
         if options.show:
             video.check_display()
         cap, info, first = video.open_video(args.source, args.camera)
@@ -96,7 +95,9 @@ def _run(args: argparse.Namespace) -> int:
     classes = list(emotion.classes)
     classify = video.FrameClassifier(emotion.predictor, classes, detector, options)
     try:
-        result = video.watch(cap, info, first, classify, classes, options, out_video, out_csv)
+        result = video.watch(
+            video.OpenedVideo(cap, info, first), classify, classes, options, video.WatchOutputs(out_video, out_csv)
+        )
     except video.VideoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -124,6 +125,37 @@ def _run(args: argparse.Namespace) -> int:
         print(f"interrupted after {result.frames_read} frames; the outputs above hold everything up to there", file=sys.stderr)
         return 130
     return 0
+
+
+def _checked_outputs(args: argparse.Namespace, video) -> tuple[Path | None, ...]:
+    """--out, --csv, --summary, --timeline, each checked, none the input or another output
+    (after links: replacing it would destroy the input or lose an output)."""
+    outputs = {
+        "--out": video.check_output(args.out, "--out", tuple(video.VIDEO_SUFFIXES)),
+        "--csv": video.check_output(args.csv, "--csv"),
+        "--summary": video.check_output(args.summary, "--summary"),
+        "--timeline": video.check_output(args.timeline, "--timeline", (".png",)),
+    }
+    seen = {_file_identity(Path(args.source)): "SOURCE"} if args.source is not None else {}
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        other = seen.setdefault(_file_identity(path), option)
+        if other != option:
+            raise video.VideoError(
+                f"{option} {path}: the same file as {other}; every output needs a file of its own, not the input"
+            )
+    return tuple(outputs.values())
+
+
+def _file_identity(path: Path) -> tuple[int, int] | str:
+    """One key per file: (device, inode) of an existing file (hard and symbolic links alike),
+    else the path with links and `..` resolved."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return (st.st_dev, st.st_ino)
 
 
 def _options(args: argparse.Namespace, video):

@@ -235,6 +235,31 @@ def test_bad_inputs_are_one_line_errors(capsys, model_dir: Path, four_faces, tmp
     assert not list(tmp_path.glob(".*.tmp*")), "a failed run left a temp file behind"
 
 
+def test_no_output_may_be_the_input_or_another_output(capsys, model_dir: Path, four_faces, tmp_path: Path) -> None:
+    """#30 item 2: `--out src.mp4` replaced the source; `--csv a --summary a` kept one of them."""
+    video, _ = four_faces
+    source = tmp_path / "src.mp4"
+    source.write_bytes(video.read_bytes())
+    (tmp_path / "link.csv").symlink_to(source)
+    os.link(source, tmp_path / "hard.mp4")
+    cases = [
+        (["--out", str(source)], "--out", "SOURCE"),
+        (["--csv", str(source)], "--csv", "SOURCE"),
+        (["--csv", str(tmp_path / "link.csv")], "--csv", "SOURCE"),
+        (["--out", str(tmp_path / "hard.mp4")], "--out", "SOURCE"),
+        (["--csv", str(tmp_path / "a"), "--summary", str(tmp_path / "a")], "--summary", "--csv"),
+        (["--csv", str(tmp_path / "b.csv"), "--summary", str(tmp_path / "sub" / ".." / "b.csv")], "--summary", "--csv"),
+    ]
+    (tmp_path / "sub").mkdir()
+    before = source.read_bytes()
+    for argv, option, other in cases:
+        rc, out, err = watch(capsys, str(source), "--model", str(model_dir), *argv)
+        assert rc == 2, (argv, err)
+        assert f"{option} " in err and f"the same file as {other}" in err and err.count("\n") == 1, (argv, err)
+    assert source.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hard.mp4", "link.csv", "src.mp4", "sub"]
+
+
 def test_huge_frames_are_downscaled(capsys, model_dir: Path, four_faces, tmp_path: Path) -> None:
     video, _ = four_faces
     out = tmp_path / "small.mp4"

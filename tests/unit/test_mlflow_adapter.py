@@ -23,8 +23,9 @@ def test_mlflow_checks_params_through_the_module_function_the_adapter_wraps():
 
 
 def test_the_models_own_check_runs_first_and_only_for_its_own_schema(monkeypatch):
-    # restored to MLflow's own function after the test
-    monkeypatch.setattr(mlflow.pyfunc, "_enforce_params_schema", mlflow.pyfunc._enforce_params_schema)
+    # MLflow's own function (a served model loaded in this process may have wrapped it), restored after the test
+    current = mlflow.pyfunc._enforce_params_schema
+    monkeypatch.setattr(mlflow.pyfunc, "_enforce_params_schema", getattr(current, "__wrapped__", current))
     seen = []
 
     def check(params):
