@@ -270,7 +270,9 @@ def test_huge_frames_are_downscaled(capsys, model_dir: Path, four_faces, tmp_pat
 
 
 @pytest.mark.slow
-def test_ctrl_c_keeps_valid_outputs(model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["ctrl-c", "sigterm", "sighup"])
+def test_an_interrupt_keeps_valid_outputs(model_dir: Path, tmp_path: Path, signum: int) -> None:
+    """Ctrl-C, and (#30 item 2) SIGTERM from timeout/docker stop/systemd and SIGHUP from a closed terminal."""
     frames, _ = synthetic_frames(30, size=(320, 240), n_faces=1, patch_side=100)
     long_video = write_video(tmp_path / "long.mp4", frames * 40)  # 1200 frames: far longer than the wait below
     out, table, summary = tmp_path / "a.mp4", tmp_path / "f.csv", tmp_path / "s.json"
@@ -283,7 +285,7 @@ def test_ctrl_c_keeps_valid_outputs(model_dir: Path, tmp_path: Path) -> None:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "interrupted after" in stderr and "Traceback" not in stderr
