@@ -118,6 +118,39 @@ def test_sigkill_mid_training_then_rerun_resumes_from_last_epoch(workdir, tmp_pa
     assert max_diff == 0.0, f"resumed and uninterrupted weights differ by up to {max_diff}"
 
 
+@pytest.mark.slow
+def test_params_changed_after_a_kill_discard_the_backup_and_mark_the_orphaned_run_killed(workdir, tmp_path):
+    """What a SIGKILL leaves (a RUNNING run recorded in the work dir, a per-epoch backup made
+    with other params), built directly so no timing decides it; then the train stage reruns."""
+    import mlflow
+
+    from ferflow.core import files
+
+    params = _resume_params(tmp_path / "params.yaml")
+    out = tmp_path / "out"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.MlflowClient().create_experiment("ferflow", artifact_location=(tmp_path / "art").as_uri())
+    orphan = mlflow.MlflowClient().create_run(experiment, run_name="killed").info.run_id
+    (out / "work" / "backup").mkdir(parents=True)
+    (out / "work" / "backup" / "training_metadata.json").write_text('{"epoch": 1}')
+    files.write_json(out / "work" / "mlflow_run.json", {"run_id": orphan, "tracking_uri": uri, "complete": False})
+    files.write_json(out / "work" / "train_params.json", {"learning_rate": 0.5})  # another configuration
+    files.write_json(out / "work" / "history.csv", {})  # stale: must not be read as this run's history
+
+    rerun = subprocess.run(_train_cmd(params, out), cwd=workdir, env=_env(tmp_path), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "Epoch 1/4" in rerun.stdout + rerun.stderr  # from the start: the backup was not used
+    summary = json.loads((out / "train.json").read_text())
+    assert summary["resumed"] is False and summary["epochs_run"] == 4
+    client = mlflow.MlflowClient()
+    assert client.get_run(orphan).info.status == "KILLED"
+    new = json.loads((out / "run.json").read_text())["run_id"]
+    assert new != orphan and client.get_run(new).info.status == "FINISHED"
+    assert "ferflow.resumed" not in client.get_run(new).data.tags
+    assert not (out / "work").exists()
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
