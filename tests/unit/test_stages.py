@@ -176,8 +176,9 @@ def test_train_evaluate_export_share_one_mlflow_run(data_dir, tiny_params, tmp_p
     assert not (tmp_path / "work").exists()  # finished training leaves nothing to resume
 
     evaluation = _evaluate(data_dir, tiny_params, tmp_path, tmp_path / "eval.json")
-    assert 0 <= evaluation["accuracy"] <= 1 and evaluation["n_test"] == 42
     preds = pd.read_csv(tmp_path / "pred.csv")
+    assert evaluation["n_test"] == 42
+    assert evaluation["accuracy"] == pytest.approx((preds["actual"] == preds["predicted"]).mean())
     assert list(preds.columns[:2]) == ["actual", "predicted"] and len(preds) == 42
     np.testing.assert_allclose(preds[[f"p_{c}" for c in FER_CLASSES]].sum(axis=1), 1.0, atol=1e-3)
     for name in ("confusion_matrix.png", "training_curves.png", "classification_report.txt", "per_class.json"):
