@@ -31,10 +31,12 @@ def _fsync_dir(path: Path) -> None:
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
 
 
-def _naming(exc: OSError, target: Path) -> OSError:
-    """The same OS error with the output's path when it has none (a failing write() with
-    ENOSPC names no file)."""
-    if exc.filename is not None or exc.errno not in _WRITE_ERRNOS:  # e.g. a network error inside the body
+def _naming(exc: OSError, target: Path, tmp: Path | None = None) -> OSError:
+    """The same OS error naming the output when it names no file (a failing write() with
+    ENOSPC) or only the hidden temp file beside it: the user knows `metrics/x.json`, not
+    `metrics/.x.json.1a2b3c4d.tmp.json`."""
+    names_temp = tmp is not None and exc.filename is not None and Path(exc.filename).name == tmp.name
+    if (exc.filename is not None and not names_temp) or exc.errno not in _WRITE_ERRNOS:  # e.g. a network error inside the body
         return exc
     named = OSError(exc.errno, exc.strerror or str(exc), str(target))
     named.__cause__ = exc
@@ -87,7 +89,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except OSError as exc:
-        raise _naming(exc, target) from None
+        raise _naming(exc, target, tmp) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -119,7 +121,10 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target)
     # the pid in the name: a later writer can tell a killed writer's leftovers from a live one's
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:  # a read-only folder: named as the output, not as the temp dir
+        raise _naming(exc, target, Path(exc.filename or "")) from None
     try:
         yield tmp
         old = None
@@ -131,7 +136,7 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(target.parent)
     except OSError as exc:
-        raise _naming(exc, target) from None
+        raise _naming(exc, target, tmp) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -38,15 +38,39 @@ def test_a_stage_that_cannot_write_prints_one_line_naming_the_path(tmp_path, cap
     assert err == f"evaluate: error: {tmp_path / 'metrics' / 'x.json'}: Permission denied"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def as_a_user_who_respects_permissions() -> list[str]:
+    """A command prefix under which read-only really is read-only: root (CI) keeps its uid but
+    loses the capabilities that override file permissions (util-linux setpriv)."""
+    if os.geteuid() != 0:
+        return []
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
 def test_read_only_metrics_folder_is_one_line_in_a_real_stage_process(tmp_path):
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics").chmod(0o500)
     code = "from ferflow.core import files; from ferflow.core.stage import run; run(lambda a: files.write_json('metrics/x.json', {}), None, 'evaluate')"
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
-    )
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "metrics/x.json" in proc.stderr, proc.stderr
+        [*as_a_user_who_respects_permissions(), sys.executable, "-c", code],
+        cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    # the output as the stage named it, not the hidden temp file beside it
+    assert proc.stderr.strip() == "evaluate: error: metrics/x.json: Permission denied", proc.stderr
+    assert os.listdir(tmp_path / "metrics") == []
+
+
+def test_a_read_only_output_folder_names_the_output_not_its_temp_dir(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models").chmod(0o500)
+    code = "from ferflow.core import files; from ferflow.core.stage import run\n"
+    code += "def main(_):\n    with files.atomic_dir('models/export') as tmp:\n        (tmp / 'MLmodel').write_text('x')\n"
+    code += "run(main, None, 'export')"
+    proc = subprocess.run(
+        [*as_a_user_who_respects_permissions(), sys.executable, "-c", code],
+        cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.strip() == "export: error: models/export: Permission denied", proc.stderr
 
 
 def test_temp_dirs_of_a_killed_writer_are_removed_by_the_next_one(tmp_path):
