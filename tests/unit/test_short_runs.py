@@ -51,6 +51,8 @@ def test_a_few_steps_of_training_predict_more_than_one_class(tmp_path: Path) -> 
     assert summary["batchnorm_recomputed"] is True
     saved = keras.saving.load_model(tmp_path / "model.keras")
     predicted = np.argmax(saved.predict(x_train, verbose=0), axis=1)
-    share_of_top_class = np.bincount(predicted, minlength=len(FER_CLASSES)).max() / len(predicted)
-    assert share_of_top_class < 0.6, np.bincount(predicted)
-    assert np.mean(predicted == y_train) > 0.2  # chance: 1/7
+    counts = np.bincount(predicted, minlength=len(FER_CLASSES))
+    # measured: every class predicted, top share 0.27, accuracy 0.245; without the
+    # recomputation 3 classes, top share 0.63, accuracy 0.143 (chance)
+    assert counts.min() > 0 and counts.max() / len(predicted) < 0.4, counts
+    assert np.mean(predicted == y_train) > 0.2
