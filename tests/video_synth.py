@@ -87,6 +87,28 @@ def synthetic_frames(
     return frames, truth
 
 
+def group_photo(sides: tuple[int, ...], size: tuple[int, int] = (960, 480), seed: int = 0) -> tuple[np.ndarray, list[Box]]:
+    """(a BGR photo with one face patch per entry of `sides`, left to right, each patch that
+    many pixels wide; the true face boxes in the same order). Different sides tell the
+    largest face from the first one found."""
+    import cv2
+
+    patch, face = astronaut_patch()
+    width, height = size
+    photo = background(size, seed)[:, :width].copy()
+    boxes, x = [], 10
+    for side in sides:
+        scale = side / patch.shape[1]
+        resized = cv2.resize(patch, (side, round(patch.shape[0] * scale)), interpolation=cv2.INTER_AREA)
+        y = (height - resized.shape[0]) // 2
+        photo[y : y + resized.shape[0], x : x + side] = resized
+        fx, fy, fw, fh = (round(v * scale) for v in face.as_tuple())
+        boxes.append(Box(x + fx, y + fy, fw, fh))
+        x += side + 20
+    assert x <= width, "the faces do not fit side by side"
+    return cv2.cvtColor(photo, cv2.COLOR_RGB2BGR), boxes
+
+
 def write_video(path: str | Path, frames: list[np.ndarray], fps: float = 30.0, fourcc: str = "mp4v") -> Path:
     """Encode BGR frames with OpenCV's VideoWriter."""
     import cv2

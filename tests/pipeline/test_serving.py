@@ -413,6 +413,36 @@ def test_bad_request_gets_4xx_naming_the_problem_and_server_keeps_serving(server
     check_rows(rows)
 
 
+def _iou(a: Box, b: Box) -> float:
+    ix = max(0, min(a.x + a.w, b.x + b.w) - max(a.x, b.x))
+    iy = max(0, min(a.y + a.h, b.y + b.h) - max(a.y, b.y))
+    return ix * iy / (a.w * a.h + b.w * b.h - ix * iy)
+
+
+def test_every_face_and_another_detector_over_http_as_the_readme_sends_them(server: str) -> None:
+    """The README's `"params": {"faces": "all"}` and `face_detector` through the scoring
+    server, its params schema included (not the pyfunc called in-process)."""
+    from video_synth import group_photo
+
+    photo, truth = group_photo((150, 260, 200))  # the largest face in the middle
+    image = b64(encode(photo[:, :, ::-1].copy()))
+    rows = predictions(server, {"dataframe_records": [{"image": image}], "params": {"faces": "all"}})
+    check_rows(rows)
+    assert [r["image_index"] for r in rows] == [0, 0, 0] and all(r["face_found"] for r in rows)
+    boxes = [Box(r["face_x"], r["face_y"], r["face_w"], r["face_h"]) for r in rows]
+    assert [max(range(3), key=lambda i: _iou(b, truth[i])) for b in boxes][0] == 1  # the largest first
+    assert sorted(max(range(3), key=lambda i: _iou(b, truth[i])) for b in boxes) == [0, 1, 2]
+    (largest,) = predictions(server, {"dataframe_records": [{"image": image}]})
+    assert (
+        "image_index" not in largest
+        and _iou(Box(largest["face_x"], largest["face_y"], largest["face_w"], largest["face_h"]), truth[1]) >= 0.5
+    )
+    mtcnn = predictions(server, {"dataframe_records": [{"image": image}], "params": {"faces": "all", "face_detector": "mtcnn"}})
+    assert len(mtcnn) == 3 and all(r["face_found"] for r in mtcnn)
+    resp = post(server, {"dataframe_records": [{"image": image}], "params": {"faces": "each"}})
+    assert resp.status_code == 400 and "param 'faces' = 'each'" in resp.json()["message"]
+
+
 def test_deeply_nested_json_does_not_take_the_server_down(server: str) -> None:
     # issue #20 item 11: 100,000 levels is a RecursionError inside MLflow's JSON parsing
     # (HTTP 500, docs/serving.md says the proxy must bound depth); the server lives on.

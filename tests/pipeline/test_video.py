@@ -302,14 +302,15 @@ def test_an_interrupt_keeps_valid_outputs(model_dir: Path, tmp_path: Path, signu
 
 @pytest.fixture(scope="module")
 def group_photo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[Box]]:
-    """A 960x480 PNG with three faces at known boxes, and a PNG with none."""
-    d = tmp_path_factory.mktemp("photos")
-    frames, truth = synthetic_frames(1, size=(960, 480), n_faces=3, patch_side=150)
-    cv2.imwrite(str(d / "group.png"), frames[0])
-    from video_synth import background
+    """A 960x480 PNG with three faces of different sizes at known boxes, the largest in the
+    middle (neither first nor last left to right), and a PNG with none."""
+    from video_synth import background, group_photo
 
+    d = tmp_path_factory.mktemp("photos")
+    photo, truth = group_photo((150, 260, 200))
+    cv2.imwrite(str(d / "group.png"), photo)
     cv2.imwrite(str(d / "wall.png"), background((320, 240))[:, :320])
-    return d / "group.png", d / "wall.png", truth[0]
+    return d / "group.png", d / "wall.png", truth
 
 
 def test_serving_param_faces_all_returns_every_face(model_dir: Path, group_photo) -> None:
@@ -334,7 +335,11 @@ def test_serving_param_faces_all_returns_every_face(model_dir: Path, group_photo
     boxes = [Box(*(int(v) for v in row)) for row in every[["face_x", "face_y", "face_w", "face_h"]].to_numpy()[:3]]
     assert sorted(max(range(3), key=lambda i: iou(b, truth[i])) for b in boxes) == [0, 1, 2]
     assert min(max(iou(b, t) for t in truth) for b in boxes) >= 0.5
-    # the largest face comes first, and it is the default mode's answer for that image
+    # the largest face (the middle one) comes first, and it is the default mode's answer for that image
+    assert (
+        iou(boxes[0], truth[1]) >= 0.5
+        and iou(Box(*(int(v) for v in default.iloc[0][["face_x", "face_y", "face_w", "face_h"]])), truth[1]) >= 0.5
+    )
     assert every.iloc[0][["face_x", "face_y", "label"]].tolist() == default.iloc[0][["face_x", "face_y", "label"]].tolist()
     assert every.iloc[3:].drop(columns="image_index").reset_index(drop=True).equals(default.iloc[1:].reset_index(drop=True))
 
