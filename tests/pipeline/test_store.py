@@ -79,3 +79,31 @@ def test_a_shared_sqlite_store_keeps_artifacts_beside_itself_not_in_a_clone(tmp_
     default = tmp_path / "clone1" / "mlflow.db"  # the project store: <root>/mlartifacts, as before
     assert artifact_location(f"sqlite:///{default}", tmp_path / "clone1") == (tmp_path / "clone1" / "mlartifacts").as_uri()
     assert artifact_location("http://127.0.0.1:5000", tmp_path / "clone1") is None  # the server decides
+
+
+def test_a_sqlite_store_is_switched_to_wal_with_a_long_busy_timeout(tmp_path, monkeypatch):
+    """Parallel queue workers share mlflow.db: WAL (readers never block the writer) and a 60 s
+    wait for the write lock on every connection MLflow opens, instead of "database is locked"
+    after SQLite's 5 s."""
+    import sqlite3
+
+    import mlflow
+    import sqlalchemy
+
+    from ferflow.tracking.store import SQLITE_BUSY_TIMEOUT_MS, configure
+
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    previous = mlflow.get_tracking_uri()
+    try:
+        configure(tmp_path)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    with sqlite3.connect(db) as plain:
+        assert plain.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # stored in the file
+    engine = sqlalchemy.create_engine(f"sqlite:///{db}")  # as MLflow's store opens its connections
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == SQLITE_BUSY_TIMEOUT_MS == 60_000
+    finally:
+        engine.dispose()

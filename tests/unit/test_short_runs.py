@@ -56,3 +56,25 @@ def test_a_few_steps_of_training_predict_more_than_one_class(tmp_path: Path) -> 
     # recomputation 3 classes, top share 0.63, accuracy 0.143 (chance)
     assert counts.min() > 0 and counts.max() / len(predicted) < 0.4, counts
     assert np.mean(predicted == y_train) > 0.2
+
+
+def test_a_resume_restores_the_counters_of_early_stopping_the_plateau_schedule_and_the_checkpoint() -> None:
+    """BackupAndRestore brings back weights, optimizer and epoch, not other callbacks' counters:
+    each resets them in on_train_begin, and RestorePlateauState (after them) replays the
+    recorded val_loss so patience is not waited for anew."""
+    early = keras.callbacks.EarlyStopping(monitor="val_loss", patience=5, start_from_epoch=1)
+    plateau = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", patience=2)
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        "unused.weights.h5", monitor="val_loss", save_best_only=True, save_weights_only=True
+    )
+    val_losses = [1.0, 0.9, 0.95, 0.97, 0.99]  # best at epoch 2, then three epochs without improvement
+    callbacks = [early, plateau, checkpoint, training.RestorePlateauState(val_losses, early, plateau, checkpoint)]
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(), loss="mse")  # ReduceLROnPlateau reads the optimizer
+    for callback in callbacks:
+        callback.set_model(model)
+        callback.on_train_begin()
+    assert (early.best, early.wait) == (0.9, 3)
+    # the plateau's patience (2) ran out at epoch 4 (the rate was cut and the wait reset), one more since
+    assert (plateau.best, plateau.wait) == (0.9, 1)
+    assert checkpoint.best == 0.9
