@@ -46,6 +46,46 @@ def _train_cmd(params: Path, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
+# The train stage, paused at the end of epoch N (after every callback, the per-epoch backup
+# included, has run): it writes the marker file, then waits for a `<marker>.go` file that may
+# never come. A kill then lands between epochs N and N+1 by construction, not by how fast a
+# poll catches it.
+PAUSED_TRAIN = """
+import runpy, sys, time
+from pathlib import Path
+import ferflow.model.training as training
+marker, after_epoch, stage_argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+logged = training.EpochLogger.on_epoch_end
+
+def on_epoch_end(self, epoch, logs=None):
+    logged(self, epoch, logs)
+    if epoch + 1 == after_epoch:
+        Path(marker).write_text(str(epoch + 1))
+        while not Path(marker + ".go").exists():
+            time.sleep(0.05)
+
+training.EpochLogger.on_epoch_end = on_epoch_end
+sys.argv = stage_argv
+sys.path.insert(0, str(Path(stage_argv[0]).parent))  # as running the script would (stages/project_python.py)
+runpy.run_path(stage_argv[0], run_name="__main__")
+"""
+
+
+def _paused_train(params: Path, out: Path, workdir: Path, env: Path | dict[str, str], after_epoch: int) -> subprocess.Popen:
+    """The train stage, started and waited for until it pauses after `after_epoch` (see PAUSED_TRAIN)."""
+    marker = out.parent / f"{out.name}.paused"
+    cmd = [sys.executable, "-c", PAUSED_TRAIN, str(marker), str(after_epoch), *_train_cmd(params, out)[1:]]
+    env = _env(env) if isinstance(env, Path) else env
+    proc = subprocess.Popen(cmd, cwd=workdir, env={**env, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else "train ended"
+        assert time.monotonic() < deadline, f"training did not reach the end of epoch {after_epoch}"
+        time.sleep(0.1)  # only how soon the test notices, not what it tests
+    return proc
+
+
 def _resume_params(path: Path) -> Path:
     overrides = {
         "train": {
@@ -74,17 +114,10 @@ def test_sigkill_mid_training_then_rerun_resumes_from_last_epoch(workdir, tmp_pa
     params = _resume_params(tmp_path / "params.yaml")
     killed = resumed = tmp_path / "killed"
     clean = tmp_path / "straight"
-    proc = subprocess.Popen(
-        _train_cmd(params, killed), cwd=workdir, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    deadline = time.time() + 240
-    while _history_rows(killed / "work" / "history.csv") < 2:
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, "training did not reach epoch 2"
-        time.sleep(0.02)
+    proc = _paused_train(params, killed, workdir, tmp_path, after_epoch=2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert _history_rows(killed / "work" / "history.csv") == 2, "kill landed after epoch 3: make epochs slower"
+    assert _history_rows(killed / "work" / "history.csv") == 2
     assert (killed / "work" / "backup").exists()
     assert not (killed / "model.keras").exists()  # no half-written model left behind
     run_id = json.loads((killed / "run.json").read_text())["run_id"]
@@ -176,24 +209,13 @@ def test_unreachable_tracking_server_fails_before_the_first_epoch(workdir, tmp_p
     assert not (tmp_path / "out" / "model.keras").exists()
 
 
-def _wait_for_epochs(path: Path, n: int, proc: subprocess.Popen, limit_s: float = 240) -> None:
-    deadline = time.time() + limit_s
-    while _history_rows(path) < n:
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else "process ended"
-        assert time.time() < deadline, f"training did not reach epoch {n}"
-        time.sleep(0.02)
-
-
 @pytest.mark.slow
 def test_sigterm_marks_the_run_killed_and_leaves_a_resumable_backup(workdir, tmp_path):
     import mlflow
 
     params = _resume_params(tmp_path / "params.yaml")
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        _train_cmd(params, out), cwd=workdir, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    _wait_for_epochs(out / "work" / "history.csv", 1, proc)
+    proc = _paused_train(params, out, workdir, tmp_path, after_epoch=1)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) != 0
     run_id = json.loads((out / "run.json").read_text())["run_id"]
@@ -202,7 +224,6 @@ def test_sigterm_marks_the_run_killed_and_leaves_a_resumable_backup(workdir, tmp
     assert (out / "work" / "backup").exists() and not (out / "model.keras").exists()
 
 
-@pytest.mark.slow
 @contextlib.contextmanager
 def _mlflow_server(port: int, db: Path, cwd: Path) -> Iterator[subprocess.Popen]:
     server = subprocess.Popen(
@@ -226,22 +247,17 @@ def _mlflow_server(port: int, db: Path, cwd: Path) -> Iterator[subprocess.Popen]
             server.wait()
 
 
+@pytest.mark.slow
 def test_tracking_server_lost_mid_run_keeps_the_trained_model(workdir, tmp_path):
     port = free_port()
     with _mlflow_server(port, tmp_path / "server.db", tmp_path) as server:
         params = _resume_params(tmp_path / "params.yaml")
         out = tmp_path / "out"
         uri = f"http://127.0.0.1:{port}"
-        proc = subprocess.Popen(
-            _train_cmd(params, out),
-            cwd=workdir,
-            env=_env(tmp_path, MLFLOW_TRACKING_URI=uri),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        _wait_for_epochs(out / "work" / "history.csv", 1, proc)
+        proc = _paused_train(params, out, workdir, _env(tmp_path, MLFLOW_TRACKING_URI=uri), after_epoch=1)
         os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        (out.parent / f"{out.name}.paused.go").touch()  # epochs 2-4 log to a server that is gone
         output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]
     assert "MLflow logging failed at epoch" in output and "training continues" in output

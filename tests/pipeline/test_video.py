@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -142,35 +143,60 @@ def test_video_without_faces(capsys, model_dir: Path, tmp_path: Path) -> None:
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
-class FakeCamera:
-    """A capture that produces numbered frames faster than the consumer takes them."""
+class SteppedCamera:
+    """A capture whose frames (numbered 1, 2, ...) come only when the test lets them: no
+    sleeps decide what the reader sees."""
 
-    def __init__(self, n: int) -> None:
-        self.n, self.i, self.released = n, 0, False
+    def __init__(self) -> None:
+        self.allowed = threading.Semaphore(0)
+        self.state = threading.Condition()
+        self.produced, self.waiting, self.finished, self.released = 0, False, False, False
 
     def read(self) -> tuple[bool, np.ndarray | None]:
-        if self.i >= self.n:
-            return False, None
-        self.i += 1
-        time.sleep(0.001)
-        return True, np.full((2, 2), self.i, np.int32)
+        with self.state:
+            self.waiting = True  # the reader has handled every frame so far and asks for the next
+            self.state.notify_all()
+        self.allowed.acquire()
+        with self.state:
+            self.waiting = False
+            if self.finished:
+                return False, None
+            self.produced += 1
+            return True, np.full((2, 2), self.produced, np.int32)
+
+    def deliver(self, n: int) -> None:
+        """Let the camera produce `n` frames, and wait until the reader has taken them all in."""
+        target = self.produced + n
+        for _ in range(n):
+            self.allowed.release()
+        with self.state:
+            assert self.state.wait_for(lambda: self.produced == target and self.waiting, timeout=30), self.produced
+
+    def finish(self) -> None:
+        self.finished = True
+        self.allowed.release()
 
     def release(self) -> None:
         self.released = True
 
 
-def test_camera_reader_keeps_only_the_newest_frame() -> None:
+@pytest.mark.parametrize("latest_only", [True, False], ids=["camera", "file"])
+def test_a_camera_reader_keeps_only_the_newest_frame_a_file_reader_keeps_all(latest_only: bool) -> None:
     from ferflow.video.analyze import FrameReader
 
-    camera = FakeCamera(200)
-    reader = FrameReader(camera, np.zeros((2, 2), np.int32), latest_only=True)
-    seen = []
-    for frame in reader:
-        seen.append(int(frame[0, 0]))
-        time.sleep(0.02)  # a slow consumer: the camera runs ahead
+    camera = SteppedCamera()
+    reader = FrameReader(camera, np.zeros((2, 2), np.int32), latest_only=latest_only)
+    frames = iter(reader)
+    assert int(next(frames)[0, 0]) == 0  # the first frame, read when the source was opened
+    camera.deliver(5)  # the consumer is slower than the camera: 5 frames arrive before it asks again
+    expected = [5] if latest_only else [1, 2, 3, 4, 5]  # a camera drops the stale ones; a file never does
+    assert [int(next(frames)[0, 0]) for _ in expected] == expected
+    camera.deliver(1)
+    assert int(next(frames)[0, 0]) == 6
+    camera.finish()
+    assert list(frames) == []
     reader.close()
-    assert camera.released and seen[0] == 0 and seen[-1] == 200
-    assert seen == sorted(seen) and len(seen) < 150  # stale frames were dropped (201 without), order kept
+    assert camera.released
 
 
 def test_tracker_keeps_ids_and_smooths() -> None:
