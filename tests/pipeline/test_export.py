@@ -260,6 +260,44 @@ for accuracy in accuracies:
 """
 
 
+class _Interleaving:
+    """A client whose first champion-alias write lets another exporter run first: the read
+    of the current holder is then stale when this exporter writes (the bad interleaving the
+    racing tests below only hit by chance)."""
+
+    def __init__(self, client, before_first_write) -> None:
+        self._client, self._before, self.writes = client, before_first_write, []
+
+    def __getattr__(self, name: str):
+        return getattr(self._client, name)
+
+    def set_registered_model_alias(self, name: str, alias: str, version: str) -> None:
+        if not self.writes:
+            self._before()
+        self.writes.append((alias, version))
+        self._client.set_registered_model_alias(name, alias, version)
+
+
+def test_an_exporter_whose_read_went_stale_hands_the_alias_back_to_the_better_model(registry) -> None:
+    """Exporter A reads the holder (v1, 0.50) and decides its v2 (0.70) should win; before A
+    writes, exporter B registers v3 (0.90) and promotes it. A's write then takes the alias
+    from a better model: the re-check after it must hand it back."""
+    first = _register(registry, 0.50, TEST_SET)
+    assert first["champion"]
+    v2 = int(registry.create_model_version("ferflow-test", source=UNUSED_SOURCE).version)
+
+    def exporter_b() -> None:
+        assert _register(registry, 0.90, TEST_SET)["champion_alias_version"] == 3
+
+    a = _Interleaving(registry, exporter_b)
+    result = promote(a, "ferflow-test", v2, Evaluated(0.70, TEST_SET, list(FER_CLASSES)), False)
+    assert a.writes[0] == (dataset_alias(TEST_SET), str(v2))  # A did write from its stale read
+    assert a.writes[1] == (dataset_alias(TEST_SET), "3")  # and gave the alias back
+    assert result["champion"] is False and result["champion_alias_version"] == 3
+    for alias in (dataset_alias(TEST_SET), "champion"):
+        assert int(registry.get_model_version_by_alias("ferflow-test", alias).version) == 3
+
+
 def _race(uri: str, tmp_path: Path) -> None:
     """Two processes register and promote versions at the same time: the alias must end on the best."""
     import mlflow

@@ -14,32 +14,40 @@ from ferflow.tracking.store import TrackingError, configure, explain_store_error
 
 REPO = Path(__file__).resolve().parents[2]
 
-RACE = """
-import os, sys, time
-from ferflow.tracking.store import configure
-import mlflow
-while time.time() < float(sys.argv[1]):
-    time.sleep(0.001)
-print(configure(sys.argv[2]))
-"""
+
+def _blocked_on(lock_file: Path) -> int:
+    """How many processes wait for the flock on `lock_file` (/proc/locks: `-> FLOCK` lines)."""
+    inode = lock_file.stat().st_ino
+    lines = Path("/proc/locks").read_text().splitlines()
+    return sum(1 for line in lines if "-> FLOCK" in line and line.split()[-3].endswith(f":{inode}"))
 
 
 @pytest.mark.slow
 def test_three_first_runs_at_once_on_a_fresh_sqlite_store_all_succeed(tmp_path):
-    # before the lock, 2 of 3 failed: "duplicate column name: step", "_alembic_tmp_tags already exists"
+    """Before the lock, 2 of 3 failed ("duplicate column name: step", "_alembic_tmp_tags
+    already exists"). The test holds the lock itself until all three wait on it, then lets
+    them go at once: the interleaving is forced, not left to timing."""
+    import fcntl
+
     db = tmp_path / "shared.db"
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
-    start = time.time() + 15  # every process has imported mlflow by then
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", RACE, str(start), str(tmp_path)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(3)
-    ]
+    code = "import sys; from ferflow.tracking.store import configure; print(configure(sys.argv[1]))"
+    lock_file = db.with_name(db.name + ".ferflow-lock")
+    with open(lock_file, "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            for _ in range(3)
+        ]
+        deadline = time.monotonic() + 120
+        while _blocked_on(lock_file) < 3:
+            assert all(p.poll() is None for p in procs), [p.communicate()[1][-500:] for p in procs]
+            assert time.monotonic() < deadline, f"{_blocked_on(lock_file)} of 3 first runs wait on the store's lock"
+            time.sleep(0.1)
+        assert not db.exists(), "a first run touched the store while another held its lock"
+        fcntl.flock(held.fileno(), fcntl.LOCK_UN)
     outs = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], [err[-500:] for _, err in outs]
     assert len({out.split()[-1] for out, _ in outs}) == 1  # one experiment
