@@ -418,7 +418,7 @@ def test_face_detector_setting_is_checked(tmp_path: Path) -> None:
     assert ServeParams.from_mapping({"face_detector": "mtcnn"}).face_detector == "mtcnn"
 
 
-def test_mtcnn_serving_and_watch(capsys, model_dir: Path, tmp_path: Path) -> None:
+def test_mtcnn_serving_and_watch(capsys, model_dir: Path, tiny_model: tuple[Path, Path], tmp_path: Path) -> None:
     from skimage import data
 
     from ferflow.core.params import ServeParams
@@ -426,9 +426,7 @@ def test_mtcnn_serving_and_watch(capsys, model_dir: Path, tmp_path: Path) -> Non
     from video_synth import ASTRONAUT_FACE, CAMERAMAN_FACE
 
     emotion = EmotionModel()
-    emotion.setup(
-        str(model_dir.parent / "model.keras"), str(model_dir.parent / "label_map.json"), ServeParams(face_detector="mtcnn")
-    )
+    emotion.setup(str(tiny_model[0]), str(tiny_model[1]), ServeParams(face_detector="mtcnn"))
     _, png = cv2.imencode(".png", cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
     out = emotion.predict(None, {"image": [png.tobytes()]}, params={"faces": "all"})
     assert out["face_found"].tolist() == [True]
@@ -452,7 +450,9 @@ def test_mtcnn_serving_and_watch(capsys, model_dir: Path, tmp_path: Path) -> Non
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*An input example was not provided:UserWarning")
-def test_watch_with_a_registered_model_uri(capsys, model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_watch_with_a_registered_model_uri(
+    capsys, tiny_model: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mlflow
 
     from ferflow.serving.packaging import model_kwargs
@@ -464,12 +464,11 @@ def test_watch_with_a_registered_model_uri(capsys, model_dir: Path, tmp_path: Pa
     mlflow.set_tracking_uri(uri)
     try:
         exp = mlflow.MlflowClient().create_experiment("video-test", artifact_location=(tmp_path / "artifacts").as_uri())
-        work = model_dir.parent
         face = generate_face(np.random.default_rng(0), "sad")
         from ferflow.core import files
 
         files.write_json(tmp_path / "serve.json", {"face_detector": "haar"})
-        kwargs = model_kwargs(work / "model.keras", work / "label_map.json", tmp_path / "serve.json", face)
+        kwargs = model_kwargs(tiny_model[0], tiny_model[1], tmp_path / "serve.json", face)
         kwargs.pop("input_example")
         with mlflow.start_run(experiment_id=exp):
             register_and_promote(kwargs, "ferflow-video", Evaluated(0.5, "test-set-of-this-test", list(FER_CLASSES)), False)
