@@ -77,13 +77,13 @@ def remove_stale_temps(target: str | os.PathLike[str]) -> list[Path]:
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temp path next to `target`; on success rename it over `target`.
 
-    The temp name ends with the target's extension, so writers that dispatch on it
-    (Keras `.keras`, numpy `.npz`) behave. On any exception the temp file is removed
+    The temp name ends with the target's extensions, so writers that dispatch on them
+    (Keras `.keras` and `.weights.h5`, numpy `.npz`) behave. On any exception the temp file is removed
     and `target` keeps its previous content.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp{target.suffix}"
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp{''.join(target.suffixes)}"
     try:
         yield tmp
         os.replace(tmp, target)

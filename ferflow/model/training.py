@@ -153,15 +153,34 @@ class EpochLogger(keras.callbacks.Callback):
             )
 
 
+class BestWeights(keras.callbacks.Callback):
+    """The weights of the epoch with the lowest val_loss, saved atomically. ModelCheckpoint
+    writes in place: a kill during the write left a truncated file that the final load (or
+    a resume) then failed to read."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.best = float("inf")  # RestorePlateauState sets it after a resume
+
+    def on_epoch_end(self, epoch, logs=None):
+        current = (logs or {}).get("val_loss")
+        if current is None or not current < self.best:
+            return
+        self.best = float(current)
+        with files.atomic_path(self.path) as tmp:
+            self.model.save_weights(tmp)
+
+
 class RestorePlateauState(keras.callbacks.Callback):
-    """After a resume, give EarlyStopping, ReduceLROnPlateau and ModelCheckpoint the
+    """After a resume, give EarlyStopping, ReduceLROnPlateau and BestWeights the
     best/wait counters they had before the kill (their on_train_begin resets them), by
     replaying their rules over the recorded val_loss history. Must come after them.
 
     Why it exists: keras.callbacks.BackupAndRestore brings back the weights, optimizer and
     epoch, not other callbacks' counters, so a resumed run would wait `patience` epochs anew."""
 
-    def __init__(self, val_losses: list[float], early: keras.callbacks.EarlyStopping, plateau, checkpoint):
+    def __init__(self, val_losses: list[float], early: keras.callbacks.EarlyStopping, plateau, checkpoint: BestWeights):
         super().__init__()
         self.val_losses, self.early, self.plateau, self.checkpoint = val_losses, early, plateau, checkpoint
 
@@ -354,9 +373,7 @@ def _callbacks(
     """Backup (resume), best checkpoint, early stopping, the plateau schedule, their restored
     counters after a resume, and the per-epoch logger."""
     work_dir = outputs.work_dir
-    checkpoint = keras.callbacks.ModelCheckpoint(
-        str(work_dir / "best.weights.h5"), monitor="val_loss", save_best_only=True, save_weights_only=True
-    )
+    checkpoint = BestWeights(work_dir / "best.weights.h5")
     early = keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=train.early_stopping_patience, start_from_epoch=train.early_stopping_start_epoch
     )
@@ -370,8 +387,10 @@ def _callbacks(
     val_losses = [r["val_loss"] for r in fit.previous_rows if "val_loss" in r]
     epoch_logger = EpochLogger([outputs.history, work_dir / "history.csv"], fit.n_train, log_to_mlflow, fit.previous_rows)
     callbacks: list[keras.callbacks.Callback] = [
+        # double_checkpoint: Keras writes the backup in place; a kill during that write leaves
+        # it truncated, and the resume then falls back to the epoch before
         *(
-            [keras.callbacks.BackupAndRestore(str(work_dir / "backup"), delete_checkpoint=True)]
+            [keras.callbacks.BackupAndRestore(str(work_dir / "backup"), delete_checkpoint=True, double_checkpoint=True)]
             if layout.num_processes == 1
             else []
         ),

@@ -152,6 +152,31 @@ def test_sigkill_mid_training_then_rerun_resumes_from_last_epoch(workdir, tmp_pa
 
 
 @pytest.mark.slow
+def test_a_backup_cut_short_by_a_kill_resumes_from_the_epoch_before(workdir, tmp_path):
+    """Keras writes the per-epoch backup in place: a kill during that write leaves a truncated
+    weights file (made here by truncating it after the kill). The rerun falls back to the
+    previous epoch's backup instead of failing to load it."""
+    params = _resume_params(tmp_path / "params.yaml")
+    out = tmp_path / "out"
+    proc = _paused_train(params, out, workdir, tmp_path, after_epoch=2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    latest = out / "work" / "backup" / "latest.weights.h5"
+    assert (latest.parent / "latest.weights.h5.bkp").exists()  # epoch 1's backup, kept beside it
+    with open(latest, "r+b") as fh:
+        fh.truncate(fh.seek(0, 2) // 2)
+    for name in ("run.json", "history.csv", "train.json"):  # as DVC deletes a stage's outputs
+        (out / name).unlink(missing_ok=True)
+    rerun = subprocess.run(_train_cmd(params, out), cwd=workdir, env=_env(tmp_path), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    log = rerun.stdout + rerun.stderr
+    assert "Epoch 2/4" in log and "Epoch 1/4" not in log  # from the backup before the cut one
+    summary = json.loads((out / "train.json").read_text())
+    assert summary["resumed"] is True and summary["epochs_run"] == 4
+    assert (out / "model.keras").stat().st_size > 0 and not (out / "work").exists()
+
+
+@pytest.mark.slow
 def test_params_changed_after_a_kill_discard_the_backup_and_mark_the_orphaned_run_killed(workdir, tmp_path):
     """What a SIGKILL leaves (a RUNNING run recorded in the work dir, a per-epoch backup made
     with other params), built directly so no timing decides it; then the train stage reruns."""

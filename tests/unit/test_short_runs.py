@@ -64,9 +64,7 @@ def test_a_resume_restores_the_counters_of_early_stopping_the_plateau_schedule_a
     recorded val_loss so patience is not waited for anew."""
     early = keras.callbacks.EarlyStopping(monitor="val_loss", patience=5, start_from_epoch=1)
     plateau = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", patience=2)
-    checkpoint = keras.callbacks.ModelCheckpoint(
-        "unused.weights.h5", monitor="val_loss", save_best_only=True, save_weights_only=True
-    )
+    checkpoint = training.BestWeights(Path("unused.weights.h5"))
     val_losses = [1.0, 0.9, 0.95, 0.97, 0.99]  # best at epoch 2, then three epochs without improvement
     callbacks = [early, plateau, checkpoint, training.RestorePlateauState(val_losses, early, plateau, checkpoint)]
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
@@ -78,3 +76,29 @@ def test_a_resume_restores_the_counters_of_early_stopping_the_plateau_schedule_a
     # the plateau's patience (2) ran out at epoch 4 (the rate was cut and the wait reset), one more since
     assert (plateau.best, plateau.wait) == (0.9, 1)
     assert checkpoint.best == 0.9
+
+
+def test_best_weights_are_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
+    """A kill while the best epoch's weights are written (here: the write stops half way)
+    leaves the previous best under the real name, readable, never a truncated file."""
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+    best = training.BestWeights(tmp_path / "best.weights.h5")
+    best.set_model(model)
+    best.on_epoch_end(0, {"val_loss": 1.0})
+    saved = [w.copy() for w in model.get_weights()]
+    model.set_weights([w + 1 for w in saved])
+    real_save = model.save_weights
+
+    def killed_mid_write(path, *args, **kwargs):
+        real_save(path, *args, **kwargs)
+        with open(path, "r+b") as fh:
+            fh.truncate(fh.seek(0, 2) // 2)
+        raise KeyboardInterrupt  # the process dies here
+
+    model.save_weights = killed_mid_write
+    with pytest.raises(KeyboardInterrupt):
+        best.on_epoch_end(1, {"val_loss": 0.5})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.weights.h5"]
+    model.load_weights(tmp_path / "best.weights.h5")
+    for got, expected in zip(model.get_weights(), saved):
+        np.testing.assert_array_equal(got, expected)
