@@ -7,6 +7,7 @@ import errno
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,34 @@ def test_a_later_stage_failing_tags_the_run_with_the_stage(tmp_path, monkeypatch
         pass
     run_info = client.get_run(run_id)
     assert run_info.info.status == "FINISHED" and "ferflow.failed_stage" not in run_info.data.tags
+
+
+KILLED_MID_WRITE = """
+import sys, time
+from pathlib import Path
+from ferflow.core import files
+target, marker = Path(sys.argv[1]), Path(sys.argv[2])
+with files.atomic_path(target) as tmp:
+    with open(tmp, "wb") as fh:
+        fh.write(b"half of the new content")
+        fh.flush()
+        marker.touch()  # the parent kills the writer now, mid-write
+        time.sleep(600)
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_the_old_file_under_the_real_name(tmp_path):
+    target, marker = tmp_path / "metrics.json", tmp_path / "writing"
+    files.write_json(target, {"accuracy": 0.5})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_MID_WRITE, str(target), str(marker)], env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert files.read_json(target) == {"accuracy": 0.5}  # never the half-written bytes
+    (temp,) = [p for p in tmp_path.iterdir() if p.name.startswith(".metrics.json.")]
+    assert temp.read_bytes() == b"half of the new content"
