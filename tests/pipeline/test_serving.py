@@ -426,7 +426,7 @@ def test_every_face_and_another_detector_over_http_as_the_readme_sends_them(serv
     from video_synth import group_photo
 
     photo, truth = group_photo((150, 260, 200))  # the largest face in the middle
-    image = b64(encode(photo[:, :, ::-1].copy()))
+    image = b64(encode(photo[:, :, ::-1].copy(), "JPEG", quality=90))  # within the test limit of 400 kB
     rows = predictions(server, {"dataframe_records": [{"image": image}], "params": {"faces": "all"}})
     check_rows(rows)
     assert [r["image_index"] for r in rows] == [0, 0, 0] and all(r["face_found"] for r in rows)
