@@ -36,11 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ferflow.core import files
+from ferflow.core.params import ExportParams
+from ferflow.tracking.store import EXPERIMENT_NAME
 
 DB_ROLE = "ferflow"
 TRACKING_DB = "mlflow"
 AUTH_DB = "mlflow_auth"
 ADMIN_USER = "admin"
+REGISTERED_MODEL = ExportParams().registered_model_name  # what the export stage registers by default
 
 
 class ServerError(RuntimeError):
@@ -73,6 +76,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _refuse_a_taken_port(host: str, port: int) -> None:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no obstacle
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ServerError(
+                f"{host}:{port} is already in use by another program ({exc.strerror}); stop it or pick another --port"
+            ) from None
 
 
 def _as_postgres_user() -> list[str]:
@@ -137,9 +151,9 @@ class TeamServer:
         reason = postgres_missing()
         if reason:
             raise ServerError(reason)
+        _refuse_a_taken_port(self.host, self.port)  # else another server's /health would look like ours
         self.state_dir = self.state_dir.resolve()
-        (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
-        self.artifacts.mkdir(exist_ok=True)
+        self._make_private_folders()
         self._write_secrets()
         if self.pg_port == 0:
             self.pg_port = free_port()
@@ -147,10 +161,22 @@ class TeamServer:
             self._start_postgres()
             self._create_databases()
             self._start_mlflow()
+            if self.auth:
+                self._reserve_project_names()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _make_private_folders(self) -> None:
+        """The state folder and the artifact store for the user who runs the server only (0700);
+        the state folder stays traversable (0711) when PostgreSQL runs as another user, who
+        owns pgdata/ and logs/ inside it."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.chmod(0o711 if _as_postgres_user() else 0o700)
+        for folder in (self.state_dir / "logs", self.artifacts):
+            folder.mkdir(mode=0o700, exist_ok=True)
+            folder.chmod(0o700)
 
     def _write_secrets(self) -> None:
         """Generate each password once; later starts reuse them (the cluster and users keep theirs)."""
@@ -259,9 +285,11 @@ class TeamServer:
             self._mlflow = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 180
         while True:
+            # our child first: a 200 counts only while the process we started is alive (the
+            # port was free at start, so then it is the one answering)
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
+                    if response.status == 200 and self._mlflow.poll() is None:
                         return
             except (urllib.error.URLError, OSError):
                 pass
@@ -272,10 +300,42 @@ class TeamServer:
                 raise ServerError(f"mlflow server did not answer {self.url}/health within 180 s; see {log}")
             time.sleep(0.5)
 
-    def wait(self) -> None:
-        """Block until the mlflow server process ends."""
-        if self._mlflow is not None:
-            self._mlflow.wait()
+    def _reserve_project_names(self) -> None:
+        """Create the pipeline's experiment and registered model as the admin, so that on a
+        fresh server no READ user can create them first and own them (docs/team.md)."""
+        import base64
+        import json
+
+        token = base64.b64encode(f"{ADMIN_USER}:{self.secrets['admin_password']}".encode()).decode()
+        for path, name in (("experiments/create", EXPERIMENT_NAME), ("registered-models/create", REGISTERED_MODEL)):
+            request = urllib.request.Request(
+                f"{self.url}/api/2.0/mlflow/{path}", data=json.dumps({"name": name}).encode(), method="POST",
+                headers={"Content-Type": "application/json", "Authorization": f"Basic {token}"},
+            )  # fmt: skip
+            try:
+                urllib.request.urlopen(request, timeout=60).close()
+            except urllib.error.HTTPError as exc:
+                if "RESOURCE_ALREADY_EXISTS" not in exc.read().decode(errors="replace"):
+                    raise ServerError(f"reserving {name!r} for the admin failed: HTTP {exc.code}") from None
+
+    def wait(self, poll_s: float = 1.0) -> str:
+        """Block until the mlflow server or PostgreSQL ends; return a line saying which."""
+        while True:
+            if self._mlflow is None or self._mlflow.poll() is not None:
+                code = self._mlflow.returncode if self._mlflow is not None else None
+                return f"the mlflow server exited ({code}); see {self.state_dir / 'logs' / 'mlflow.log'}"
+            if not self._postgres_alive():
+                return f"PostgreSQL stopped; see {self.state_dir / 'logs' / 'postgres.log'}"
+            time.sleep(poll_s)
+
+    def _postgres_alive(self) -> bool:
+        """The postmaster of our cluster is running (its pid file names it; root may signal any user's)."""
+        try:
+            pid = int((self.pgdata / "postmaster.pid").read_text().split()[0])
+            os.kill(pid, 0)
+        except (OSError, ValueError, IndexError):
+            return False
+        return True
 
     def stop_mlflow(self) -> None:
         if self._mlflow is not None and self._mlflow.poll() is None:
@@ -343,8 +403,7 @@ def _serve(server: TeamServer) -> int:
         print("  warning: bound beyond loopback; see docs/team.md for authentication and TLS", file=sys.stderr)
     print(f"Logs in {server.state_dir / 'logs'}. Ctrl-C stops both.")
     try:
-        server.wait()
-        print(f"tracking-server: error: mlflow server exited; see {server.state_dir / 'logs' / 'mlflow.log'}", file=sys.stderr)
+        print(f"tracking-server: error: {server.wait()}; stopping", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0

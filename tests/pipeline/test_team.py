@@ -358,3 +358,88 @@ def test_as_root_a_state_folder_postgres_cannot_enter_is_refused_naming_the_user
     err = capsys.readouterr().err
     assert "PostgreSQL runs as user 'nobody' (it refuses root) and cannot reach" in err and "Traceback" not in err
     assert not (hidden / "state" / "pgdata").exists()
+
+
+@pytest.mark.usefixtures("as_admin")
+def test_the_project_names_are_reserved_for_the_admin_and_the_folders_are_private(team_server, monkeypatch):
+    """#30 item 3: on a fresh server a READ user could create `ferflow` / `ferflow-emotion`
+    before the pipeline did, and own them; artifacts/ was world-readable."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.server import get_app_client
+
+    admin = mlflow.MlflowClient(team_server.url)
+    experiment = admin.get_experiment_by_name("ferflow")
+    assert experiment is not None and admin.get_registered_model("ferflow-emotion").name == "ferflow-emotion"
+    name, password = f"late{free_port()}", secrets.token_urlsafe(16)
+    get_app_client("basic-auth", tracking_uri=team_server.url).create_user(username=name, password=password)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", name)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    reader = mlflow.MlflowClient(team_server.url)
+    with pytest.raises(MlflowException, match="already exists"):
+        reader.create_experiment("ferflow")
+    with pytest.raises(MlflowException, match="403"):  # READ: it may look, not log
+        reader.create_run(experiment.experiment_id)
+    with pytest.raises(MlflowException, match="403"):
+        reader.set_registered_model_tag("ferflow-emotion", "owner", name)
+    assert team_server.artifacts.stat().st_mode & 0o777 == 0o700
+    assert (team_server.state_dir / "logs").stat().st_mode & 0o077 == 0
+    assert team_server.state_dir.stat().st_mode & 0o777 == (0o711 if os.geteuid() == 0 else 0o700)
+
+
+def test_a_port_another_program_holds_is_refused_before_anything_starts(tmp_path, capsys):
+    """#30 item 3: its own `mlflow server` failed to bind, and another server's /health made it report ready."""
+    import socket
+
+    from ferflow import cli
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        assert cli.main(["tracking-server", "--dir", str(tmp_path / "state"), "--port", str(port)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"tracking-server: error: 127.0.0.1:{port} is already in use by another program")
+    assert not (tmp_path / "state").exists()
+
+
+def test_the_server_command_stops_with_one_line_when_postgres_or_mlflow_dies(tmp_path, capsys, monkeypatch):
+    """#30 item 3: PostgreSQL dying went unnoticed (the server kept running, /health said 200)."""
+    import subprocess
+    import sys
+
+    from ferflow.tracking import server as team
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    state = tmp_path / "state"
+    (state / "pgdata").mkdir(parents=True)
+    pid_file = state / "pgdata" / "postmaster.pid"
+    server = TeamServer(state, port=free_port())
+    server._mlflow = alive
+    try:
+        pid_file.write_text(f"{gone.stdout.strip()}\n{state / 'pgdata'}\n")  # its postmaster is gone
+        assert server.wait(poll_s=0.01).startswith("PostgreSQL stopped; see ")
+        pid_file.write_text(f"{os.getpid()}\n")  # PostgreSQL alive, the mlflow server dies
+        alive.kill()
+        alive.wait()
+        assert server.wait(poll_s=0.01).startswith("the mlflow server exited (-9)")
+    finally:
+        alive.kill()
+
+    # the command: one line on stderr, exit 1, everything it started stopped
+    pid_file.write_text(f"{gone.stdout.strip()}\n")
+    stopped = []
+    monkeypatch.setattr(
+        team.TeamServer, "start", lambda self: setattr(self, "_mlflow", subprocess.Popen(["sleep", "60"])) or self
+    )
+    monkeypatch.setattr(team.TeamServer, "stop", lambda self: stopped.append(self._mlflow.kill()))
+    assert cli_main(["tracking-server", "--dir", str(state)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("tracking-server: error: PostgreSQL stopped; see ") and stopped
+
+
+def cli_main(argv: list[str]) -> int:
+    from ferflow import cli
+
+    return cli.main(argv)
