@@ -104,13 +104,23 @@ def write_json(target: str | os.PathLike[str], data: Any) -> None:
     write_text(target, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:  # json.loads would keep the last value silently
+        raise ValueError(f"duplicate key {repeated[0]!r} (each key once)")
+    return dict(pairs)
+
+
 def read_json(path: str | os.PathLike[str]) -> Any:
+    """A JSON file the project wrote (or a user edited): an error naming the file when it is
+    missing, not JSON, or holds a key twice."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: file not found (was the stage that writes it run?)") from None
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, or a duplicated key
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
 
 

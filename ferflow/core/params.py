@@ -92,8 +92,9 @@ class SyntheticParams(_Section):
 
 class DataParams(_Section):
     # an empty path would be the repo root
-    source: Annotated[str, Field(pattern=r"\S")] = Field(
-        "synthetic", description="'synthetic' or a non-empty path to a folder, .zip or .csv"
+    # no leading/trailing space: 'synthetic ' was taken for a path and failed much later
+    source: Annotated[str, Field(pattern=r"^\S(.*\S)?$")] = Field(
+        "synthetic", description="'synthetic' or a non-empty path to a folder, .zip or .csv, without leading or trailing spaces"
     )
     follow_symlinks: bool = Field(
         False, description="true or false (true: folder sources may follow links that leave data.source)"

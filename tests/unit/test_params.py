@@ -189,6 +189,9 @@ def test_non_utf8_params_file_is_named(tmp_path):
         ({"data": {"max_per_class": 10**12}}, "`data.max_per_class`", "<= 10000000"),
         ({"serve": {"max_image_pixels": 10**12}}, "`serve.max_image_pixels`", "<= 1000000000"),
         ({"serve": {"max_images_per_request": 0}}, "`serve.max_images_per_request` = 0", "integer >= 1"),
+        # #30: a limit below one 48x48 face refuses every request
+        ({"serve": {"max_request_pixels": 1}}, "`serve.max_request_pixels` = 1", "integer >= 2304"),
+        ({"serve": {"max_image_pixels": 100}}, "`serve.max_image_pixels` = 100", "integer >= 2304"),
     ],
 )
 def test_infinite_huge_and_empty_values_are_refused(raw, expected, allowed):
@@ -201,3 +204,10 @@ def test_long_values_are_truncated_in_messages():
     with pytest.raises(ParamsError) as info:
         validate_params({"train": {"arch": "x" * 100_000}})
     assert len(str(info.value)) < 600 and "..." in str(info.value)
+
+
+@pytest.mark.parametrize("source", ["synthetic ", " data/fer2013.zip", "data/x\n"])
+def test_a_data_source_with_leading_or_trailing_space_is_refused(source):
+    """#30: 'synthetic ' was accepted as a path and failed much later, far from params.yaml."""
+    with pytest.raises(ParamsError, match=r"`data.source` = .*without leading or trailing spaces"):
+        validate_params({"data": {"source": source}})

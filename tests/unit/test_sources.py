@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import stat
 import struct
 import tracemalloc
@@ -487,3 +488,20 @@ def test_class_folder_symlink_leaving_the_source_is_refused_and_in_tree_links_sh
     (root / "test/happy/copy.png").symlink_to(root / "train/happy/a.png")  # inside: allowed, target shown
     items = {it.origin: it for it in open_path(root).items()}
     assert items["test/happy/copy.png -> train/happy/a.png"].read() == png_bytes(1)
+
+
+def test_a_folder_that_cannot_be_listed_is_an_error_naming_data_source(tmp_path, monkeypatch):
+    """#30: `data.source: /proc` failed with `/proc/1/cwd: Permission denied`, naming no key."""
+    import ferflow.data.sources.files as source_files
+
+    root = write_tree(tmp_path / "fer", KAGGLE)
+    real_stat = os.stat
+
+    def no_entry(path, *args, **kwargs):
+        if str(path).endswith("happy"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(source_files.os, "stat", no_entry)
+    with pytest.raises(ValueError, match=rf"data.source: {root}: cannot read .*happy \(Permission denied\)"):
+        open_path_source(root)

@@ -140,3 +140,13 @@ def test_a_writer_killed_mid_write_leaves_the_old_file_under_the_real_name(tmp_p
     assert files.read_json(target) == {"accuracy": 0.5}  # never the half-written bytes
     (temp,) = [p for p in tmp_path.iterdir() if p.name.startswith(".metrics.json.")]
     assert temp.read_bytes() == b"half of the new content"
+
+
+def test_a_json_file_with_a_key_twice_is_an_error_naming_file_and_key(tmp_path):
+    """#30: json.loads keeps the last of two values silently."""
+    path = tmp_path / "serve_config.json"
+    path.write_text('{"tta": "none", "detect_face": true, "tta": "tencrop"}')
+    with pytest.raises(ValueError, match=rf"{path}: not valid JSON \(duplicate key 'tta' \(each key once\)\)"):
+        files.read_json(path)
+    path.write_text('{"tta": "none", "nested": {"a": 1, "b": 2}}')
+    assert files.read_json(path) == {"tta": "none", "nested": {"a": 1, "b": 2}}

@@ -494,7 +494,10 @@ def open_path_source(
         raise ValueError(f"data.source: {path} is not a regular file ({_kind(mode)}); expected a folder, .zip or .csv")
     skipped: Counter[str] = Counter()
     if path.is_dir():
-        files = _list_folder(path, skipped, follow_symlinks)
+        try:
+            files = _list_folder(path, skipped, follow_symlinks)
+        except OSError as exc:  # e.g. data.source: /proc, with folders no one may list
+            raise ValueError(f"data.source: {path}: cannot read {exc.filename or 'it'} ({exc.strerror or exc})") from None
         lone = _lone_csv(files)
         if lone is not None:
             csv_path = path.joinpath(*lone.parts)
