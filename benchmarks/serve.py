@@ -13,6 +13,8 @@ Measures, in one run:
 client keeps sending the costliest requests the server still accepts (serve defaults:
 images adding up to serve.max_request_pixels; serve.max_images_per_request faces with
 tta tencrop) plus over-limit ones it refuses; prints the p50 ratio (target <= 2).
+`--mode attack` (issue #30): 217 every-face ten-crop mosaics, refused how fast, RSS vs idle.
+`--mode load --seconds 60` (issue #30): 8 clients of batches, every-face, ten-crop, tensors: errors, p99.
 `--mode soak --seconds N` (item 10): N seconds of mixed good and bad requests from two
 clients, the server's RSS (all its processes) sampled every second: start, peak, end.
 Without --model (or when models/export is missing) it exports an untrained `--arch`
@@ -262,6 +264,82 @@ def soak(url: str, x: np.ndarray, seconds: float) -> dict[str, Any]:
     }
 
 
+def mosaic_b64(seed: int) -> str:
+    """A 400x400 PNG of 10x10 tiled 40-px synthetic faces: the issue #30 attack image."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from support import tiled_faces
+
+    return png_b64(tiled_faces(seed=seed))
+
+
+def attack(url: str, x: np.ndarray) -> dict[str, Any]:
+    """Issue #30 item 1: 217 mosaics with `faces: all` and `tta: tencrop` (inside the image and
+    pixel limits; ~200,000 model inputs) got a 504 at 60 s while the server worked on. Now:
+    how soon it is refused, and the server's RSS against its idle figure."""
+    import requests
+
+    inv = f"{url}/invocations"
+    body = rows([mosaic_b64(i % 8) for i in range(217)], {"faces": "all", "tta": "tencrop"})
+    with requests.Session() as session:
+        for _ in range(5):  # warm: the idle figure of a server that has answered requests
+            session.post(inv, data=rows([png_b64(x[0])]), headers={"Content-Type": "application/json"}, timeout=60)
+        time.sleep(1)
+        idle = server_rss_mb()
+        replies = []
+        for _ in range(5):
+            t = time.perf_counter()
+            resp = session.post(inv, data=body, headers={"Content-Type": "application/json"}, timeout=120)
+            replies.append((time.perf_counter() - t, resp.status_code, resp.json().get("message", "")[:200]))
+        time.sleep(1)
+        after = server_rss_mb()
+    return {"body_mb": len(body) / 1e6, "replies": replies, "rss_idle_mb": idle, "rss_after_mb": after,
+            "rss_change": after / idle - 1}  # fmt: skip
+
+
+def load(url: str, x: np.ndarray, seconds: float, clients: int = 8) -> dict[str, Any]:
+    """Issue #30's figure: `clients` clients for `seconds`, each cycling through batches, every
+    face of a group photo, ten-crop and tensors, each within the default request budget."""
+    import threading
+
+    import requests
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from video_synth import group_photo
+
+    photo, _ = group_photo((150, 260, 200))
+    group = png_b64(photo[:, :, ::-1].copy())
+    inv = f"{url}/invocations"
+    bodies = [
+        rows([png_b64(x[i % len(x)]) for i in range(32)]),  # a batch of 32 faces
+        rows([group], {"faces": "all"}),  # every face of a 960x480 photo
+        rows([png_b64(x[i]) for i in range(8)], {"tta": "tencrop"}),  # ten-crop
+        json.dumps({"inputs": x[:16].tolist()}),  # pixel tensors
+    ]
+    latencies: list[float] = []
+    errors: list[int] = []
+    stop = threading.Event()
+
+    def client(offset: int) -> None:
+        with requests.Session() as session:
+            i = offset
+            while not stop.is_set():
+                t = time.perf_counter()
+                resp = session.post(inv, data=bodies[i % len(bodies)], headers={"Content-Type": "application/json"}, timeout=120)
+                latencies.append(time.perf_counter() - t)
+                if resp.status_code != 200:
+                    errors.append(resp.status_code)
+                i += 1
+
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    return {"clients": clients, "seconds": seconds, "requests": len(latencies), "errors": errors, **percentiles(latencies)}
+
+
 def main_abuse(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.py: test helpers
     from support import local_server
@@ -274,6 +352,10 @@ def main_abuse(args: argparse.Namespace) -> int:
             load = os.getloadavg()
             if args.mode == "hostile":
                 results = hostile(url, x, args.requests)
+            elif args.mode == "attack":
+                results = attack(url, x)
+            elif args.mode == "load":
+                results = load(url, x, args.seconds)
             else:
                 results = soak(url, x, args.seconds)
             results |= {"load_avg_before": load, "load_avg_after": os.getloadavg(), "env": env, "workers": args.workers}
@@ -288,6 +370,16 @@ def main_abuse(args: argparse.Namespace) -> int:
         print(f"p50 ratio: {results['p50_ratio']:.2f} (target <= 2)")
         for name, r in results["attacks"].items():
             print(f"  {name:<48} HTTP {r['status']}  p50 {r['p50_ms']:.0f} ms  n={r['n']}")
+    elif args.mode == "attack":
+        for seconds, status, message in results["replies"]:
+            print(f"217 mosaics, faces all, tencrop ({results['body_mb']:.1f} MB): HTTP {status} in {seconds:.2f} s: {message}")
+        print(f"server RSS idle {results['rss_idle_mb']:.0f} MB, after {results['rss_after_mb']:.0f} MB "
+              f"({100 * results['rss_change']:+.1f}%; target within 10%)")  # fmt: skip
+    elif args.mode == "load":
+        print(
+            f"{results['clients']} clients, {results['seconds']:.0f} s: {results['requests']} requests, "
+            f"{len(results['errors'])} errors, p50 {results['p50_ms']:.0f} ms, p99 {results['p99_ms']:.0f} ms (target <= 2000)"
+        )
     else:
         print(
             f"soak {args.seconds:.0f} s, {results['requests']}: RSS start {results['rss_start_mb']:.0f} MB, "
@@ -313,7 +405,7 @@ def main() -> int:
     p.add_argument("--batches", type=int, default=40, help="timed batched requests")
     p.add_argument("--workers", type=int, default=1, help="uvicorn workers (one request at a time here: 1 is fastest)")
     p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--mode", choices=("speed", "hostile", "soak"), default="speed")
+    p.add_argument("--mode", choices=("speed", "hostile", "soak", "attack", "load"), default="speed")
     p.add_argument("--seconds", type=float, default=60, help="soak duration (default 60)")
     p.add_argument("--malloc-arena-max", type=int, default=0, help="MALLOC_ARENA_MAX for the server (0: unset)")
     args = p.parse_args()

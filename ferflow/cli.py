@@ -89,16 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list the CNN architectures with parameter counts and FLOPs")
-    p.add_argument("--num-classes", type=int, default=7)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--num-classes", type=int, default=7, help="size of the output layer the counts are for (default 7)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("validate-params", help="check params.yaml against the schema")
-    p.add_argument("params", nargs="?", default="params.yaml")
+    p.add_argument("params", nargs="?", default="params.yaml", help="the params file to check (default: params.yaml)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("preset", help="print a training recipe as `dvc exp run -S` flags (no name: list them)")
-    p.add_argument("name", nargs="?")
+    p.add_argument("name", nargs="?", help="a preset (cpu-quick, full); without it: the list")
     p.set_defaults(func=cmd_preset)
 
     p = sub.add_parser("demo", help="a local web page: photos, the webcam and videos through the model")

@@ -1,4 +1,7 @@
-"""Evaluate: the trained model on the test split -> metrics, report, predictions, plots."""
+"""Evaluate: the trained model on the test split -> metrics, report, predictions, plots.
+
+Not shipped with the served model (sklearn, matplotlib): what serving shares with it, the
+test-time augmentation, is `ferflow.model.tta`."""
 
 from __future__ import annotations
 
@@ -11,56 +14,8 @@ import numpy as np
 import pandas as pd
 
 from ferflow.core import files
-from ferflow.core.params import TTA_MODES, EvaluateParams
-
-# Views of `tencrop` for a model without a crop layer: shifts of this many pixels (reflect
-# padding). Chosen on FER-2013 validation over the 4 cpu-quick seed models (trained with
-# augment.shift 0.1, i.e. up to 4.8 px): 3 px 65.56% mean, 2 px 65.35, 4 px 64.95, 6 px 64.74.
-TENCROP_DEFAULT_SHIFT = 3
-
-
-def shifted(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """Faces (N, H, W, C) moved by (dy, dx) pixels, the uncovered border filled by reflection."""
-    pad = max(abs(dy), abs(dx))
-    if pad == 0:
-        return x
-    padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
-    h, w = x.shape[1:3]
-    return padded[:, pad - dy : pad - dy + h, pad - dx : pad - dx + w, :]
-
-
-def tta_views(x: np.ndarray, tta: str, margin: int = 0) -> list[np.ndarray]:
-    """The batches whose predictions `tta` averages.
-
-    none: the faces. flip: and their mirror images. tencrop: the centre and the four corner
-    crops, each also mirrored: for a net with a centre-crop layer `margin` pixels in from
-    the edge, moving the face by +-margin puts each corner crop under that window exactly
-    (no padded pixel reaches it); without a crop layer the shift is TENCROP_DEFAULT_SHIFT."""
-    if tta == "none":
-        return [x]
-    if tta == "flip":
-        return [x, x[:, :, ::-1, :]]
-    if tta != "tencrop":
-        raise ValueError(f"tta {tta!r}: expected one of {', '.join(TTA_MODES)}")
-    m = margin or TENCROP_DEFAULT_SHIFT
-    crops = [x] + [shifted(x, dy, dx) for dy in (-m, m) for dx in (-m, m)]
-    return crops + [c[:, :, ::-1, :] for c in crops]
-
-
-def predict_proba(model, x: np.ndarray, tta: str = "none", batch_size: int = 256) -> np.ndarray:
-    """Class probabilities averaged over the test-time views of `tta` (see `tta_views`)."""
-    from ferflow.model.architectures import crop_margin
-
-    margin = crop_margin(model) if tta == "tencrop" else 0
-    views = tta_views(x, tta, margin)
-    total = sum(np.asarray(model.predict(v, batch_size=batch_size, verbose=0), dtype=np.float64) for v in views)
-    return total / len(views)
-
-
-def renormalize(probs: np.ndarray) -> np.ndarray:
-    """Rows rescaled to sum to 1 in float64: float32 softmax sums drift from 1."""
-    probs = np.asarray(probs, dtype=np.float64)
-    return probs / np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)
+from ferflow.core.params import EvaluateParams
+from ferflow.model.tta import predict_proba, renormalize
 
 
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
@@ -110,12 +65,16 @@ def plot_curves(history_csv: str | os.PathLike[str], out: str | os.PathLike[str]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    hist = pd.read_csv(history_csv)
+    from ferflow.model.history import read_history
+
+    rows = read_history(Path(history_csv))
+    epochs = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key in zip(axes, ("loss", "accuracy")):
-        ax.plot(hist["epoch"], hist[key], label=f"train {key}")
-        if f"val_{key}" in hist:
-            ax.plot(hist["epoch"], hist[f"val_{key}"], label=f"val {key}")
+        # markers: a run of one epoch is one point, which a line alone does not draw
+        ax.plot(epochs, [r.get(key) for r in rows], marker="o", label=f"train {key}")
+        if any(f"val_{key}" in r for r in rows):
+            ax.plot(epochs, [r.get(f"val_{key}") for r in rows], marker="o", label=f"val {key}")
         ax.set_xlabel("epoch")
         ax.set_title(key)
         ax.grid(alpha=0.3)

@@ -54,7 +54,7 @@ from ferflow.core import files
 from ferflow.core.errors import short_repr
 from ferflow.core.params import FACE_DETECTORS, TTA_MODES, ServeParams
 from ferflow.data.preprocessing import IMAGE_SIZE, ImageError, decode_image, normalize, prepare_batch
-from ferflow.model.evaluation import predict_proba, renormalize
+from ferflow.model.tta import predict_proba, renormalize
 from ferflow.serving.faces import BOX_COLUMNS, Box, FaceDetector, centre_square, detect_pixels, make_detector
 from ferflow.serving.mlflow_adapter import RequestError, check_params_first
 

@@ -370,10 +370,10 @@ def _interrupt(signum, frame) -> None:  # noqa: ARG001
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", type=Path, default=Path(".ferflow/team-server"), help="state folder (default: .ferflow/team-server)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=int, default=5000, help="the tracking server's port (default 5000)")
     p.add_argument("--pg-port", type=int, default=0, help="PostgreSQL port on 127.0.0.1 (default: a free one)")
     p.add_argument("--auth", action="store_true", help="MLflow basic-auth (users stored in PostgreSQL)")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="mlflow server worker processes (default 2)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -320,7 +320,7 @@ class FrameClassifier:
         import cv2
 
         from ferflow.data.preprocessing import prepare_batch
-        from ferflow.model.evaluation import predict_proba
+        from ferflow.model.tta import predict_proba
 
         gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
         height, width = gray.shape

@@ -71,7 +71,7 @@ SHIPPED = {
     "ferflow/core/__init__.py", "ferflow/core/classes.py", "ferflow/core/errors.py", "ferflow/core/files.py",
     "ferflow/core/params.py",
     "ferflow/data/__init__.py", "ferflow/data/preprocessing.py",
-    "ferflow/model/__init__.py", "ferflow/model/architectures.py", "ferflow/model/evaluation.py",
+    "ferflow/model/__init__.py", "ferflow/model/architectures.py", "ferflow/model/tta.py",
     "ferflow/serving/__init__.py", "ferflow/serving/faces.py", "ferflow/serving/mlflow_adapter.py",
 }  # fmt: skip
 

@@ -25,7 +25,7 @@ from ferflow.core.classes import FER_CLASSES
 from ferflow.core.params import ServeParams
 from ferflow.data.preprocessing import decode_image, normalize, prepare_batch, to_grayscale
 from ferflow.data.sources.synthetic import generate_face
-from ferflow.model.evaluation import predict_proba
+from ferflow.model.tta import predict_proba
 from ferflow.serving.faces import DETECT_MIN_SIDE, Box, FaceDetector, centre_square, square_with_margin
 from ferflow.serving.mlflow_adapter import RequestError
 from ferflow.serving.pyfunc import decode_base64, pixels_to_batch
@@ -532,7 +532,7 @@ def test_a_request_past_its_deadline_stops_between_model_batches_with_504(served
 
 
 def test_tta_view_counts_match_the_views_the_model_is_given() -> None:
-    from ferflow.model.evaluation import tta_views
+    from ferflow.model.tta import tta_views
     from ferflow.serving.pyfunc import TTA_VIEWS
 
     x = np.zeros((2, 48, 48, 1), np.float32)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from keras import layers
 
-from ferflow.model.evaluation import TENCROP_DEFAULT_SHIFT, predict_proba, shifted, tta_views
+from ferflow.model.tta import TENCROP_DEFAULT_SHIFT, predict_proba, shifted, tta_views
 from ferflow.serving.pyfunc import KerasPredictor
 
 
