@@ -233,3 +233,14 @@ def test_predict_command_line_prints_no_tensorflow_start_up_lines(model_dir: Pat
     assert "model: " in proc.stderr
     for noise in ("oneDNN", "absl::InitializeLog", "This TensorFlow binary"):
         assert noise not in proc.stderr, proc.stderr
+
+
+def test_the_readme_sample_face_is_found_and_labelled(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """#29 item 5: the README's curl and predict examples post examples/face.jpg, which the
+    repo ships; a face at the default detector's size, so it is found."""
+    sample = Path(__file__).resolve().parents[2] / "examples" / "face.jpg"
+    assert 2_000 < sample.stat().st_size < 20_000
+    rc, out, _ = run_cli(capsys, str(sample), "--model", str(model_dir), "--json")
+    assert rc == 0
+    (record,) = json.loads(out)
+    assert record["face_found"] is True and record["label"] in FER_CLASSES
