@@ -18,8 +18,9 @@ def main(args) -> None:
     )  # fmt: skip
     metrics = run_training(params.train, params.data, paths, use_mlflow=not args.no_mlflow)
     stage.log.info(
-        "trained %s: best val_accuracy %.4f after %d epochs", metrics["arch"], metrics["best_val_accuracy"], metrics["epochs_run"]
-    )
+        "trained %s: %d epochs; the saved model's validation accuracy %.4f",
+        metrics["arch"], metrics["epochs_run"], metrics["final_val_accuracy"],
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -414,6 +414,10 @@ def _finalize(fit: _Fit, train: TrainParams, outputs: FitOutputs, layout: distri
         log.info("BatchNorm statistics recomputed over %d training images (%d layers)", len(fit.splits.x_train), recalibrated)
     with files.atomic_path(outputs.model) as tmp:
         fit.model.save(tmp)
+    # the saved model's own validation accuracy: the per-epoch figures were measured before the
+    # BatchNorm statistics were recomputed, and after a short run they are at chance
+    val_probs = fit.model.predict(fit.splits.x_val, batch_size=max(train.batch_size, 256), verbose=0)
+    final_val_accuracy = float(np.mean(np.argmax(val_probs, axis=1) == fit.splits.y_val)) if len(val_probs) else float("nan")
     rows = read_history(outputs.history)
     best = min(rows, key=lambda r: r["val_loss"]) if rows else {}
     summary = {
@@ -424,6 +428,7 @@ def _finalize(fit: _Fit, train: TrainParams, outputs: FitOutputs, layout: distri
         "best_epoch": int(best.get("epoch", 0)),
         "best_val_loss": float(best.get("val_loss", float("nan"))),
         "best_val_accuracy": float(best.get("val_accuracy", float("nan"))),
+        "final_val_accuracy": round(final_val_accuracy, 4),
         "train_time_s": round(sum(r.get("epoch_time_s", 0.0) for r in rows), 2),
         "this_session_time_s": round(seconds, 2),
         "images_per_s": round(float(np.mean([r["images_per_s"] for r in rows])) if rows else 0.0, 1),

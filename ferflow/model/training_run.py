@@ -150,6 +150,7 @@ def _log_training_run(model, summary: dict[str, Any], paths: TrainPaths) -> None
             "train_time_s": summary["train_time_s"],
             "train_images_per_s": summary["images_per_s"],
             "best_val_accuracy": summary["best_val_accuracy"],
+            "final_val_accuracy": summary["final_val_accuracy"],
             "best_val_loss": summary["best_val_loss"],
         }
     )

@@ -56,6 +56,10 @@ def test_a_few_steps_of_training_predict_more_than_one_class(tmp_path: Path) -> 
     # recomputation 3 classes, top share 0.63, accuracy 0.143 (chance)
     assert counts.min() > 0 and counts.max() / len(predicted) < 0.4, counts
     assert np.mean(predicted == y_train) > 0.2
+    # #29 item 2: the train stage reports the saved model's validation accuracy, not the
+    # per-epoch figure measured before the recomputation (at chance after a short run)
+    val_accuracy = np.mean(np.argmax(saved.predict(x_val, verbose=0), axis=1) == y_val)
+    assert summary["final_val_accuracy"] == pytest.approx(val_accuracy, abs=1e-4)
 
 
 def test_a_resume_restores_the_counters_of_early_stopping_the_plateau_schedule_and_the_checkpoint() -> None:
