@@ -57,7 +57,7 @@ def run_evaluation(params: EvaluateParams, paths: EvalPaths) -> dict[str, Any]:
     import keras
 
     from ferflow.data.arrays import load_label_map, load_split
-    from ferflow.tracking.runs import StageRun, backfill_epochs, pipeline_run, recorded_run_id
+    from ferflow.tracking.runs import StageRun, backfill_epochs, log_metrics, pipeline_run, recorded_run_id
     from ferflow.tracking.signals import interrupts_held
 
     classes = load_label_map(paths.label_map)
@@ -83,8 +83,8 @@ def run_evaluation(params: EvaluateParams, paths: EvalPaths) -> dict[str, Any]:
             added = backfill_epochs(train_run_id, read_history(paths.history))  # the server was lost mid-training
             if added:
                 log.info("logged epochs %s to MLflow run %s (trained while the server was unreachable)", added, train_run_id)
-            mlflow.log_metrics({f"test_{k}": metrics[k] for k in ("accuracy", "loss", "macro_f1")})
-            mlflow.log_metrics({f"test_f1_{c}": v["f1"] for c, v in metrics["per_class"].items()})
+            log_metrics({f"test_{k}": metrics[k] for k in ("accuracy", "loss", "macro_f1")})
+            log_metrics({f"test_f1_{c}": v["f1"] for c, v in metrics["per_class"].items()})
             for name in ("confusion_matrix.png", "training_curves.png", "classification_report.txt", "per_class.json"):
                 mlflow.log_artifact(str(paths.plots / name), "evaluation")
             mlflow.log_artifact(str(paths.predictions), "evaluation")

@@ -137,11 +137,11 @@ class EpochLogger(keras.callbacks.Callback):
     def _log(self, row: dict[str, Any]) -> None:
         """Log one epoch; if the tracking server went away, warn once and keep training:
         the model and history on disk matter more than the remote copy."""
-        import mlflow
+        from ferflow.tracking.runs import log_metrics
 
         try:
             with interrupts_held():
-                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+                log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
         except Exception as exc:  # mlflow raises several types for a lost server
             self.log_to_mlflow = False
             self.tracking_error = f"{type(exc).__name__}: {str(exc)[:200]}"

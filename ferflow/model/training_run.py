@@ -28,6 +28,7 @@ from ferflow.tracking.runs import (
     dvc_tags,
     git_info,
     log_datasets,
+    log_metrics,
     log_params_flat,
     mark_training_complete,
     pipeline_run,
@@ -143,7 +144,7 @@ def _log_training_run(model, summary: dict[str, Any], paths: TrainPaths) -> None
     import mlflow
 
     mlflow.set_tags({"precision": summary["precision"]})
-    mlflow.log_metrics(
+    log_metrics(
         {
             "epochs_run": summary["epochs_run"],
             "params_count": summary["params"],

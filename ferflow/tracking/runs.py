@@ -204,7 +204,10 @@ def backfill_epochs(run_id: str, rows: list[dict[str, Any]]) -> list[int]:
     missing = [row for row in rows if row["epoch"] not in logged]
     now = int(time.time() * 1000)
     metrics = [
-        mlflow.entities.Metric(k, float(v), now, int(row["epoch"])) for row in missing for k, v in row.items() if k != "epoch"
+        mlflow.entities.Metric(k, round(float(v), METRIC_DIGITS), now, int(row["epoch"]))
+        for row in missing
+        for k, v in row.items()
+        if k != "epoch"
     ]
     if metrics:
         client.log_batch(run_id, metrics=metrics)  # the client splits it into batches MLflow accepts
@@ -264,6 +267,16 @@ def _fork_run(run, values: dict[str, str], changed: list[str]) -> str:
     if run.inputs and run.inputs.dataset_inputs:  # the same data: keep the Dataset column filled
         client.log_inputs(new.info.run_id, datasets=list(run.inputs.dataset_inputs))
     return new.info.run_id
+
+
+METRIC_DIGITS = 6  # what the MLflow UI shows: 0.642153, not 0.6421529054641724
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """`mlflow.log_metrics` of the active run, each value rounded to METRIC_DIGITS decimals."""
+    import mlflow
+
+    mlflow.log_metrics({k: round(float(v), METRIC_DIGITS) for k, v in metrics.items()}, step=step)
 
 
 def log_params_flat(params: dict[str, Any]) -> None:

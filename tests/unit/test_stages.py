@@ -199,6 +199,9 @@ def test_train_evaluate_export_share_one_mlflow_run(data_dir, tiny_params, tmp_p
     assert run.data.params["train.epochs"] == "2" and run.data.params["data.seed"] == "42"
     assert run.data.params["evaluate.tta"] == "none" and run.data.params["export.registered_model_name"] == "ferflow-emotion"
     assert {"test_accuracy", "test_macro_f1", "val_accuracy", "learning_rate", "epoch_time_s"} <= set(run.data.metrics)
+    # #29 item 6: the MLflow UI shows 6 decimals, not 16
+    assert all(round(value, 6) == value for value in run.data.metrics.values()), run.data.metrics
+    assert "final_val_accuracy" in run.data.metrics
     assert run.data.tags["arch"] == "ferflow_tiny" and len(run.data.tags["data.hash"]) == 16
     epochs = mlflow.MlflowClient().get_metric_history(run_id, "val_accuracy")
     assert [m.step for m in epochs] == [1, 2]
