@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ferflow.core import files
+from ferflow.core.params import ExportParams
 from ferflow.tracking.runs import EXP_NAMES_TAG
 from ferflow.tracking.store import EXPERIMENT_NAME, sqlite_path, tracking_uri
 
@@ -58,6 +59,34 @@ class Row:
     start_time_ms: int
     # every DVC experiment whose results come from this run (run-cache reuse adds names)
     experiments: list[str] = field(default_factory=list)
+    params_logged: dict[str, str] = field(default_factory=dict)  # train.* / evaluate.* params of the run
+    champion: bool = False  # the run whose model `@champion` serves
+    changed: str = ""  # its params that differ from most runs of its table
+
+
+def mark_changed(rows: list[Row]) -> list[Row]:
+    """Fill each row's `changed`: the params whose value differs from the most common value
+    among `rows` (one table), as `key=value`, shortest keys' last parts."""
+    from collections import Counter
+
+    keys = sorted({k for row in rows for k in row.params_logged})
+    for row in rows:
+        diffs = []
+        for key in keys:
+            common, _ = Counter(r.params_logged.get(key, "") for r in rows).most_common(1)[0]
+            value = row.params_logged.get(key, "")
+            if value != common:
+                diffs.append(f"{key.split('.', 1)[1]}={value}")
+        row.changed = " ".join(diffs)
+    return rows
+
+
+def _champion_run(client: Any, name: str) -> str | None:
+    """The run id of the model version `@champion` of registered model `name`, if any."""
+    try:
+        return client.get_model_version_by_alias(name, "champion").run_id
+    except Exception:  # no registered model, no alias, a store without a registry
+        return None
 
 
 def _metric(metrics: dict[str, float], key: str) -> float | None:
@@ -111,6 +140,9 @@ def collect(tracking_uri: str, experiment: str, sort: str = "accuracy", limit: i
     """The experiment's runs, best first by `sort` (runs lacking that value last), at most `limit`."""
     client, experiment_id = _open_experiment(tracking_uri, experiment)
     rows = [_row(run) for run in _all_runs(client, experiment_id)]
+    champion = _champion_run(client, ExportParams().registered_model_name)
+    for row in rows:
+        row.champion = row.run_id == champion
     attr, largest_first = SORT_KEYS[sort]
     # a run without `epochs_run` (it failed mid-training) has its epochs in its loss history,
     # one query a run: for every such run only when sorting by them, otherwise (below) for the rows shown
@@ -175,6 +207,7 @@ def _row(r: Any) -> Row:
         status=r.info.status,
         start_time_ms=int(r.info.start_time or 0),
         experiments=[n for n in tags.get(EXP_NAMES_TAG, tags.get("dvc.exp.name", "")).split(",") if n],
+        params_logged={k: v for k, v in r.data.params.items() if k.startswith(("train.", "evaluate."))},
     )
 
 
@@ -192,11 +225,11 @@ def _fmt_time(seconds: float | None) -> str:
 def format_table(rows: list[Row], markdown: bool = False) -> str:
     from tabulate import tabulate
 
-    header = ("#", "run name", "arch", "data", "test acc", "macro-F1", "params", "train time", "epochs", "status")
+    header = ("#", "run name", "arch", "data", "test acc", "macro-F1", "params", "train time", "epochs", "status", "changed")
     body = [
         (
             str(i),
-            row.run_name,
+            row.run_name + (" @champion" if row.champion else ""),
             row.arch,
             f"{row.data}:{row.data_hash[:8]}" if row.data_hash else row.data,
             _fmt(row.test_accuracy, ".4f"),
@@ -205,10 +238,11 @@ def format_table(rows: list[Row], markdown: bool = False) -> str:
             _fmt_time(row.train_time_s),
             _fmt(row.epochs, "d"),
             row.status,
+            row.changed or "-",
         )
-        for i, row in enumerate(rows, 1)
+        for i, row in enumerate(mark_changed(rows), 1)
     ]
-    align = ("right", "left", "left", "left", "right", "right", "right", "right", "right", "left")  # numbers right
+    align = ("right", "left", "left", "left", "right", "right", "right", "right", "right", "left", "left")  # numbers right
     return tabulate(body, headers=header, tablefmt="github" if markdown else "simple", colalign=align, disable_numparse=True)
 
 

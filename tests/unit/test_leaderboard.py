@@ -61,8 +61,8 @@ def test_table_is_best_accuracy_first_and_png_is_written(store, tmp_path, capsys
     for column in ("run name", "arch", "data", "test acc", "macro-F1", "params", "train time", "epochs", "status"):
         assert column in header
     assert [line.split()[1] for line in rows] == ["exp-big", "exp-mid", "exp-small", "broken"]
-    assert rows[0].split() == ["1", "exp-big", "seed003", "?", "0.7000", "0.6500", "5,000,000", "50m00s", "3", "FINISHED"]
-    assert rows[-1].split() == ["4", "broken", "seed000", "?", "-", "-", "-", "-", "1", "FAILED"]
+    assert rows[0].split() == ["1", "exp-big", "seed003", "?", "0.7000", "0.6500", "5,000,000", "50m00s", "3", "FINISHED", "-"]
+    assert rows[-1].split() == ["4", "broken", "seed000", "?", "-", "-", "-", "-", "1", "FAILED", "-"]
     assert "elsewhere" not in "\n".join(out)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -103,6 +103,9 @@ def test_json_limit_and_epochs_run(store, capsys):
         "status": "FINISHED",
         "start_time_ms": None,
         "experiments": ["exp-small"],
+        "params_logged": {},
+        "champion": False,
+        "changed": "",
     }
 
 
@@ -184,3 +187,32 @@ def test_runs_on_different_test_sets_get_separate_tables_with_a_data_column(tmp_
 
     assert cli.main(["leaderboard", "--tracking-uri", uri, "--data", "synthetic", "--json", "--png", ""]) == 0
     assert [r["run_name"] for r in json.loads(capsys.readouterr().out)] == ["synth"]
+
+
+def test_the_table_shows_what_each_run_changed_and_which_one_champion_serves(tmp_path, capsys):
+    """#29 item 4: the leaderboard named neither the changed params nor the serving model."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp_id = client.create_experiment("ferflow", artifact_location=(tmp_path / "art").as_uri())
+    ids = {}
+    for name, lr, acc in (("base", "0.001", 0.60), ("same", "0.001", 0.62), ("fast-lr", "0.01", 0.55)):
+        run = client.create_run(exp_id, run_name=name, tags={"arch": "seed001"})
+        client.log_param(run.info.run_id, "train.learning_rate", lr)
+        client.log_param(run.info.run_id, "train.arch", "seed001")
+        client.log_param(run.info.run_id, "data.seed", "42")  # not a train/evaluate param: never "changed"
+        client.log_metric(run.info.run_id, "test_accuracy", acc)
+        client.set_terminated(run.info.run_id, "FINISHED")
+        ids[name] = run.info.run_id
+    client.create_registered_model("ferflow-emotion")
+    version = client.create_model_version("ferflow-emotion", source="s3://unused", run_id=ids["base"]).version
+    client.set_registered_model_alias("ferflow-emotion", "champion", version)
+
+    assert cli.main(["leaderboard", "--tracking-uri", uri, "--png", ""]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "changed" in lines[0]
+    by_name = {line.split()[1]: line for line in lines[2:]}
+    assert by_name["base"].split()[1:3] == ["base", "@champion"] and "@champion" not in by_name["same"]
+    assert by_name["fast-lr"].rstrip().endswith("learning_rate=0.01")
+    assert by_name["same"].rstrip().endswith(" -") and by_name["base"].rstrip().endswith(" -")
