@@ -11,16 +11,30 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL = "models/export"
+CHAMPION_URI = "models:/ferflow-emotion@champion"
 
 
 class UsageError(ValueError):
     """Bad arguments: missing files, no images, an unusable model path."""
 
 
+def resolve_model_uri(uri: str) -> str:
+    """The default model wherever the command runs: `models/export` under the project root
+    (from a subfolder too), else the project store's `@champion`; any other value as given."""
+    from ferflow.core.repo import find_root
+
+    if uri != DEFAULT_MODEL or (Path(uri) / "MLmodel").is_file():
+        return uri
+    exported = find_root() / DEFAULT_MODEL
+    return str(exported) if (exported / "MLmodel").is_file() else CHAMPION_URI
+
+
 def load_model(uri: str):
-    """An exported model directory or any MLflow model URI (models:/, runs:/, ...)."""
+    """An exported model directory or any MLflow model URI (models:/, runs:/, ...); the
+    default path is resolved by `resolve_model_uri`."""
     import mlflow
 
+    uri = resolve_model_uri(uri)
     if "://" in uri or uri.startswith(("models:/", "runs:/")):
         from ferflow.tracking.store import tracking_uri
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ferflow.core.params import FACE_DETECTORS, TTA_MODES
-from ferflow.serving.model import DEFAULT_MODEL, UsageError, describe_model, load_model, model_classes
+from ferflow.serving.model import DEFAULT_MODEL, UsageError, describe_model, load_model, model_classes, resolve_model_uri
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -271,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(describe_model(args.model, model), file=sys.stderr)
+    print(describe_model(resolve_model_uri(args.model), model), file=sys.stderr)
     params: dict[str, Any] = {}
     if args.no_detect_face:
         params["detect_face"] = False

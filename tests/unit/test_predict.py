@@ -244,3 +244,26 @@ def test_the_readme_sample_face_is_found_and_labelled(model_dir: Path, capsys: p
     assert rc == 0
     (record,) = json.loads(out)
     assert record["face_found"] is True and record["label"] in FER_CLASSES
+
+
+def test_the_default_model_is_found_from_a_subfolder_of_the_project(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """#29 item 11: the relative default `models/export` failed outside the repo root."""
+    import shutil
+
+    from ferflow.serving.model import CHAMPION_URI, resolve_model_uri
+
+    project = tmp_path / "project"
+    (project / ".git").mkdir(parents=True)
+    shutil.copytree(model_dir, project / "models" / "export")
+    (project / "clips").mkdir()
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.chdir(project / "clips")
+    assert resolve_model_uri("models/export") == str(project / "models" / "export")
+    sample = Path(__file__).resolve().parents[2] / "examples" / "face.jpg"
+    rc, out, err = run_cli(capsys, str(sample), "--json")
+    assert rc == 0 and f"model: {project / 'models' / 'export'}" in err, err
+    monkeypatch.chdir(tmp_path)  # outside any project: the store's champion
+    assert resolve_model_uri("models/export") == CHAMPION_URI
+    assert resolve_model_uri("elsewhere/export") == "elsewhere/export"
