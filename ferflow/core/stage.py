@@ -35,6 +35,7 @@ NATIVE_NOISE = re.compile(
 )
 
 log = logging.getLogger("ferflow")
+QUIET_LOGGERS = ("matplotlib", "jax", "absl", "tensorflow")
 
 # Errors that are the user's to fix: print one clear line, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ParamsError, UserError, FileNotFoundError, ValueError)
@@ -90,6 +91,10 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace, 
     the ingest stage's time); they create almost no cycles, and the process ends soon.
     """
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s")
+    # libraries' INFO lines are not the user's business: matplotlib's "generated new
+    # fontManager", JAX's "Unable to initialize backend 'tpu'", absl's notes
+    for library in QUIET_LOGGERS:
+        logging.getLogger(library).setLevel(logging.WARNING)
     os.environ["FERFLOW_STAGE"] = name  # a failure is recorded on the MLflow run with the stage's name
     if not collect_garbage:
         gc.disable()

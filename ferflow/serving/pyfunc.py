@@ -43,6 +43,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+# `mlflow models serve` loads this module before TensorFlow: keep TensorFlow's C++ start-up
+# notes (oneDNN, cpu_feature_guard) out of the server's log; warnings and errors still show
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 import mlflow
 import numpy as np
 import pandas as pd

@@ -155,6 +155,29 @@ def promote(client: Any, name: str, version: int, evaluated: Evaluated, force: b
     }
 
 
+PROMOTION_DESCRIPTION = (
+    "Facial-expression CNNs from the ferflow DVC pipeline (one version per export stage). "
+    "Alias `champion-<test set hash8>` holds the most accurate version on that test set; a version "
+    "takes it only when strictly better (a tie keeps the serving model; export.force_champion moves it). "
+    "`champion` points at the champion of the test set exported last: serve models:/<name>@champion."
+)
+
+
+def describe_version(client: Any, name: str, version: int, test_accuracy: float) -> None:
+    """Give the registry page what a reader looks for: per version the arch, data set, test
+    accuracy and run name (from the active run); on the model, how versions are promoted."""
+    import mlflow
+
+    run = client.get_run(mlflow.active_run().info.run_id)
+    params = run.data.params
+    text = (
+        f"arch {params.get('train.arch', '?')}, data {params.get('data.source', '?')}, "
+        f"test accuracy {test_accuracy:.4f}, run {run.info.run_name}"
+    )
+    client.update_model_version(name, str(version), description=text)
+    client.update_registered_model(name, description=PROMOTION_DESCRIPTION)
+
+
 def register_and_promote(run_kwargs: dict[str, Any], name: str, evaluated: Evaluated, force: bool) -> dict[str, Any]:
     """Log the model to the active run, register a version and `promote` it."""
     import mlflow
@@ -164,6 +187,8 @@ def register_and_promote(run_kwargs: dict[str, Any], name: str, evaluated: Evalu
     quiet_mlflow_pyfunc()
     info = mlflow.pyfunc.log_model(name="model", registered_model_name=name, **run_kwargs)
     version = int(info.registered_model_version)
-    result = promote(mlflow.MlflowClient(), name, version, evaluated, force)
+    client = mlflow.MlflowClient()
+    result = promote(client, name, version, evaluated, force)
+    describe_version(client, name, version, evaluated.test_accuracy)
     mlflow.set_tag("ferflow.registered_version", f"{name}/{version}")
     return result | {"model_uri": info.model_uri}

@@ -401,7 +401,7 @@ def _serve(server: TeamServer) -> int:
         print("  clients: export MLFLOW_TRACKING_USERNAME=... MLFLOW_TRACKING_PASSWORD=...")
     if server.host not in ("127.0.0.1", "localhost", "::1"):
         print("  warning: bound beyond loopback; see docs/team.md for authentication and TLS", file=sys.stderr)
-    print(f"Logs in {server.state_dir / 'logs'}. Ctrl-C stops both.")
+    print(f"Logs in {server.state_dir / 'logs'}. Ctrl-C stops both.", flush=True)  # a pipe or file: seen now, not at exit
     try:
         print(f"tracking-server: error: {server.wait()}; stopping", file=sys.stderr)
         return 1

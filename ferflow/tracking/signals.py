@@ -56,11 +56,31 @@ def run_status_guard(run_id: str) -> Iterator[None]:
                 signal.signal(signum, handler)
 
 
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` set in os.environ inside, the previous values (or absence) restored after."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _end_run(run_id: str, status: str) -> None:
     import mlflow
 
+    active = mlflow.active_run()
+    # MLflow prints its "View run / View experiment" links on every set_terminated against a
+    # server; `end_run` below prints them again for the active run: once is enough
+    quiet = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"} if active and active.info.run_id == run_id else {}
     try:
-        mlflow.MlflowClient().set_terminated(run_id, status=status)
+        with _environment(quiet):
+            mlflow.MlflowClient().set_terminated(run_id, status=status)
     except Exception as exc:  # the run's own error matters more; say what was not recorded
         log.warning("could not mark MLflow run %s %s: %s", run_id, status, str(exc)[:200])
     with contextlib.suppress(Exception):

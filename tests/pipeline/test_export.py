@@ -173,11 +173,17 @@ def test_champion_alias_moves_only_to_better_models(tmp_path: Path, inputs: dict
         kwargs.pop("input_example")  # skips MLflow's load-and-predict check: 4 logs stay fast
 
         def export(accuracy: float, force: bool = False) -> dict:
-            with mlflow.start_run(experiment_id=exp):
+            with mlflow.start_run(experiment_id=exp, run_name=f"exp-{accuracy}"):
+                mlflow.log_params({"train.arch": "ferflow_tiny", "data.source": "synthetic"})
                 return register_and_promote(kwargs, "ferflow-test", Evaluated(accuracy, TEST_SET, list(FER_CLASSES)), force)
 
         first = export(0.50)
         assert (first["version"], first["champion"], first["previous_champion"]) == (1, True, None)
+        # the registry page says what each version is and how the alias moves (#29 item 6)
+        assert client.get_model_version("ferflow-test", "1").description == (
+            "arch ferflow_tiny, data synthetic, test accuracy 0.5000, run exp-0.5"
+        )
+        assert "strictly better" in client.get_registered_model("ferflow-test").description
         worse = export(0.40)
         assert (worse["version"], worse["champion"], worse["champion_version"]) == (2, False, 1)
         assert worse["previous_champion"] == {"version": 1, "test_accuracy": 0.5, "test_set": TEST_SET}
