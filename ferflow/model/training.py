@@ -416,10 +416,12 @@ def _finalize(fit: _Fit, train: TrainParams, outputs: FitOutputs, layout: distri
         fit.model.save(tmp)
     # the saved model's own validation accuracy: the per-epoch figures were measured before the
     # BatchNorm statistics were recomputed, and after a short run they are at chance
-    val_probs = fit.model.predict(fit.splits.x_val, batch_size=max(train.batch_size, 256), verbose=0)
-    final_val_accuracy = float(np.mean(np.argmax(val_probs, axis=1) == fit.splits.y_val)) if len(val_probs) else float("nan")
     rows = read_history(outputs.history)
     best = min(rows, key=lambda r: r["val_loss"]) if rows else {}
+    final_val_accuracy = float(best.get("val_accuracy", float("nan")))
+    if layout.num_processes == 1:  # several processes hold only shards of the model's outputs
+        val_probs = fit.model.predict(fit.splits.x_val, batch_size=max(train.batch_size, 256), verbose=0)
+        final_val_accuracy = float(np.mean(np.argmax(val_probs, axis=1) == fit.splits.y_val)) if len(val_probs) else float("nan")
     summary = {
         "arch": train.arch,
         "params": int(fit.model.count_params()),

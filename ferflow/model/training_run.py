@@ -21,7 +21,6 @@ from ferflow.core.params import DataParams, TrainParams, flatten
 from ferflow.core.repo import find_root
 from ferflow.data.arrays import load_label_map, load_split, split_digest
 from ferflow.data.index import dataset_hash
-from ferflow.model.training import FitOutputs, Splits, can_resume, fit_model
 from ferflow.tracking.runs import (
     TrainingRun,
     device_name,
@@ -37,8 +36,9 @@ from ferflow.tracking.runs import (
 from ferflow.tracking.signals import interrupts_held
 from ferflow.tracking.store import configure
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # keras (and TensorFlow) load only when training starts: after the stage's stderr filter is on
     from ferflow.model.distribution import Layout
+    from ferflow.model.training import FitOutputs, Splits
 
 log = logging.getLogger("ferflow")
 
@@ -76,6 +76,8 @@ class TrainPaths:
     work_dir: Path  # the per-epoch backup for resuming (not a DVC output)
 
     def fit_outputs(self) -> FitOutputs:
+        from ferflow.model.training import FitOutputs
+
         return FitOutputs(self.model, self.history, self.work_dir)
 
 
@@ -83,6 +85,7 @@ def run_training(train: TrainParams, data: DataParams, paths: TrainPaths, use_ml
     """Fit `train` on the arrays' train/val splits; `data` params and the data plots are logged
     with it (the run's lineage)."""
     from ferflow.model import distribution
+    from ferflow.model.training import can_resume, fit_model
 
     # before anything asks for devices: join the other processes, if any, and lay out the
     # devices; a backend that cannot distribute stops here, before training
@@ -118,6 +121,8 @@ def run_training(train: TrainParams, data: DataParams, paths: TrainPaths, use_ml
 
 
 def _load_splits(arrays: Path, num_classes: int) -> Splits:
+    from ferflow.model.training import Splits
+
     x_train, y_train = load_split(arrays, "train")
     x_val, y_val = load_split(arrays, "val")
     return Splits(x_train, y_train, x_val, y_val, num_classes)
@@ -177,6 +182,8 @@ def _train_without_outputs(train: TrainParams, splits: Splits, layout: Layout) -
     """Processes other than 0 of a multi-process run: train their share of each batch and
     write nothing (process 0 writes the outputs and logs to MLflow)."""
     import tempfile
+
+    from ferflow.model.training import FitOutputs, fit_model
 
     with tempfile.TemporaryDirectory(prefix="ferflow-worker-") as scratch:
         outputs = FitOutputs(Path(scratch, "model.keras"), Path(scratch, "history.csv"), Path(scratch, "work"))

@@ -377,3 +377,19 @@ def test_a_stage_prints_one_line_per_epoch_and_no_library_noise(tmp_path: Path) 
     assert "\x1b[" not in proc.stdout and "━" not in proc.stdout, proc.stdout[:2000]
     epoch_lines = [line for line in proc.stdout.splitlines() if "val_loss" in line]
     assert len(epoch_lines) == 2, proc.stdout
+
+
+def test_no_stage_loads_tensorflow_before_its_stderr_filter_is_on() -> None:
+    """TensorFlow prints its C++ start-up lines when imported: a stage script that imports it
+    at module level does so before `stage.run` filters stderr, and the user sees them (#29)."""
+    modules = [
+        line.split()[1]
+        for script in sorted((REPO / "stages").glob("*.py"))
+        for line in script.read_text().splitlines()
+        if line.startswith("from ferflow.")
+    ]
+    code = f"import sys\nfor m in {sorted(set(modules))!r}:\n    __import__(m)\nprint(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+    assert out.stdout.strip() == "[]", out.stdout
