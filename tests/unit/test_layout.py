@@ -172,3 +172,21 @@ def test_stage_errors_from_upper_layers_exit_in_one_line(error: str, capsys: pyt
         stage.run(main, argparse.Namespace(), "ingest")
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "ingest: error: data/ingested: class 'disgust' is empty\n"
+
+
+def test_functions_stay_short_and_take_few_parameters():
+    """#28: no function in ferflow/ over 60 lines or with more than 6 parameters (a config
+    object counts as one): a maintainer reads each at once."""
+    import ast
+
+    too_big = []
+    for path in sorted((REPO / "ferflow").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                args = node.args
+                count = len(args.posonlyargs) + len(args.args) + len(args.kwonlyargs) + bool(args.vararg) + bool(args.kwarg)
+                count -= bool(args.args) and args.args[0].arg in ("self", "cls")
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 60 or count > 6:
+                    too_big.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {lines} lines, {count} parameters")
+    assert not too_big, "\n".join(too_big)
