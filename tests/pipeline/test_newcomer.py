@@ -58,7 +58,7 @@ def test_readme_first_hour_from_a_fresh_clone(tmp_path):
     out = _sh("make repro", repo, env)
     experiments = _readme_commands("## Experiments")
     identity, baseline, first_experiment = experiments[:3]
-    assert identity.startswith("git config user.name") and baseline.startswith("git add dvc.lock")
+    assert identity.startswith("git config user.name") and baseline.startswith("git add -A")
     _sh(f"{identity}; {baseline}", repo, env)  # no git identity in this HOME: the README's line sets one
     assert first_experiment.startswith("dvc exp run -S train.epochs=")
     out += _sh("dvc exp run -S train.epochs=3", repo, env)
