@@ -65,19 +65,12 @@ class Row:
 
 
 def mark_changed(rows: list[Row]) -> list[Row]:
-    """Fill each row's `changed`: the params whose value differs from the most common value
-    among `rows` (one table), as `key=value`, shortest keys' last parts."""
-    from collections import Counter
-
-    keys = sorted({k for row in rows for k in row.params_logged})
+    """Fill each row's `changed`: its values of the params that are not the same in every row
+    of `rows` (one table), as `key=value` without the section; arch and data have columns."""
+    keys = sorted({k for row in rows for k in row.params_logged} - {"train.arch"})
+    varying = [k for k in keys if len({row.params_logged.get(k, "") for row in rows}) > 1]
     for row in rows:
-        diffs = []
-        for key in keys:
-            common, _ = Counter(r.params_logged.get(key, "") for r in rows).most_common(1)[0]
-            value = row.params_logged.get(key, "")
-            if value != common:
-                diffs.append(f"{key.split('.', 1)[1]}={value}")
-        row.changed = " ".join(diffs)
+        row.changed = " ".join(f"{key.split('.', 1)[1]}={row.params_logged.get(key, '-')}" for key in varying)
     return rows
 
 

@@ -215,4 +215,4 @@ def test_the_table_shows_what_each_run_changed_and_which_one_champion_serves(tmp
     by_name = {line.split()[1]: line for line in lines[2:]}
     assert by_name["base"].split()[1:3] == ["base", "@champion"] and "@champion" not in by_name["same"]
     assert by_name["fast-lr"].rstrip().endswith("learning_rate=0.01")
-    assert by_name["same"].rstrip().endswith(" -") and by_name["base"].rstrip().endswith(" -")
+    assert by_name["same"].rstrip().endswith("learning_rate=0.001") and by_name["base"].rstrip().endswith("learning_rate=0.001")
