@@ -43,6 +43,13 @@ VIDEO_SCALE_FACTOR = 1.2  # Haar pyramid step; stills use 1.1 (~1.7x the cost, s
 FALLBACK_FPS = 30.0  # when the container does not say
 VIDEO_SUFFIXES = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
 QUEUE_FRAMES = 8  # decoded frames buffered ahead of detection (~7 MB at 640x480)
+# ... but never more than this many bytes of them (issue #30: 8 frames of 16000x16000 were
+# 6 GB); at least one frame is always buffered
+QUEUE_BYTES = 64 * 2**20
+# The largest source frame `watch` decodes: 8K UHD (7680x4320, ~100 MB as BGR). OpenCV's
+# VideoCapture cannot downscale while decoding, so a larger frame is refused from the
+# container's header before the first one is decoded (a 16000x16000 MJPG reached 4.3 GB).
+MAX_SOURCE_PIXELS = 7680 * 4320
 
 
 class VideoError(ValueError):
@@ -136,6 +143,8 @@ def open_video(source: str | None, camera: int | None) -> OpenedVideo:
     with _quiet_opencv():
         cap = cv2.VideoCapture(str(path))
         opened = cap.isOpened()
+        if opened:
+            _refuse_huge_frames(cap, str(path))
         ok, frame = cap.read() if opened else (False, None)
     if not opened:
         cap.release()
@@ -205,7 +214,7 @@ class FrameReader:
     def __init__(self, cap: Any, first: np.ndarray, latest_only: bool = False) -> None:
         self.cap, self.first, self.latest_only = cap, first, latest_only
         self.stop = threading.Event()
-        self.buffer: queue.Queue[np.ndarray | None] = queue.Queue(1 if latest_only else QUEUE_FRAMES)
+        self.buffer: queue.Queue[np.ndarray | None] = queue.Queue(1 if latest_only else queue_frames(first))
         self.thread = threading.Thread(target=self._read, name="ferflow-decode", daemon=True)
         self.thread.start()
 
@@ -243,11 +252,11 @@ class FrameReader:
 class _Sink:
     """Annotated-video writer and CSV rows, fed from a queue by one thread (encoding overlaps detection)."""
 
-    def __init__(self, video: Any, csv_file: Any, classes: list[str]) -> None:
+    def __init__(self, video: Any, csv_file: Any, classes: list[str], frames: int = QUEUE_FRAMES) -> None:
         self.video, self.csv_file = video, csv_file
         self.csv = csv.writer(csv_file) if csv_file is not None else None
         self.classes = classes
-        self.items: queue.Queue[tuple[np.ndarray | None, list[list[Any]]] | None] = queue.Queue(QUEUE_FRAMES)
+        self.items: queue.Queue[tuple[np.ndarray | None, list[list[Any]]] | None] = queue.Queue(frames)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="ferflow-encode", daemon=True)
         self.thread.start()
@@ -370,6 +379,24 @@ class WatchResult:
     seconds: float
 
 
+def _refuse_huge_frames(cap: Any, name: str) -> None:
+    """Refuse a source whose frames (as its header states them) are over MAX_SOURCE_PIXELS."""
+    import cv2
+
+    width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
+    if width * height > MAX_SOURCE_PIXELS:
+        cap.release()
+        raise VideoError(
+            f"{name}: frames are {width}x{height} = {width * height} pixels, over the maximum of {MAX_SOURCE_PIXELS} "
+            "(8K, 7680x4320) that watch decodes; downscale it first, e.g. ffmpeg -i IN -vf scale=1920:-2 OUT.mp4"
+        )
+
+
+def queue_frames(frame: np.ndarray) -> int:
+    """Frames of this size the read-ahead and encode queues hold: QUEUE_FRAMES within QUEUE_BYTES."""
+    return max(1, min(QUEUE_FRAMES, QUEUE_BYTES // max(1, frame.nbytes)))
+
+
 class OpenedVideo(NamedTuple):
     """A capture `open_video` opened, what it is, and its first frame (already read)."""
 
@@ -408,7 +435,7 @@ def watch(
         if outputs.csv is not None:
             csv_file = stack.enter_context(open(stack.enter_context(_atomic(outputs.csv)), "w", newline="", encoding="utf-8"))
             csv.writer(csv_file).writerow(csv_header(classes))
-        sink = _Sink(video, csv_file, classes)
+        sink = _Sink(video, csv_file, classes, queue_frames(np.empty((size[1], size[0], 3), np.uint8)))
         reader = FrameReader(opened.cap, opened.first, latest_only=info.is_camera)
         stop_requested = stack.enter_context(_stop_on_signals())
         loop = _Loop(classify, classes, options, info, size, start)

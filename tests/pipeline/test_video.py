@@ -261,6 +261,22 @@ def test_bad_inputs_are_one_line_errors(capsys, model_dir: Path, four_faces, tmp
     assert not list(tmp_path.glob(".*.tmp*")), "a failed run left a temp file behind"
 
 
+def test_frames_over_the_maximum_are_refused_before_decoding_and_queues_are_sized_in_bytes(
+    capsys, model_dir: Path, four_faces, tmp_path: Path, monkeypatch
+) -> None:
+    """#30 item 3 (from the wt-rel helper): a 16000x16000 MJPG reached 4.3 GB RSS."""
+    from ferflow.video import analyze
+
+    video, _ = four_faces
+    monkeypatch.setattr(analyze, "MAX_SOURCE_PIXELS", 400 * 300)  # stands in for 8K: the 480x360 video is over it
+    rc, _, err = watch(capsys, str(video), "--model", str(model_dir), "--csv", str(tmp_path / "f.csv"))
+    assert rc == 2 and "frames are 480x360 = 172800 pixels, over the maximum of 120000" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "f.csv").exists()
+    assert analyze.queue_frames(np.empty((360, 480, 3), np.uint8)) == analyze.QUEUE_FRAMES  # 0.5 MB frames: 8
+    assert analyze.queue_frames(np.empty((4320, 7680, 3), np.uint8)) == 1  # 100 MB frames: one at a time
+    assert analyze.queue_frames(np.empty((2160, 3840, 3), np.uint8)) == 2  # 4K: 25 MB each, 64 MB in all
+
+
 def test_no_output_may_be_the_input_or_another_output(capsys, model_dir: Path, four_faces, tmp_path: Path) -> None:
     """#30 item 2: `--out src.mp4` replaced the source; `--csv a --summary a` kept one of them."""
     video, _ = four_faces
