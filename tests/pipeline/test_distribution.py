@@ -180,7 +180,7 @@ def test_data_parallel_repro_matches_one_device_and_loads_in_tensorflow(tmp_path
     two = runs[-1]
     assert two["status"] == "FINISHED" and two["tags"]["keras.backend"] == "jax"
     assert two["tags"]["distribution.devices"] == "2" and two["tags"]["distribution.layout"] == "batch:2 over cpu:0,cpu:1"
-    assert two["metrics"]["test_accuracy"] == pytest.approx(two_eval["accuracy"])
+    assert two["metrics"]["test_accuracy"] == pytest.approx(two_eval["accuracy"], abs=1e-6)  # MLflow keeps 6 decimals
     assert {"loss", "val_loss", "learning_rate"} <= set(two["metrics"])
 
 

@@ -94,7 +94,7 @@ def test_fresh_clone_repro_then_noop_then_experiment(tmp_path):
     assert r["status"] == "FINISHED"
     assert r["params"]["train.epochs"] == "2" and r["params"]["train.arch"] == "ferflow_tiny"
     assert {"test_accuracy", "test_macro_f1", "val_loss", "learning_rate"} <= set(r["metrics"])
-    assert abs(r["metrics"]["test_accuracy"] - evaluation["accuracy"]) < 1e-9
+    assert abs(r["metrics"]["test_accuracy"] - evaluation["accuracy"]) <= 5e-7  # MLflow keeps 6 decimals
     artifacts = Path(r["artifact_uri"].removeprefix("file://"))
     assert artifacts.is_relative_to(repo / "mlartifacts")
     for rel in (
