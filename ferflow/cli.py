@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 # sets TensorFlow's log level and MLflow's no-progress-bar default before either loads, and
 # its filter drops the C++ start-up lines (oneDNN, absl) from stderr. Not the tracking
 # server: its children outlive a filter thread.
-LOADS_TENSORFLOW = ("predict", "watch", "demo")
+LOADS_TENSORFLOW = ("models", "predict", "watch", "demo")
 
 
 def main(argv: list[str] | None = None) -> int:
