@@ -70,6 +70,7 @@ INFER_BATCH = 256  # images per model call; bounds activation memory for large r
 # heap back to the OS: glibc keeps it as high-water otherwise (RSS 0.8 -> 2.3 GB over a
 # barrage of bad requests, never returned). FERFLOW_MALLOC_TRIM=0 turns it off.
 TRIM_MIN_PIXELS = 4_000_000
+TRIM_AGAIN_AFTER_S = 0.5
 PARALLEL_MIN = 8  # decode + detect in a thread pool from this many images per request
 _PIXEL_SHAPES = "(N,48,48), (N,48,48,1) or (N,2304)"
 
@@ -500,6 +501,11 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
         finally:
             if _MALLOC_TRIM is not None and getattr(self._request, "pixels", 0) >= TRIM_MIN_PIXELS:
                 _MALLOC_TRIM(0)
+                # and once more after the scoring server has dropped its own copy of the request
+                # (a 30 MB JSON body parsed into a DataFrame), which it frees after predict returns
+                later = threading.Timer(TRIM_AGAIN_AFTER_S, _MALLOC_TRIM, (0,))
+                later.daemon = True
+                later.start()
 
 
 def _request_values(model_input: Any, cfg: ServeParams) -> tuple[list[Any] | np.ndarray, str]:
