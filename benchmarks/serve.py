@@ -349,7 +349,7 @@ def main_abuse(args: argparse.Namespace) -> int:
         export, _ = prepare_model(args, Path(tmp))
         x = faces(64)
         with local_server(export, workers=args.workers, env=env) as url:
-            load = os.getloadavg()
+            load_before = os.getloadavg()
             if args.mode == "hostile":
                 results = hostile(url, x, args.requests)
             elif args.mode == "attack":
@@ -358,7 +358,7 @@ def main_abuse(args: argparse.Namespace) -> int:
                 results = load(url, x, args.seconds)
             else:
                 results = soak(url, x, args.seconds)
-            results |= {"load_avg_before": load, "load_avg_after": os.getloadavg(), "env": env, "workers": args.workers}
+            results |= {"load_avg_before": load_before, "load_avg_after": os.getloadavg(), "env": env, "workers": args.workers}
     if args.mode == "hostile":
         print(
             f"good client alone:        p50 {results['good_alone']['p50_ms']:.1f} ms  p95 {results['good_alone']['p95_ms']:.1f} ms"
