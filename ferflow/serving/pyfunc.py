@@ -56,6 +56,7 @@ from PIL import Image
 
 from ferflow.core import files
 from ferflow.core.errors import short_repr
+from ferflow.core.noise import filtered_stderr
 from ferflow.core.params import FACE_DETECTORS, TTA_MODES, ServeParams
 from ferflow.data.preprocessing import IMAGE_SIZE, ImageError, decode_image, normalize, prepare_batch
 from ferflow.model.tta import predict_proba, renormalize
@@ -400,10 +401,11 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
 
     def setup(self, keras_model_path: str, label_map_json: str, config: ServeParams) -> None:
         """Load everything once (also usable without MLflow, e.g. in benchmarks)."""
-        import keras
+        with filtered_stderr():  # TensorFlow's oneDNN/absl start-up lines stay out of the server's log
+            import keras
 
-        self.config = config
-        self.predictor = KerasPredictor(keras.models.load_model(keras_model_path, compile=False))
+            self.config = config
+            self.predictor = KerasPredictor(keras.models.load_model(keras_model_path, compile=False))
         with open(label_map_json, encoding="utf-8") as fh:
             self.classes = [str(c) for c in json.load(fh)["classes"]]
         n_out = int(self.predictor.model.output_shape[-1])

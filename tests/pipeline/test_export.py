@@ -69,6 +69,7 @@ def test_export_is_models_from_code_without_pickle(exported: Path) -> None:
 SHIPPED = {
     "ferflow/__init__.py",
     "ferflow/core/__init__.py", "ferflow/core/classes.py", "ferflow/core/errors.py", "ferflow/core/files.py",
+    "ferflow/core/noise.py",
     "ferflow/core/params.py",
     "ferflow/data/__init__.py", "ferflow/data/preprocessing.py",
     "ferflow/model/__init__.py", "ferflow/model/architectures.py", "ferflow/model/tta.py",

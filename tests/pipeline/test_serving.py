@@ -12,6 +12,7 @@ import io
 import struct
 import time
 import zlib
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -546,3 +547,13 @@ def test_tta_view_counts_match_the_views_the_model_is_given() -> None:
 
     x = np.zeros((2, 48, 48, 1), np.float32)
     assert {tta: len(tta_views(x, tta, 2)) for tta in TTA_VIEWS} == TTA_VIEWS
+
+
+def test_the_served_model_does_not_fill_the_server_log_with_tensorflow_start_up_lines(server: str, served_model: dict) -> None:
+    """#29 item 8: `mlflow models serve` printed TensorFlow's oneDNN / cpu_feature_guard lines."""
+    check_rows(predictions(server, {"dataframe_records": [{"image": b64(encode(faces(1)[0]))}]}))  # the model is loaded
+    logs = sorted(Path(served_model["export"]).parents[1].glob("serve-log*/serve.log"), key=lambda p: p.stat().st_mtime)
+    text = logs[-1].read_text(errors="replace")  # the session's server (this file's fixture)
+    assert "Uvicorn running on" in text or "Application startup complete" in text, text[-2000:]
+    noise = [line for line in text.splitlines() if "oneDNN custom operations" in line or "cpu_feature_guard" in line]
+    assert not noise, noise
