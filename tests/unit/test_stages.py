@@ -322,7 +322,7 @@ def test_stderr_filter_passes_lines_on_when_its_thread_starts_after_the_stage_en
     under load): the error line must still reach stderr, not an EBADF in the thread."""
     import threading
 
-    from ferflow.core import stage
+    from ferflow.core import noise
 
     class LateThread(threading.Thread):
         def start(self) -> None:  # held back until join, i.e. after the context has ended
@@ -332,8 +332,8 @@ def test_stderr_filter_passes_lines_on_when_its_thread_starts_after_the_stage_en
             super().start()
             super().join(timeout)
 
-    monkeypatch.setattr(stage.threading, "Thread", LateThread)
-    with stage.filtered_stderr():
+    monkeypatch.setattr(noise.threading, "Thread", LateThread)
+    with noise.filtered_stderr():
         os.write(2, b"ingest: error: params.yaml: the one line\n")
         os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on.\n")
     err = capfd.readouterr().err
