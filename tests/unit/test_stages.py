@@ -363,15 +363,17 @@ stage.run(main, None, "train")
 """
 
 
-def test_a_stage_prints_one_line_per_epoch_and_no_library_noise(tmp_path: Path) -> None:
-    """#19.5: with output redirected, no per-step progress bar and no TensorFlow/absl start-up
-    lines; real warnings still show."""
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_a_stage_prints_one_line_per_epoch_and_no_library_noise(tmp_path: Path, backend: str) -> None:
+    """#19.5, #29: with output redirected, no per-step progress bar and no TensorFlow/absl/JAX
+    start-up lines (JAX's 'Unable to initialize backend tpu'); real warnings still show."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KERAS_BACKEND": backend}
     proc = subprocess.run(
         [sys.executable, "-c", QUIET_STAGE, str(tmp_path)],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for noise in ("oneDNN", "absl::InitializeLog", "NodeDef mentions", "y_prob values"):
+    for noise in ("oneDNN", "absl::InitializeLog", "NodeDef mentions", "y_prob values", "libtpu", "initialize backend"):
         assert noise not in proc.stderr, proc.stderr
     assert "a real warning stays visible" in proc.stderr
     assert "\x1b[" not in proc.stdout and "━" not in proc.stdout, proc.stdout[:2000]
