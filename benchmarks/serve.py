@@ -15,6 +15,10 @@ images adding up to serve.max_request_pixels; serve.max_images_per_request faces
 tta tencrop) plus over-limit ones it refuses; prints the p50 ratio (target <= 2).
 `--mode attack` (issue #30): 217 every-face ten-crop mosaics, refused how fast, RSS vs idle.
 `--mode load --seconds 60` (issue #30): 8 clients of batches, every-face, ten-crop, tensors: errors, p99.
+`--mode runtimes` (issue #31): the same export served on each serve.runtime (onnx, keras),
+one server after the other: time from start to the first answer, p50 of one 48x48 PNG,
+batched faces/s (batches of --batch PNGs), and the server's RSS after --rss-requests
+(default 1,000) requests; printed side by side.
 `--mode soak --seconds N` (item 10): N seconds of mixed good and bad requests from two
 clients, the server's RSS (all its processes) sampled every second: start, peak, end.
 Without --model (or when models/export is missing) it exports an untrained `--arch`
@@ -340,6 +344,78 @@ def load(url: str, x: np.ndarray, seconds: float, clients: int = 8) -> dict[str,
     return {"clients": clients, "seconds": seconds, "requests": len(latencies), "errors": errors, **percentiles(latencies)}
 
 
+def with_runtime(export: Path, runtime: str, work: Path) -> Path:
+    """A copy of `export` whose baked-in serve config asks for `runtime`."""
+    import shutil
+
+    import yaml
+
+    from ferflow.core import files
+
+    copy = work / f"export-{runtime}"
+    shutil.copytree(export, copy)
+    flavor = yaml.safe_load((copy / "MLmodel").read_text())["flavors"]["python_function"]
+    config_path = copy / flavor["artifacts"]["serve_config"]["path"]
+    files.write_json(config_path, files.read_json(config_path) | {"runtime": runtime})
+    return copy
+
+
+def one_runtime(export: Path, x: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+    """Start-to-first-answer, single-image p50, batched faces/s and RSS after N requests."""
+    import requests
+
+    from support import local_server
+
+    single = [rows([png_b64(x[i % len(x)])]) for i in range(args.requests + args.warmup)]
+    batch = rows([png_b64(f) for f in x[: args.batch]])
+    t0 = time.perf_counter()
+    with local_server(export, workers=1) as url, requests.Session() as session:
+        inv = f"{url}/invocations"
+        session.post(inv, data=single[0], headers={"Content-Type": "application/json"}, timeout=120).raise_for_status()
+        first_answer_s = time.perf_counter() - t0
+        latency = percentiles(time_requests(session, inv, single, args.warmup))
+        samples = time_requests(session, inv, [batch] * (args.batches + 3), 3)
+        done = 1 + len(single) + len(samples) + 3
+        time_requests(session, inv, single[: max(0, args.rss_requests - done)], 0)
+        rss = server_rss_mb()
+    return {
+        "start_to_first_answer_s": first_answer_s,
+        "single_png": latency,
+        f"batch{args.batch}_png_faces_per_s": args.batch * len(samples) / sum(samples),
+        "requests_before_rss": max(done, args.rss_requests),
+        "rss_mb": rss,
+    }
+
+
+def main_runtimes(args: argparse.Namespace) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.py: test helpers
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load_avg_before": os.getloadavg()}}
+    with tempfile.TemporaryDirectory(prefix="ferflow-bench-") as tmp:
+        export, _ = prepare_model(args, Path(tmp))
+        x = faces(max(args.batch, 64))
+        for runtime in ("onnx", "keras"):
+            results[runtime] = one_runtime(with_runtime(export, runtime, Path(tmp)), x, args)
+    results["machine"]["load_avg_after"] = os.getloadavg()
+    key = f"batch{args.batch}_png_faces_per_s"
+    print(f"{'measurement':<40}{'onnx':>10}{'keras':>10}")
+    for name, get in (
+        ("start to first answer, s", lambda r: f"{r['start_to_first_answer_s']:.2f}"),
+        ("HTTP 1 image PNG p50, ms", lambda r: f"{r['single_png']['p50_ms']:.2f}"),
+        ("HTTP 1 image PNG p95, ms", lambda r: f"{r['single_png']['p95_ms']:.2f}"),
+        (f"HTTP batches of {args.batch} PNGs, faces/s", lambda r: f"{r[key]:.0f}"),
+        (f"RSS after {results['onnx']['requests_before_rss']} requests, MB", lambda r: f"{r['rss_mb']:.0f}"),
+    ):
+        print(f"{name:<40}{get(results['onnx']):>10}{get(results['keras']):>10}")
+    print(
+        f"load average before/after: {results['machine']['load_avg_before'][0]:.1f} / {results['machine']['load_avg_after'][0]:.1f}"
+    )
+    if args.json:
+        from ferflow.core import files
+
+        files.write_json(args.json, results)
+    return 0
+
+
 def main_abuse(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # support.py: test helpers
     from support import local_server
@@ -405,10 +481,13 @@ def main() -> int:
     p.add_argument("--batches", type=int, default=40, help="timed batched requests")
     p.add_argument("--workers", type=int, default=1, help="uvicorn workers (one request at a time here: 1 is fastest)")
     p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--mode", choices=("speed", "hostile", "soak", "attack", "load"), default="speed")
+    p.add_argument("--mode", choices=("speed", "hostile", "soak", "attack", "load", "runtimes"), default="speed")
+    p.add_argument("--rss-requests", type=int, default=1000, help="--mode runtimes: requests before RSS is read")
     p.add_argument("--seconds", type=float, default=60, help="soak duration (default 60)")
     p.add_argument("--malloc-arena-max", type=int, default=0, help="MALLOC_ARENA_MAX for the server (0: unset)")
     args = p.parse_args()
+    if args.mode == "runtimes":
+        return main_runtimes(args)
     if args.mode != "speed":
         return main_abuse(args)
     if args.requests < 200:

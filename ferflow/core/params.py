@@ -29,6 +29,7 @@ Precision = Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
 DedupPolicy = Literal["keep", "drop_cross_split"]
 TtaMode = Literal["none", "flip", "tencrop"]
 FaceDetector = Literal["haar", "mtcnn"]
+ServeRuntime = Literal["onnx", "keras"]
 Distribution = Literal["none", "data_parallel"]
 
 ARCH_NAMES: tuple[str, ...] = typing.get_args(ArchName)
@@ -213,6 +214,9 @@ class ServeParams(_Section):
     request_timeout_s: float = _float(30.0, "seconds in [0.1, 3600]", ge=0.1, le=3600)
     face_margin: float = _float(0.05, "a fraction of the face size in [0, 1]", ge=0, le=1)
     face_detector: FaceDetector = "haar"
+    # onnx: onnxruntime, no TensorFlow in the served process (Keras when the export has no
+    # usable ONNX file); keras: the .keras file on TensorFlow
+    runtime: ServeRuntime = "onnx"
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> ServeParams:

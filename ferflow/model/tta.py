@@ -41,11 +41,20 @@ def tta_views(x: np.ndarray, tta: str, margin: int = 0) -> list[np.ndarray]:
     return crops + [c[:, :, ::-1, :] for c in crops]
 
 
-def predict_proba(model, x: np.ndarray, tta: str = "none", batch_size: int = 256) -> np.ndarray:
-    """Class probabilities averaged over the test-time views of `tta` (see `tta_views`)."""
+def model_crop_margin(model) -> int:
+    """The net's centre-crop margin: a served predictor knows it (ONNX has no Keras layers to
+    read); a Keras model is read by `architectures.crop_margin`."""
+    margin = getattr(model, "crop_margin", None)
+    if isinstance(margin, int):
+        return margin
     from ferflow.model.architectures import crop_margin
 
-    margin = crop_margin(model) if tta == "tencrop" else 0
+    return crop_margin(model)
+
+
+def predict_proba(model, x: np.ndarray, tta: str = "none", batch_size: int = 256) -> np.ndarray:
+    """Class probabilities averaged over the test-time views of `tta` (see `tta_views`)."""
+    margin = model_crop_margin(model) if tta == "tencrop" else 0
     views = tta_views(x, tta, margin)
     total = sum(np.asarray(model.predict(v, batch_size=batch_size, verbose=0), dtype=np.float64) for v in views)
     return total / len(views)

@@ -4,6 +4,8 @@ to an MLflow run - a registered version in that run, promoted by the champion pr
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import numpy as np
 
 from ferflow.core import files
 from ferflow.core.params import ExportParams, ServeParams, flatten
+from ferflow.serving.onnx_export import export_onnx
 from ferflow.serving.packaging import model_kwargs, save_pyfunc
 from ferflow.serving.registry import ACCURACY_DIGITS, Evaluated, register_and_promote
 
@@ -20,7 +23,7 @@ from ferflow.serving.registry import ACCURACY_DIGITS, Evaluated, register_and_pr
 class ExportPaths:
     """What the export stage reads and writes (its deps and outs in dvc.yaml)."""
 
-    arrays: Path  # the test split: its digest names the champion alias, one face is the input example
+    arrays: Path  # test: its digest names the champion alias, one face is the input example; val: ONNX parity
     label_map: Path
     model: Path
     eval_metrics: Path  # the test accuracy and the run evaluate logged to
@@ -39,8 +42,11 @@ def run_export(export: ExportParams, serve: ServeParams, paths: ExportPaths) -> 
     test_set = split_digest(x_test, y_test, classes)
     config_path = paths.out.parent / ".serve_config.json"
     files.write_json(config_path, serve.model_dump())
+    onnx_dir = Path(tempfile.mkdtemp(prefix="ferflow-onnx-"))  # the artifact keeps the file's name
     try:
-        kwargs = model_kwargs(paths.model, paths.label_map, config_path, np.rint(x_test[0, :, :, 0] * 255).astype(np.uint8))
+        onnx_gap = export_onnx(paths.model, onnx_dir / "model.onnx", load_split(paths.arrays, "val")[0])
+        example = np.rint(x_test[0, :, :, 0] * 255).astype(np.uint8)
+        kwargs = model_kwargs(paths.model, paths.label_map, config_path, example, onnx_dir / "model.onnx")
         # what `ferflow predict` prints about the model it uses (MLmodel's metadata)
         kwargs["metadata"] = {
             "ferflow": {
@@ -49,15 +55,18 @@ def run_export(export: ExportParams, serve: ServeParams, paths: ExportPaths) -> 
                 "test_set": test_set,
                 "n_test": int(len(y_test)),
                 "classes": classes,
+                "onnx_parity_max_abs_diff": onnx_gap,
             }
         }
         save_pyfunc(paths.out, kwargs)
         result: dict[str, Any] = {"export_dir": str(paths.out), "test_accuracy": eval_metrics["accuracy"]}
+        result["onnx_parity_max_abs_diff"] = onnx_gap
         # evaluate recorded the run it logged to (the training run, or a fork of it)
         if eval_metrics.get("mlflow_run_id"):
             result |= _register(export, serve, paths, kwargs, eval_metrics)
     finally:
         config_path.unlink(missing_ok=True)
+        shutil.rmtree(onnx_dir, ignore_errors=True)
     files.write_json(paths.metrics, result)
     return result
 
@@ -69,13 +78,14 @@ def _register(
     evaluate logged to, and promote it."""
     import mlflow
 
-    from ferflow.tracking.runs import StageRun, pipeline_run
+    from ferflow.tracking.runs import StageRun, log_metrics, pipeline_run
     from ferflow.tracking.signals import interrupts_held
 
     params = flatten({"export": export, "serve": serve})
     opening = StageRun(eval_metrics["mlflow_run_id"], params, str(paths.eval_metrics))
     with pipeline_run(opening) as run_id, interrupts_held():
         about = kwargs["metadata"]["ferflow"]
+        log_metrics({"onnx_parity_max_abs_diff": about["onnx_parity_max_abs_diff"]})  # 6 decimals: 0 means < 5e-7
         evaluated = Evaluated(eval_metrics["accuracy"], about["test_set"], about["classes"])
         result = register_and_promote(kwargs, export.registered_model_name, evaluated, export.force_champion)
         # the lock of this working copy (DVC writes export's own entry after the stage)

@@ -28,6 +28,7 @@ from ferflow.core.imports import imported_modules, module_path
 
 SERVING_PACKAGES = (
     "mlflow", "keras", "tensorflow-cpu", "numpy", "pandas", "pillow", "opencv-python-headless", "pydantic", "mtcnn",
+    "onnxruntime",
 )  # fmt: skip
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 SOURCE_ROOT = PACKAGE_DIR.parent
@@ -122,18 +123,18 @@ def model_kwargs(
     label_map_json: str | os.PathLike[str],
     serve_config_json: str | os.PathLike[str],
     example_pixels: np.ndarray,
+    onnx_model_path: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Arguments for mlflow.pyfunc.save_model / log_model (the input files must outlive both calls)."""
     from ferflow.data.arrays import load_label_map
 
     classes = load_label_map(label_map_json)
+    artifacts = {"keras_model": str(keras_model_path), "label_map": str(label_map_json), "serve_config": str(serve_config_json)}
+    if onnx_model_path is not None:  # the same network for onnxruntime (serve.runtime: onnx)
+        artifacts["onnx_model"] = str(onnx_model_path)
     return {
         "python_model": str(MODEL_CODE),
-        "artifacts": {
-            "keras_model": str(keras_model_path),
-            "label_map": str(label_map_json),
-            "serve_config": str(serve_config_json),
-        },
+        "artifacts": artifacts,
         # the part of the ferflow package that pyfunc.py imports travels with the model
         "code_paths": [str(serving_package())],
         "signature": signature(classes, files.read_json(serve_config_json)),
@@ -171,10 +172,17 @@ def export_model(
     out_dir: str | os.PathLike[str],
     metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Save a pyfunc directory from a `.keras` file without the pipeline (tests, benchmarks)."""
+    """Save a pyfunc directory from a `.keras` file without the pipeline (tests, benchmarks).
+    The ONNX file's parity is checked on the example face and its mirror image."""
+    from ferflow.data.preprocessing import prepare_batch
+    from ferflow.serving.onnx_export import export_onnx
+
     with tempfile.TemporaryDirectory(prefix="ferflow-export-") as tmp:
         config_json = Path(tmp) / "serve_config.json"
         files.write_json(config_json, serve_config)
-        kwargs = model_kwargs(keras_model_path, label_map_json, config_json, example_pixels)
+        onnx_path = Path(tmp) / "model.onnx"
+        pixels = np.asarray(example_pixels)
+        export_onnx(keras_model_path, onnx_path, prepare_batch([pixels, np.ascontiguousarray(pixels[:, ::-1])]))
+        kwargs = model_kwargs(keras_model_path, label_map_json, config_json, example_pixels, onnx_path)
         save_pyfunc(out_dir, kwargs | ({"metadata": metadata} if metadata else {}))
     return Path(out_dir)

@@ -1,6 +1,6 @@
 """The exported MLflow pyfunc: encoded images or pixel tensors in, emotion probabilities out.
 
-It wraps the Keras model, the label map, the Haar face detector (`ferflow.serving.faces`) and
+It wraps the network (ONNX on onnxruntime or Keras, `serve.runtime`; `serving.runtime`), the label map, the Haar face detector (`ferflow.serving.faces`) and
 `preprocessing.prepare_batch` (the function the extract stage used), so callers send
 ordinary images. Exported as MLflow "models from code": MLflow executes this file to
 get the model object (see the end of the file), so nothing is pickled.
@@ -56,17 +56,16 @@ from PIL import Image
 
 from ferflow.core import files
 from ferflow.core.errors import short_repr
-from ferflow.core.noise import filtered_stderr
 from ferflow.core.params import FACE_DETECTORS, TTA_MODES, ServeParams
 from ferflow.data.preprocessing import IMAGE_SIZE, ImageError, decode_image, normalize, prepare_batch
 from ferflow.model.tta import predict_proba, renormalize
 from ferflow.serving.faces import BOX_COLUMNS, Box, FaceDetector, centre_square, detect_pixels, make_detector
 from ferflow.serving.mlflow_adapter import RequestError, check_params_first
+from ferflow.serving.runtime import INFER_BATCH, load_predictor
 
 INPUT_COLUMN = "image"
 PIXEL_RANGES = ("auto", "0-255", "0-1")
 FACES_MODES = ("largest", "all")  # request param `faces`: one row per image (default) or one per face
-INFER_BATCH = 256  # images per model call; bounds activation memory for large requests
 # After a request that decoded this many pixels (or failed on the way), hand the freed
 # heap back to the OS: glibc keeps it as high-water otherwise (RSS 0.8 -> 2.3 GB over a
 # barrage of bad requests, never returned). FERFLOW_MALLOC_TRIM=0 turns it off.
@@ -339,33 +338,6 @@ def _param(params: Mapping[str, Any] | None, name: str, default: Any, allowed: S
 # ---------------------------------------------------------------- the model
 
 
-class KerasPredictor:
-    """`predict(x, batch_size, verbose)` like keras.Model.predict, minus its per-call setup.
-
-    `Model.predict` builds a data pipeline on every call (~50 ms); `predict_on_batch`
-    reuses one traced function (~1 ms for a 48x48 image), which is what a server needs.
-    It has the same interface so `evaluation.predict_proba` (and its TTA) is reused as is.
-    """
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-
-    @property
-    def layers(self) -> list[Any]:
-        return self.model.layers  # `models.crop_margin` reads the crop layer for tta=tencrop
-
-    def predict(self, x: np.ndarray, batch_size: int = INFER_BATCH, verbose: int = 0) -> np.ndarray:
-        n_classes = int(self.model.output_shape[-1])
-        parts = [np.asarray(self.model.predict_on_batch(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
-        return np.concatenate(parts) if parts else np.zeros((0, n_classes), np.float32)
-
-    def warm_up(self) -> None:
-        # trace now for batch sizes 1, 2 and 3: by the third, tf.function (reduce_retracing)
-        # has relaxed the batch dimension, so the first real requests are not slowed by tracing
-        for n in (1, 2, 3):
-            self.predict(np.zeros((n, IMAGE_SIZE, IMAGE_SIZE, 1), np.float32))
-
-
 @dataclass
 class Prepared:
     """Model input plus where each row's pixels came from."""
@@ -397,18 +369,16 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
             context.artifacts["keras_model"],
             context.artifacts["label_map"],
             ServeParams.from_mapping(files.read_json(context.artifacts["serve_config"])),
+            context.artifacts.get("onnx_model"),  # exports made before ONNX have none: Keras then
         )
 
-    def setup(self, keras_model_path: str, label_map_json: str, config: ServeParams) -> None:
+    def setup(self, keras_model_path: str, label_map_json: str, config: ServeParams, onnx_model_path: str | None = None) -> None:
         """Load everything once (also usable without MLflow, e.g. in benchmarks)."""
-        with filtered_stderr():  # TensorFlow's oneDNN/absl start-up lines stay out of the server's log
-            import keras
-
-            self.config = config
-            self.predictor = KerasPredictor(keras.models.load_model(keras_model_path, compile=False))
+        self.config = config
+        self.predictor = load_predictor(keras_model_path, onnx_model_path, config.runtime)
         with open(label_map_json, encoding="utf-8") as fh:
             self.classes = [str(c) for c in json.load(fh)["classes"]]
-        n_out = int(self.predictor.model.output_shape[-1])
+        n_out = self.predictor.n_classes
         if n_out != len(self.classes):
             raise ValueError(f"{label_map_json}: {len(self.classes)} classes but the model has {n_out} outputs")
         self.detector = make_detector(config.face_detector, config.face_margin)

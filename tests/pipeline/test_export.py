@@ -56,7 +56,7 @@ def test_export_is_models_from_code_without_pickle(exported: Path) -> None:
     assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
     assert Path(flavor["model_code_path"]).name == "pyfunc.py"
     assert (exported / "pyfunc.py").is_file() and (exported / "code" / "ferflow" / "serving" / "faces.py").is_file()
-    assert set(flavor["artifacts"]) == {"keras_model", "label_map", "serve_config"}
+    assert set(flavor["artifacts"]) == {"keras_model", "onnx_model", "label_map", "serve_config"}
     assert json.loads((exported / flavor["artifacts"]["serve_config"]["path"]).read_text()) == SERVE
     for path in exported.rglob("*"):
         if path.is_file():
@@ -74,6 +74,7 @@ SHIPPED = {
     "ferflow/data/__init__.py", "ferflow/data/preprocessing.py",
     "ferflow/model/__init__.py", "ferflow/model/architectures.py", "ferflow/model/tta.py",
     "ferflow/serving/__init__.py", "ferflow/serving/faces.py", "ferflow/serving/mlflow_adapter.py",
+    "ferflow/serving/runtime.py",
 }  # fmt: skip
 
 

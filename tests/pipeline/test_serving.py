@@ -91,9 +91,10 @@ def iou(a: Box, b: Box) -> float:
 # ---------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="session")
-def served_model(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A ferflow_tiny model trained for a few steps (so outputs depend on the input), exported."""
+@pytest.fixture(scope="session", params=["onnx", "keras"])
+def served_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A ferflow_tiny model trained for a few steps (so outputs depend on the input), exported;
+    served on each runtime (serve.runtime), so every serving test runs on both."""
     import keras
 
     from ferflow.model.architectures import build_model
@@ -107,15 +108,20 @@ def served_model(tmp_path_factory: pytest.TempPathFactory) -> dict:
     model.fit(prepare_batch(list(x)), np.arange(140) % len(FER_CLASSES), epochs=3, batch_size=35, verbose=0)
     model.save(work / "model.keras")
     files.write_json(work / "label_map.json", {"classes": list(FER_CLASSES)})
-    export = export_model(work / "model.keras", work / "label_map.json", SERVE_CONFIG, x[0], work / "export")
-    return {"export": export, "keras": model}
+    config = SERVE_CONFIG | {"runtime": request.param}
+    export = export_model(work / "model.keras", work / "label_map.json", config, x[0], work / "export")
+    return {"export": export, "keras": model, "runtime": request.param}
 
 
 @pytest.fixture(scope="session")
 def server(served_model: dict, tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     with local_server(served_model["export"], workers=1, log_path=log) as url:
+        SERVER_LOGS[url] = log
         yield url
+
+
+SERVER_LOGS: dict[str, Path] = {}  # each session server's log file, by its URL
 
 
 def post(url: str, payload: dict | str) -> requests.Response:
@@ -457,6 +463,11 @@ def test_deeply_nested_json_does_not_take_the_server_down(server: str) -> None:
     check_rows(predictions(server, {"dataframe_records": [{"image": b64(encode(faces(1)[0]))}]}))
 
 
+def test_the_export_serves_on_the_configured_runtime(served_model: dict) -> None:
+    model = mlflow.pyfunc.load_model(str(served_model["export"]))
+    assert model.unwrap_python_model().predictor.runtime == served_model["runtime"]
+
+
 def test_request_params_are_checked_in_process_too(served_model: dict) -> None:
     model = mlflow.pyfunc.load_model(str(served_model["export"]))
     frame = pd.DataFrame({"image": [b64(encode(faces(1)[0]))]})
@@ -552,8 +563,7 @@ def test_tta_view_counts_match_the_views_the_model_is_given() -> None:
 def test_the_served_model_does_not_fill_the_server_log_with_tensorflow_start_up_lines(server: str, served_model: dict) -> None:
     """#29 item 8: `mlflow models serve` printed TensorFlow's oneDNN / cpu_feature_guard lines."""
     check_rows(predictions(server, {"dataframe_records": [{"image": b64(encode(faces(1)[0]))}]}))  # the model is loaded
-    logs = sorted(Path(served_model["export"]).parents[1].glob("serve-log*/serve.log"), key=lambda p: p.stat().st_mtime)
-    text = logs[-1].read_text(errors="replace")  # the session's server (this file's fixture)
+    text = SERVER_LOGS[server].read_text(errors="replace")
     assert "Uvicorn running on" in text or "Application startup complete" in text, text[-2000:]
     noise = [line for line in text.splitlines() if "oneDNN custom operations" in line or "cpu_feature_guard" in line]
     assert not noise, noise

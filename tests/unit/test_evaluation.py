@@ -8,7 +8,7 @@ import pytest
 from keras import layers
 
 from ferflow.model.tta import TENCROP_DEFAULT_SHIFT, predict_proba, shifted, tta_views
-from ferflow.serving.pyfunc import KerasPredictor
+from ferflow.serving.runtime import KerasPredictor
 
 
 def faces(n: int = 3, seed: int = 0) -> np.ndarray:

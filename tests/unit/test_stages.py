@@ -192,6 +192,9 @@ def test_train_evaluate_export_share_one_mlflow_run(data_dir, tiny_params, tmp_p
     exported = run_export(params.export, params.serve, paths)
     assert (tmp_path / "export" / "MLmodel").exists()
     assert exported["version"] == 1 and exported["champion"] is True
+    # the ONNX file ships with the pyfunc, checked against Keras on the validation split
+    assert 0 <= exported["onnx_parity_max_abs_diff"] <= 1e-4
+    assert (tmp_path / "export" / "artifacts" / "model.onnx").stat().st_size > 0
 
     run_id = json.loads((tmp_path / "run.json").read_text())["run_id"]
     run = mlflow.MlflowClient().get_run(run_id)
@@ -199,6 +202,7 @@ def test_train_evaluate_export_share_one_mlflow_run(data_dir, tiny_params, tmp_p
     assert run.data.params["train.epochs"] == "2" and run.data.params["data.seed"] == "42"
     assert run.data.params["evaluate.tta"] == "none" and run.data.params["export.registered_model_name"] == "ferflow-emotion"
     assert {"test_accuracy", "test_macro_f1", "val_accuracy", "learning_rate", "epoch_time_s"} <= set(run.data.metrics)
+    assert run.data.metrics["onnx_parity_max_abs_diff"] == round(exported["onnx_parity_max_abs_diff"], 6)
     # #29 item 6: the MLflow UI shows 6 decimals, not 16
     assert all(round(value, 6) == value for value in run.data.metrics.values()), run.data.metrics
     assert "final_val_accuracy" in run.data.metrics
