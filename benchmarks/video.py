@@ -75,7 +75,7 @@ def end_to_end(emotion: Any, detector: Any, path: Path, work: Path) -> dict[str,
     options = video.WatchOptions(progress=False)
     classes = list(emotion.classes)
     cap, info, first = video.open_video(str(path), None)
-    classify = video.FrameClassifier(emotion.predictor, classes, detector, options)
+    classify = video.FrameClassifier(emotion.score, classes, detector, options)
     cpu = time.process_time()
     outputs = video.WatchOutputs(work / "annotated.mp4", work / "frames.csv")
     result = video.watch(video.OpenedVideo(cap, info, first), classify, classes, options, outputs)

@@ -1,4 +1,4 @@
-"""`ferflow` command line: models, preset, leaderboard, predict, watch, demo, validate-params, tracking-server.
+"""`ferflow` command line: models, preset, leaderboard, ensemble, predict, watch, demo, validate-params, tracking-server.
 
 Heavy libraries (keras, mlflow) are imported only by the subcommand that runs, so
 `ferflow --help` is instant.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -50,6 +51,23 @@ def cmd_preset(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(" ".join(f"-S {o}" for o in overrides))
+    return 0
+
+
+def cmd_soft_labels(args: argparse.Namespace) -> int:
+    """A teacher's probabilities on the train split -> the .npz that `train.teacher` names."""
+    import keras
+
+    from ferflow.model.distillation import write_soft_labels
+    from ferflow.serving.ensemble import EnsembleError, read_member
+
+    try:
+        keras_file = read_member(args.model).keras if args.model.is_dir() else args.model
+        out = write_soft_labels(keras.models.load_model(keras_file, compile=False), args.arrays, args.out)
+    except (EnsembleError, FileNotFoundError, ValueError) as exc:
+        print(f"ferflow soft-labels: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"soft labels of {args.model} on {args.arrays}/train.npz written to {out}")
     return 0
 
 
@@ -101,16 +119,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="a preset (cpu-quick, full); without it: the list")
     p.set_defaults(func=cmd_preset)
 
+    p = sub.add_parser("soft-labels", help="a teacher's probabilities on the train split -> .npz for train.teacher")
+    p.add_argument("model", type=Path, help="the teacher: an exported model directory or a .keras file (an ensemble's too)")
+    p.add_argument("--arrays", type=Path, default=Path("data/arrays"), help="the extract stage's arrays (default: data/arrays)")
+    p.add_argument("--out", type=Path, required=True, help="the .npz to write (track it with `dvc add`)")
+    p.set_defaults(func=cmd_soft_labels)
+
     p = sub.add_parser("demo", help="a local web page: photos, the webcam and videos through the model")
     add_demo_arguments(p)
     p.set_defaults(func=cmd_demo)
 
     # these modules keep heavy imports (keras, mlflow) inside their functions
-    from ferflow.serving import predict
+    from ferflow.serving import ensemble, predict
     from ferflow.tracking import leaderboard, server
     from ferflow.video import watch
 
-    for name, mod in (("leaderboard", leaderboard), ("predict", predict), ("watch", watch), ("tracking-server", server)):
+    commands = (("leaderboard", leaderboard), ("ensemble", ensemble), ("predict", predict), ("watch", watch), ("tracking-server", server))
+    for name, mod in commands:
         p = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0])
         mod.add_arguments(p)
         p.set_defaults(func=mod.run)
@@ -121,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 # sets TensorFlow's log level and MLflow's no-progress-bar default before either loads, and
 # its filter drops the C++ start-up lines (oneDNN, absl) from stderr. Not the tracking
 # server: its children outlive a filter thread.
-LOADS_TENSORFLOW = ("models", "predict", "watch", "demo")
+LOADS_TENSORFLOW = ("models", "predict", "watch", "demo", "ensemble", "soft-labels")
 
 
 def main(argv: list[str] | None = None) -> int:

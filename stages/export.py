@@ -9,7 +9,7 @@ from ferflow.serving.export import ExportPaths, run_export
 
 def main(args) -> None:
     params = read_params(args.params)
-    paths = ExportPaths(args.arrays, args.label_map, args.model, args.eval_metrics, args.out, args.metrics)
+    paths = ExportPaths(args.arrays, args.label_map, args.model, args.eval_metrics, args.out, args.metrics, args.calibration)
     r = run_export(params.export, params.serve, paths)
     if "version" in r:
         stage.log.info(
@@ -27,5 +27,5 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    p = stage.parser(__doc__, "arrays", "label-map", "model", "eval-metrics", "out", "metrics")
+    p = stage.parser(__doc__, "arrays", "label-map", "model", "eval-metrics", "out", "metrics", "calibration")
     stage.run(main, p.parse_args(), "export")

@@ -31,6 +31,7 @@ TtaMode = Literal["none", "flip", "tencrop"]
 FaceDetector = Literal["haar", "mtcnn"]
 ServeRuntime = Literal["onnx", "keras"]
 Distribution = Literal["none", "data_parallel"]
+WeightAverage = Literal["none", "ema"]
 
 ARCH_NAMES: tuple[str, ...] = typing.get_args(ArchName)
 OPTIMIZERS: tuple[str, ...] = typing.get_args(Optimizer)
@@ -180,6 +181,14 @@ class TrainParams(_Section):
     early_stopping_start_epoch: int = _int(5, 0, MAX_EPOCHS)
     mixed_precision: Precision = "auto"
     distribution: Distribution = "none"
+    # ema: the optimizer keeps an exponential moving average of the weights (Keras `use_ema`);
+    # training then keeps whichever of it and the best checkpoint has the lower val_loss
+    weight_average: WeightAverage = "none"
+    ema_decay: float = _float(0.999, "a number strictly between 0 and 1 (the EMA momentum per step)", gt=0, lt=1)
+    # distillation: a soft-label file (.npz of a teacher's train-split probabilities, `ferflow soft-labels`)
+    teacher: str | None = None
+    distill_temperature: float = _float(4.0, "a number >= 1 and <= 20", ge=1, le=20)
+    distill_weight: float = _float(0.5, "a number in [0, 1] (share of the teacher in the targets)", ge=0, le=1)
     augment: AugmentParams = AugmentParams()
     deterministic: bool = _bool(True)
     seed: int = _int(42, 0, MAX_SEED)

@@ -89,7 +89,7 @@ class Demo:
             return self._streams[stream]
 
     def _frame_classifier(self, options: analyze.WatchOptions) -> analyze.FrameClassifier:
-        return analyze.FrameClassifier(self.emotion.predictor, self.classes, self.emotion.detector, options)
+        return analyze.FrameClassifier(self.emotion.score, self.classes, self.emotion.detector, options)
 
     def frame(self, stream: str, data: bytes) -> dict[str, Any]:
         """Faces of one webcam frame (JPEG/PNG), tracked across the stream's earlier frames."""

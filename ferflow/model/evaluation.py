@@ -83,6 +83,28 @@ def plot_curves(history_csv: str | os.PathLike[str], out: str | os.PathLike[str]
     _save_fig(fig, out)
 
 
+def plot_reliability(y_true: np.ndarray, before: np.ndarray, after: np.ndarray, temperature: float, out: Path) -> None:
+    """Reliability diagram (15 bins): accuracy against confidence, before and after the temperature."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ferflow.model.calibration import ECE_BINS, expected_calibration_error, reliability_bins
+
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
+    for probs, name in ((before, "raw"), (after, f"T = {temperature:.3f}")):
+        conf, acc, _ = reliability_bins(probs, y_true, ECE_BINS)
+        ax.plot(conf, acc, marker="o", label=f"{name} (ECE {expected_calibration_error(probs, y_true, ECE_BINS):.4f})")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability)", ylabel="accuracy")
+    ax.set_title(f"Reliability diagram (test, {ECE_BINS} bins; T fitted on validation)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    _save_fig(fig, out)
+
+
 def _save_fig(fig, out: str | os.PathLike[str]) -> None:
     import matplotlib.pyplot as plt
 
@@ -102,28 +124,56 @@ class EvalPaths:
     run_file: Path  # the pipeline run to log to
     metrics: Path  # eval.json: headline numbers
     predictions: Path  # one row per test image
-    plots: Path  # confusion matrix, curves, report, per-class JSON
+    plots: Path  # confusion matrix, curves, reliability diagram, report, per-class JSON
     summary: Path | None = None  # what `dvc exp show` compares
+    calibration: Path | None = None  # the temperature fitted on validation (export ships it)
+
+
+@dataclass(frozen=True)
+class EvalSplits:
+    """The labelled images evaluate reads: the test split it scores, and the validation split
+    the temperature is fitted on (None: no calibration, T = 1)."""
+
+    test: tuple[np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def calibrate(model, val: tuple[np.ndarray, np.ndarray] | None, paths: EvalPaths, params: EvaluateParams) -> float:
+    """The temperature fitted on the validation split's probabilities (same TTA as the test),
+    written to `paths.calibration`; 1.0 without a validation split. Never sees the test split."""
+    from ferflow.model.calibration import calibration_summary
+
+    if val is None:
+        return 1.0
+    summary = calibration_summary(renormalize(predict_proba(model, val[0], params.tta, params.batch_size)), val[1])
+    if paths.calibration is not None:
+        files.write_json(paths.calibration, summary)
+    return float(summary["temperature"])
 
 
 def evaluate(
     model,
-    test: tuple[np.ndarray, np.ndarray],
+    splits: EvalSplits,
     classes: list[str],
     paths: EvalPaths,
     params: EvaluateParams,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write metrics JSON (headline numbers), per-class JSON, predictions CSV, report and
-    plots for the `test` images and labels; return all metrics. `extra` goes into the
-    metrics JSON as given."""
+    plots for the test images and labels, with probabilities calibrated by a temperature
+    fitted on the validation split; return all metrics. `extra` goes into the metrics JSON."""
     from sklearn.metrics import classification_report
 
-    x_test, y_test = test
+    from ferflow.model.calibration import apply_temperature, expected_calibration_error
+
+    x_test, y_test = splits.test
     out_dir = paths.plots
-    probs = predict_proba(model, x_test, params.tta, params.batch_size)
+    temperature = calibrate(model, splits.val, paths, params)
+    raw = renormalize(predict_proba(model, x_test, params.tta, params.batch_size))
+    probs = apply_temperature(raw, temperature)
     metrics = compute_metrics(y_test, probs, classes)
-    metrics["tta"] = params.tta
+    metrics |= {"tta": params.tta, "temperature": temperature}
+    metrics |= {"ece_before": expected_calibration_error(raw, y_test), "ece_after": expected_calibration_error(probs, y_test)}
     y_pred = probs.argmax(axis=1)
     counts = np.bincount(y_pred, minlength=len(classes))
     metrics["top_class"] = classes[int(counts.argmax())]
@@ -139,6 +189,7 @@ def evaluate(
     files.write_text(out_dir / "classification_report.txt", report)
     plot_confusion(y_test, y_pred, classes, out_dir / "confusion_matrix.png")
     plot_curves(paths.history, out_dir / "training_curves.png")
+    plot_reliability(y_test, raw, probs, temperature, out_dir / "reliability_diagram.png")
     headline = {k: v for k, v in metrics.items() if k != "per_class"} | (extra or {})
     files.write_json(paths.metrics, headline)
     files.write_json(out_dir / "per_class.json", metrics["per_class"])

@@ -13,7 +13,7 @@ from typing import Any
 
 from ferflow.core import files
 from ferflow.core.params import EvaluateParams, flatten
-from ferflow.model.evaluation import EvalPaths, evaluate
+from ferflow.model.evaluation import EvalPaths, EvalSplits, evaluate
 from ferflow.model.history import read_history
 
 log = logging.getLogger("ferflow")
@@ -21,6 +21,10 @@ ONE_CLASS_SHARE = 0.9  # above this share of one class in the predictions, the m
 
 # what people compare across experiments: `dvc exp show` shows these and nothing else
 SUMMARY_KEYS = ("test_accuracy", "test_macro_f1", "test_loss", "train_time_s", "params_count", "epochs")
+# what evaluate draws and writes beside the metrics, logged to the run's `evaluation/` folder
+EVALUATION_FILES = (
+    "confusion_matrix.png", "reliability_diagram.png", "training_curves.png", "classification_report.txt", "per_class.json",
+)  # fmt: skip
 
 
 def experiment_summary(metrics: dict[str, Any], model: Any, history_csv: Path) -> dict[str, float | int]:
@@ -61,11 +65,11 @@ def run_evaluation(params: EvaluateParams, paths: EvalPaths) -> dict[str, Any]:
     from ferflow.tracking.signals import interrupts_held
 
     classes = load_label_map(paths.label_map)
-    x_test, y_test = load_split(paths.arrays, "test")
+    splits = EvalSplits(test=load_split(paths.arrays, "test"), val=load_split(paths.arrays, "val"))
     model = keras.models.load_model(paths.model, compile=False)
 
     def work(run_id: str | None) -> dict[str, Any]:
-        metrics = evaluate(model, (x_test, y_test), classes, paths, params, extra={"mlflow_run_id": run_id})
+        metrics = evaluate(model, splits, classes, paths, params, extra={"mlflow_run_id": run_id})
         if paths.summary is not None:
             # in SUMMARY_KEYS order, not sorted: DVC shows the columns in the file's order
             files.write_text(paths.summary, json.dumps(experiment_summary(metrics, model, paths.history), indent=2) + "\n")
@@ -83,9 +87,10 @@ def run_evaluation(params: EvaluateParams, paths: EvalPaths) -> dict[str, Any]:
             added = backfill_epochs(train_run_id, read_history(paths.history))  # the server was lost mid-training
             if added:
                 log.info("logged epochs %s to MLflow run %s (trained while the server was unreachable)", added, train_run_id)
-            log_metrics({f"test_{k}": metrics[k] for k in ("accuracy", "loss", "macro_f1")})
+            log_metrics({f"test_{k}": metrics[k] for k in ("accuracy", "loss", "macro_f1", "ece_before", "ece_after")})
+            log_metrics({"temperature": metrics["temperature"]})
             log_metrics({f"test_f1_{c}": v["f1"] for c, v in metrics["per_class"].items()})
-            for name in ("confusion_matrix.png", "training_curves.png", "classification_report.txt", "per_class.json"):
+            for name in EVALUATION_FILES:
                 mlflow.log_artifact(str(paths.plots / name), "evaluation")
             mlflow.log_artifact(str(paths.predictions), "evaluation")
             mlflow.log_artifact(str(paths.metrics), "evaluation")

@@ -25,6 +25,7 @@ from ferflow.core.params import TrainParams
 from ferflow.model import distribution
 from ferflow.model.architectures import build_model
 from ferflow.model.augmentation import build_augmentation
+from ferflow.model.distillation import load_soft_labels, mixed_targets
 from ferflow.model.history import read_history, write_history
 
 log = logging.getLogger("ferflow")
@@ -84,11 +85,13 @@ def make_optimizer(train: TrainParams, total_steps: int) -> keras.optimizers.Opt
     lr: float | keras.optimizers.schedules.LearningRateSchedule = train.learning_rate
     if train.lr_schedule == "cosine":
         lr = keras.optimizers.schedules.CosineDecay(train.learning_rate, decay_steps=max(1, total_steps), alpha=0.01)
+    # weight averaging by the optimizer itself: fit() ends by overwriting the weights with the average
+    ema = {"use_ema": train.weight_average == "ema", "ema_momentum": train.ema_decay}
     if train.optimizer == "adam":
-        return keras.optimizers.Adam(lr)
+        return keras.optimizers.Adam(lr, **ema)
     if train.optimizer == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=train.weight_decay)
-    return keras.optimizers.SGD(lr, momentum=train.momentum, nesterov=True, weight_decay=train.weight_decay or None)
+        return keras.optimizers.AdamW(lr, weight_decay=train.weight_decay, **ema)
+    return keras.optimizers.SGD(lr, momentum=train.momentum, nesterov=True, weight_decay=train.weight_decay or None, **ema)
 
 
 class EpochLogger(keras.callbacks.Callback):
@@ -206,6 +209,39 @@ class RestorePlateauState(keras.callbacks.Callback):
         self.checkpoint.best = min(self.val_losses)
 
 
+class LastEpochWeights(keras.callbacks.Callback):
+    """The weights as the last epoch left them: an EMA optimizer overwrites them with the
+    average when fit() ends, so they are copied at every epoch end."""
+
+    weights: list[np.ndarray] | None = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.weights = self.model.get_weights()
+
+
+def val_scores(model: keras.Model, x_val: np.ndarray, y_val: np.ndarray, batch_size: int = 256) -> dict[str, float]:
+    """Validation loss (cross-entropy) and accuracy of the inference model as it stands."""
+    probs = np.asarray(model.predict(x_val, batch_size=batch_size, verbose=0), dtype=np.float64)
+    picked = np.clip(probs[np.arange(len(y_val)), y_val], 1e-7, 1.0)
+    return {"val_loss": float(-np.mean(np.log(picked))), "val_accuracy": float(np.mean(probs.argmax(axis=1) == y_val))}
+
+
+def choose_weights(fit: _Fit, candidates: dict[str, list[np.ndarray]]) -> dict[str, Any]:
+    """Score each candidate (the averaged weights, the last epoch's, the best checkpoint's) on
+    validation, BatchNorm statistics recomputed for each; keep the average unless the
+    checkpoint's val_loss is lower. Training and validation splits only, never the test split."""
+    scores, tuned = {}, {}
+    for name, weights in candidates.items():
+        fit.trainer.set_weights(weights)
+        recompute_batchnorm_statistics(fit.model, fit.splits.x_train)
+        tuned[name], scores[name] = fit.trainer.get_weights(), val_scores(fit.model, fit.splits.x_val, fit.splits.y_val)
+    checkpoint = scores.get("best_checkpoint")
+    kept = "ema" if checkpoint is None or scores["ema"]["val_loss"] <= checkpoint["val_loss"] else "best_checkpoint"
+    fit.trainer.set_weights(tuned[kept])
+    log.info("weight average: %s", ", ".join(f"{n} val_loss {s['val_loss']:.4f} acc {s['val_accuracy']:.4f}" for n, s in scores.items()))
+    return {"weights_kept": kept, "weight_candidates": scores}
+
+
 def _all_layers(model: keras.Layer) -> list[keras.Layer]:
     layers = []
     for layer in getattr(model, "layers", []):
@@ -297,6 +333,7 @@ class _Fit:
     padded: dict[str, int]
     resumed: bool = False
     previous_rows: list[dict[str, Any]] = field(default_factory=list)
+    last_epoch: LastEpochWeights | None = None  # with train.weight_average: ema
 
 
 def fit_model(
@@ -319,7 +356,7 @@ def fit_model(
     s = fit.splits
     fit.trainer.fit(
         s.x_train,
-        keras.utils.to_categorical(s.y_train, s.num_classes),
+        s.y_train if s.y_train.ndim == 2 else keras.utils.to_categorical(s.y_train, s.num_classes),
         batch_size=train.batch_size // layout.num_processes,  # each process feeds its share of the global batch
         epochs=train.epochs,
         validation_data=(s.x_val, keras.utils.to_categorical(s.y_val, s.num_classes)),
@@ -335,7 +372,11 @@ def fit_model(
 
 def _build(train: TrainParams, splits: Splits, layout: distribution.Layout) -> _Fit:
     """This process's share of the data, and the model (with augmentation) compiled."""
-    x_train, y_train, padded_train = distribution.local_share(layout, splits.x_train, splits.y_train, train.seed)
+    y_train = splits.y_train
+    if train.teacher:  # the targets become (N, K) mixtures of labels and teacher; they travel through local_share like labels
+        teacher = load_soft_labels(train.teacher, splits.x_train, splits.y_train, splits.num_classes)
+        y_train = mixed_targets(splits.y_train, teacher, train.distill_temperature, train.distill_weight)
+    x_train, y_train, padded_train = distribution.local_share(layout, splits.x_train, y_train, train.seed)
     x_val, y_val, padded_val = distribution.local_share(layout, splits.x_val, splits.y_val, train.seed + 1)
     n_train = len(splits.x_train) + padded_train
     set_determinism(train.seed, train.deterministic)
@@ -400,15 +441,32 @@ def _callbacks(
         RestorePlateauState(val_losses, early, plateau, checkpoint),
         epoch_logger,
     ]
+    if train.weight_average == "ema":
+        fit.last_epoch = LastEpochWeights()
+        callbacks.append(fit.last_epoch)
     return callbacks, epoch_logger
+
+
+def _final_weights(fit: _Fit, train: TrainParams, best_weights: Path) -> dict[str, Any]:
+    """Load the weights the model keeps: the best checkpoint's, or with `weight_average: ema`
+    the better on validation of the average and the checkpoint."""
+    if train.weight_average != "ema":
+        if best_weights.exists():
+            fit.trainer.load_weights(str(best_weights))
+        return {"weight_average": "none"}
+    candidates = {"ema": fit.trainer.get_weights()}  # fit() ended by writing the average into the weights
+    if fit.last_epoch is not None and fit.last_epoch.weights is not None:
+        candidates["last_epoch"] = fit.last_epoch.weights
+    if best_weights.exists():
+        fit.trainer.load_weights(str(best_weights))
+        candidates["best_checkpoint"] = fit.trainer.get_weights()
+    return {"weight_average": "ema", **choose_weights(fit, candidates)}
 
 
 def _finalize(fit: _Fit, train: TrainParams, outputs: FitOutputs, layout: distribution.Layout, seconds: float) -> dict[str, Any]:
     """The best epoch's weights, BatchNorm statistics recomputed, the model saved atomically;
     the run's summary. The work dir is removed: nothing is left to resume."""
-    best_weights = outputs.work_dir / "best.weights.h5"
-    if best_weights.exists():
-        fit.trainer.load_weights(str(best_weights))
+    averaging = _final_weights(fit, train, outputs.work_dir / "best.weights.h5")
     recalibrated = recompute_batchnorm_statistics(fit.model, fit.splits.x_train, batch_size=max(train.batch_size, 256))
     if recalibrated:
         log.info("BatchNorm statistics recomputed over %d training images (%d layers)", len(fit.splits.x_train), recalibrated)
@@ -440,6 +498,7 @@ def _finalize(fit: _Fit, train: TrainParams, outputs: FitOutputs, layout: distri
         "processes": layout.num_processes,
         "repeated_images": fit.padded,
         "batchnorm_recomputed": bool(recalibrated),
+        **averaging,
     }
     shutil.rmtree(outputs.work_dir, ignore_errors=True)
     return summary

@@ -160,6 +160,10 @@ def _log_training_run(model, summary: dict[str, Any], paths: TrainPaths) -> None
             "best_val_loss": summary["best_val_loss"],
         }
     )
+    for name, scores in summary.get("weight_candidates", {}).items():  # train.weight_average: ema
+        log_metrics({f"{name}_{key}": value for key, value in scores.items()})
+    if "weights_kept" in summary:
+        mlflow.set_tags({"weights_kept": summary["weights_kept"]})
     mlflow.log_text(_model_summary(model), "model_summary.txt")
     mlflow.log_artifact(str(paths.params_file))
     for png in sorted(paths.data_plots.glob("*.png")):

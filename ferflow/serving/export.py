@@ -15,7 +15,7 @@ import numpy as np
 from ferflow.core import files
 from ferflow.core.params import ExportParams, ServeParams, flatten
 from ferflow.serving.onnx_export import export_onnx
-from ferflow.serving.packaging import model_kwargs, save_pyfunc
+from ferflow.serving.packaging import ModelFiles, model_kwargs, save_pyfunc
 from ferflow.serving.registry import ACCURACY_DIGITS, Evaluated, register_and_promote
 
 
@@ -29,6 +29,7 @@ class ExportPaths:
     eval_metrics: Path  # the test accuracy and the run evaluate logged to
     out: Path  # the pyfunc directory
     metrics: Path  # export.json
+    calibration: Path | None = None  # the evaluate stage's temperature: the served probabilities are calibrated
 
 
 def run_export(export: ExportParams, serve: ServeParams, paths: ExportPaths) -> dict[str, Any]:
@@ -46,7 +47,8 @@ def run_export(export: ExportParams, serve: ServeParams, paths: ExportPaths) -> 
     try:
         onnx_gap = export_onnx(paths.model, onnx_dir / "model.onnx", load_split(paths.arrays, "val")[0])
         example = np.rint(x_test[0, :, :, 0] * 255).astype(np.uint8)
-        kwargs = model_kwargs(paths.model, paths.label_map, config_path, example, onnx_dir / "model.onnx")
+        model = ModelFiles(paths.model, paths.label_map, onnx_dir / "model.onnx", paths.calibration)
+        kwargs = model_kwargs(model, config_path, example)
         # what `ferflow predict` prints about the model it uses (MLmodel's metadata)
         kwargs["metadata"] = {
             "ferflow": {

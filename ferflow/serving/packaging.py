@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -118,20 +119,24 @@ def input_example(example_pixels: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"image": [base64.b64encode(encode_png(example_pixels)).decode("ascii")]})
 
 
-def model_kwargs(
-    keras_model_path: str | os.PathLike[str],
-    label_map_json: str | os.PathLike[str],
-    serve_config_json: str | os.PathLike[str],
-    example_pixels: np.ndarray,
-    onnx_model_path: str | os.PathLike[str] | None = None,
-) -> dict[str, Any]:
-    """Arguments for mlflow.pyfunc.save_model / log_model (the input files must outlive both calls)."""
+@dataclass(frozen=True)
+class ModelFiles:
+    """The files a pyfunc directory packs as artifacts (they must outlive save and log)."""
+
+    keras: Path
+    label_map: Path
+    onnx: Path | None = None  # the same network for onnxruntime (serve.runtime: onnx)
+    calibration: Path | None = None  # the temperature fitted on validation (evaluate stage)
+
+
+def model_kwargs(model: ModelFiles, serve_config_json: Path, example_pixels: np.ndarray) -> dict[str, Any]:
+    """Arguments for mlflow.pyfunc.save_model / log_model."""
     from ferflow.data.arrays import load_label_map
 
-    classes = load_label_map(label_map_json)
-    artifacts = {"keras_model": str(keras_model_path), "label_map": str(label_map_json), "serve_config": str(serve_config_json)}
-    if onnx_model_path is not None:  # the same network for onnxruntime (serve.runtime: onnx)
-        artifacts["onnx_model"] = str(onnx_model_path)
+    classes = load_label_map(model.label_map)
+    artifacts = {"keras_model": str(model.keras), "label_map": str(model.label_map), "serve_config": str(serve_config_json)}
+    optional = {"onnx_model": model.onnx, "calibration": model.calibration}
+    artifacts |= {name: str(path) for name, path in optional.items() if path is not None}
     return {
         "python_model": str(MODEL_CODE),
         "artifacts": artifacts,
@@ -183,6 +188,6 @@ def export_model(
         onnx_path = Path(tmp) / "model.onnx"
         pixels = np.asarray(example_pixels)
         export_onnx(keras_model_path, onnx_path, prepare_batch([pixels, np.ascontiguousarray(pixels[:, ::-1])]))
-        kwargs = model_kwargs(keras_model_path, label_map_json, config_json, example_pixels, onnx_path)
+        kwargs = model_kwargs(ModelFiles(Path(keras_model_path), Path(label_map_json), onnx_path), config_json, example_pixels)
         save_pyfunc(out_dir, kwargs | ({"metadata": metadata} if metadata else {}))
     return Path(out_dir)

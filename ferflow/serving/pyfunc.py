@@ -58,6 +58,7 @@ from ferflow.core import files
 from ferflow.core.errors import short_repr
 from ferflow.core.params import FACE_DETECTORS, TTA_MODES, ServeParams
 from ferflow.data.preprocessing import IMAGE_SIZE, ImageError, decode_image, normalize, prepare_batch
+from ferflow.model.calibration import apply_temperature, read_temperature
 from ferflow.model.tta import predict_proba, renormalize
 from ferflow.serving.faces import BOX_COLUMNS, Box, FaceDetector, centre_square, detect_pixels, make_detector
 from ferflow.serving.mlflow_adapter import RequestError, check_params_first
@@ -371,10 +372,12 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
             ServeParams.from_mapping(files.read_json(context.artifacts["serve_config"])),
             context.artifacts.get("onnx_model"),  # exports made before ONNX have none: Keras then
         )
+        # fitted on validation by the evaluate stage; 1.0 (unchanged) for an export without one
+        self.temperature = read_temperature(context.artifacts.get("calibration"))
 
     def setup(self, keras_model_path: str, label_map_json: str, config: ServeParams, onnx_model_path: str | None = None) -> None:
         """Load everything once (also usable without MLflow, e.g. in benchmarks)."""
-        self.config = config
+        self.config, self.temperature = config, 1.0
         self.predictor = load_predictor(keras_model_path, onnx_model_path, config.runtime)
         with open(label_map_json, encoding="utf-8") as fh:
             self.classes = [str(c) for c in json.load(fh)["classes"]]
@@ -457,6 +460,10 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
                 self._detectors[name] = make_detector(name, self.config.face_margin)
             return self._detectors[name]
 
+    def score(self, faces: np.ndarray, tta: str) -> np.ndarray:
+        """Calibrated class probabilities of prepared faces (N, 48, 48, 1), averaged over `tta`'s views."""
+        return apply_temperature(renormalize(predict_proba(self.predictor, faces, tta, INFER_BATCH)), self.temperature)
+
     # model_input: MLflow hands over a DataFrame (column signature); a DataFrame hint is
     # also the one MLflow neither validates nor warns about. Dicts/arrays work when called directly.
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -466,6 +473,7 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
             budget = RequestBudget(self.config, tta)
             prepared = self.prepare(model_input, params, budget)
             probs = predict_proba(BudgetedPredictor(self.predictor, budget), prepared.batch, tta, INFER_BATCH)
+            probs = apply_temperature(renormalize(probs), self.temperature)
             frame = result_frame(probs, self.classes, prepared.boxes, prepared.face_found)
             if prepared.image_index is not None:
                 frame.insert(0, "image_index", np.array(prepared.image_index, dtype=np.int64))

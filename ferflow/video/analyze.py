@@ -318,18 +318,21 @@ class WatchOptions:
     progress: bool = True
 
 
+# the served model's `EmotionModel.score`: faces (N, 48, 48, 1) and a TTA mode -> calibrated probabilities
+Scorer = Callable[[np.ndarray, str], np.ndarray]
+
+
 class FrameClassifier:
     """Detect, track and classify every face of a BGR frame: one model call per frame."""
 
-    def __init__(self, predictor: Any, classes: list[str], detector: FaceDetector, options: WatchOptions) -> None:
-        self.predictor, self.classes, self.detector, self.options = predictor, classes, detector, options
+    def __init__(self, score: Scorer, classes: list[str], detector: FaceDetector, options: WatchOptions) -> None:
+        self.score, self.classes, self.detector, self.options = score, classes, detector, options
         self.tracker = IouTracker(smooth=options.smooth)
 
     def __call__(self, frame: np.ndarray) -> list[FaceResult]:
         import cv2
 
         from ferflow.data.preprocessing import prepare_batch
-        from ferflow.model.tta import predict_proba
 
         gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
         height, width = gray.shape
@@ -340,8 +343,7 @@ class FrameClassifier:
         if not boxes:
             return []
         batch = prepare_batch([gray[b.y : b.y + b.h, b.x : b.x + b.w] for b in boxes])
-        probs = predict_proba(self.predictor, batch, self.options.tta)
-        probs = probs / np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)
+        probs = self.score(batch, self.options.tta)
         if self.options.smooth > 1:
             probs = self.tracker.smoothed(ids, probs)
         return [FaceResult(i, b, p) for i, b, p in zip(ids, boxes, probs)]

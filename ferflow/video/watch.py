@@ -93,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
         size = video.output_size(info.width, info.height, options.max_side)
         print(f"note: {info.name} is {info.width}x{info.height}; processing at {size[0]}x{size[1]} (--max-side)", file=sys.stderr)
     classes = list(emotion.classes)
-    classify = video.FrameClassifier(emotion.predictor, classes, detector, options)
+    classify = video.FrameClassifier(emotion.score, classes, detector, options)
     try:
         result = video.watch(
             video.OpenedVideo(cap, info, first), classify, classes, options, video.WatchOutputs(out_video, out_csv)

@@ -22,7 +22,7 @@ from ferflow.core import files
 from ferflow.core.classes import FER_CLASSES
 from ferflow.data.arrays import split_digest
 from ferflow.data.sources.synthetic import generate_face
-from ferflow.serving.packaging import encode_png, export_model, model_kwargs
+from ferflow.serving.packaging import ModelFiles, encode_png, export_model, model_kwargs
 from ferflow.serving.registry import Evaluated, dataset_alias, promote, register_and_promote, should_promote
 
 SERVE = {"detect_face": True, "tta": "flip", "max_image_bytes": 1_000_000, "max_image_pixels": 4_000_000}
@@ -72,7 +72,7 @@ SHIPPED = {
     "ferflow/core/noise.py",
     "ferflow/core/params.py",
     "ferflow/data/__init__.py", "ferflow/data/preprocessing.py",
-    "ferflow/model/__init__.py", "ferflow/model/architectures.py", "ferflow/model/tta.py",
+    "ferflow/model/__init__.py", "ferflow/model/architectures.py", "ferflow/model/calibration.py", "ferflow/model/tta.py",
     "ferflow/serving/__init__.py", "ferflow/serving/faces.py", "ferflow/serving/mlflow_adapter.py",
     "ferflow/serving/runtime.py",
 }  # fmt: skip
@@ -171,7 +171,7 @@ def test_champion_alias_moves_only_to_better_models(tmp_path: Path, inputs: dict
     try:
         client = mlflow.MlflowClient()
         exp = client.create_experiment("export-test", artifact_location=(tmp_path / "artifacts").as_uri())
-        kwargs = model_kwargs(inputs["keras"], inputs["labels"], inputs["serve"], inputs["face"])
+        kwargs = model_kwargs(ModelFiles(inputs["keras"], inputs["labels"]), inputs["serve"], inputs["face"])
         kwargs.pop("input_example")  # skips MLflow's load-and-predict check: 4 logs stay fast
 
         def export(accuracy: float, force: bool = False) -> dict:

@@ -471,7 +471,7 @@ def test_watch_with_a_registered_model_uri(
 ) -> None:
     import mlflow
 
-    from ferflow.serving.packaging import model_kwargs
+    from ferflow.serving.packaging import ModelFiles, model_kwargs
     from ferflow.serving.registry import Evaluated, register_and_promote
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -484,7 +484,7 @@ def test_watch_with_a_registered_model_uri(
         from ferflow.core import files
 
         files.write_json(tmp_path / "serve.json", {"face_detector": "haar"})
-        kwargs = model_kwargs(tiny_model[0], tiny_model[1], tmp_path / "serve.json", face)
+        kwargs = model_kwargs(ModelFiles(tiny_model[0], tiny_model[1]), tmp_path / "serve.json", face)
         kwargs.pop("input_example")
         with mlflow.start_run(experiment_id=exp):
             register_and_promote(kwargs, "ferflow-video", Evaluated(0.5, "test-set-of-this-test", list(FER_CLASSES)), False)

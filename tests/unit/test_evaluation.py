@@ -72,7 +72,7 @@ def test_evaluate_warns_when_one_class_takes_the_predictions(tmp_path, caplog: p
 
     from ferflow.core.classes import FER_CLASSES
     from ferflow.core.params import EvaluateParams
-    from ferflow.model.evaluation import EvalPaths, evaluate
+    from ferflow.model.evaluation import EvalPaths, EvalSplits, evaluate
     from ferflow.model.evaluation_run import warn_if_one_class
 
     bias = np.zeros(len(FER_CLASSES), np.float32)
@@ -85,7 +85,7 @@ def test_evaluate_warns_when_one_class_takes_the_predictions(tmp_path, caplog: p
     paths = EvalPaths(
         tmp_path, tmp_path, tmp_path, history, tmp_path, tmp_path / "eval.json", tmp_path / "pred.csv", tmp_path / "plots"
     )
-    metrics = evaluate(model, (faces(14), y), list(FER_CLASSES), paths, EvaluateParams())
+    metrics = evaluate(model, EvalSplits(test=(faces(14), y)), list(FER_CLASSES), paths, EvaluateParams())
     assert (metrics["top_class"], metrics["top_class_share"]) == ("happy", 1.0)
     with caplog.at_level(logging.WARNING, logger="ferflow"):
         assert warn_if_one_class(metrics) is True

@@ -153,7 +153,7 @@ def _evaluate(data_dir: Path, params_file: Path, out: Path, metrics_json: Path) 
 
     paths = EvalPaths(
         data_dir / "arrays", data_dir / "label_map.json", out / "model.keras", out / "history.csv", out / "run.json",
-        metrics_json, out / "pred.csv", out / "plots",
+        metrics_json, out / "pred.csv", out / "plots", None, out / "calibration.json",
     )  # fmt: skip
     return run_evaluation(read_params(params_file).evaluate, paths)
 
@@ -181,13 +181,16 @@ def test_train_evaluate_export_share_one_mlflow_run(data_dir, tiny_params, tmp_p
     assert evaluation["accuracy"] == pytest.approx((preds["actual"] == preds["predicted"]).mean())
     assert list(preds.columns[:2]) == ["actual", "predicted"] and len(preds) == 42
     np.testing.assert_allclose(preds[[f"p_{c}" for c in FER_CLASSES]].sum(axis=1), 1.0, atol=1e-3)
-    for name in ("confusion_matrix.png", "training_curves.png", "classification_report.txt", "per_class.json"):
+    for name in ("confusion_matrix.png", "reliability_diagram.png", "training_curves.png", "classification_report.txt"):
         assert (tmp_path / "plots" / name).stat().st_size > 0
+    calibration = json.loads((tmp_path / "calibration.json").read_text())
+    assert calibration["fitted_on"] == "val" and calibration["temperature"] == evaluation["temperature"] > 0
+    assert 0 <= evaluation["ece_after"] <= 1 and 0 <= evaluation["ece_before"] <= 1
 
     params = read_params(tiny_params)
     paths = ExportPaths(
         data_dir / "arrays", data_dir / "label_map.json", tmp_path / "model.keras", tmp_path / "eval.json",
-        tmp_path / "export", tmp_path / "export.json",
+        tmp_path / "export", tmp_path / "export.json", tmp_path / "calibration.json",
     )  # fmt: skip
     exported = run_export(params.export, params.serve, paths)
     assert (tmp_path / "export" / "MLmodel").exists()
@@ -203,6 +206,8 @@ def test_train_evaluate_export_share_one_mlflow_run(data_dir, tiny_params, tmp_p
     assert run.data.params["evaluate.tta"] == "none" and run.data.params["export.registered_model_name"] == "ferflow-emotion"
     assert {"test_accuracy", "test_macro_f1", "val_accuracy", "learning_rate", "epoch_time_s"} <= set(run.data.metrics)
     assert run.data.metrics["onnx_parity_max_abs_diff"] == round(exported["onnx_parity_max_abs_diff"], 6)
+    assert run.data.metrics["temperature"] == round(evaluation["temperature"], 6) and "test_ece_after" in run.data.metrics
+    assert (tmp_path / "export" / "artifacts" / "calibration.json").is_file()  # the served model applies it
     # #29 item 6: the MLflow UI shows 6 decimals, not 16
     assert all(round(value, 6) == value for value in run.data.metrics.values()), run.data.metrics
     assert "final_val_accuracy" in run.data.metrics
