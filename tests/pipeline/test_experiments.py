@@ -236,7 +236,7 @@ def test_failing_evaluate_marks_the_reopened_run_failed(project, tmp_path):
             "--plots", str(plots_is_a_file),
             "--metrics", str(tmp_path / "eval.json"),
             "--predictions", str(tmp_path / "predictions.csv"),
-            "--summary", str(tmp_path / "summary.json"),
+            "--summary", str(tmp_path / "summary.json"), "--calibration", str(tmp_path / "calibration.json"),
         ],
         project,
         check=False,

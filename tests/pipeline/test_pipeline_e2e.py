@@ -39,6 +39,8 @@ OUTPUTS = (
     "metrics/summary.json",
     "metrics/predictions.csv",
     "metrics/plots/confusion_matrix.png",
+    "metrics/plots/reliability_diagram.png",
+    "models/calibration.json",
     "metrics/plots/training_curves.png",
     "metrics/plots/classification_report.txt",
     "metrics/export.json",
@@ -99,6 +101,7 @@ def test_fresh_clone_repro_then_noop_then_experiment(tmp_path):
     assert artifacts.is_relative_to(repo / "mlartifacts")
     for rel in (
         "evaluation/confusion_matrix.png",
+        "evaluation/reliability_diagram.png",
         "evaluation/training_curves.png",
         "params.yaml",
         "model_summary.txt",

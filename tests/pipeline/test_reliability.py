@@ -297,7 +297,7 @@ def test_tracking_server_lost_mid_run_keeps_the_trained_model(workdir, tmp_path)
              "--label-map", "label_map.json", "--model", str(out / "model.keras"), "--history", str(out / "history.csv"),
              "--run-file", str(out / "run.json"), "--metrics", str(out / "eval.json"),
              "--predictions", str(out / "predictions.csv"), "--plots", str(out / "plots"),
-             "--summary", str(out / "summary.json")],
+             "--summary", str(out / "summary.json"), "--calibration", str(out / "calibration.json")],
             cwd=workdir, env=_env(tmp_path, MLFLOW_TRACKING_URI=uri), capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert evaluate.returncode == 0, evaluate.stderr[-3000:]
