@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ferflow.core.noise import filtered_stderr
 from ferflow.core.params import FACE_DETECTORS
 from ferflow.data.preprocessing import to_grayscale
 
@@ -200,13 +201,14 @@ class MtcnnDetector(FaceDetector):
     def __init__(self, margin: float = 0.05, min_confidence: float = MTCNN_MIN_CONFIDENCE) -> None:
         if not 0 <= margin <= 1:
             raise ValueError(f"face margin must be in [0, 1], got {margin!r}")
-        try:
-            from mtcnn import MTCNN
-        except ImportError as exc:
-            raise RuntimeError(f"face detector 'mtcnn' needs the mtcnn package (pip install mtcnn): {exc}") from None
+        with filtered_stderr():  # mtcnn loads TensorFlow: its oneDNN/absl start-up lines stay out of the log
+            try:
+                from mtcnn import MTCNN
+            except ImportError as exc:
+                raise RuntimeError(f"face detector 'mtcnn' needs the mtcnn package (pip install mtcnn): {exc}") from None
+            self._mtcnn = MTCNN(device="CPU:0")
         self.margin = margin
         self.min_confidence = min_confidence
-        self._mtcnn = MTCNN(device="CPU:0")
         self._lock = threading.Lock()  # one TF graph; requests arrive from a thread pool
 
     def detector_input(self, img: Image.Image) -> np.ndarray:
