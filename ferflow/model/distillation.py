@@ -45,11 +45,10 @@ def write_soft_labels(model: Any, arrays: str | os.PathLike[str], out: str | os.
 
 
 def train_digest(x_train: np.ndarray, y_train: np.ndarray) -> str:
-    import hashlib
+    """The train split's content hash (the data's own split digest, without class names)."""
+    from ferflow.data.arrays import split_digest
 
-    digest = hashlib.sha256(np.ascontiguousarray(x_train).tobytes())
-    digest.update(np.ascontiguousarray(y_train, dtype=np.int64).tobytes())
-    return digest.hexdigest()[:16]
+    return split_digest(x_train, y_train, [])
 
 
 def load_soft_labels(path: str | os.PathLike[str], x_train: np.ndarray, y_train: np.ndarray, num_classes: int) -> np.ndarray:

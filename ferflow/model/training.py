@@ -226,20 +226,21 @@ def val_scores(model: keras.Model, x_val: np.ndarray, y_val: np.ndarray, batch_s
     return {"val_loss": float(-np.mean(np.log(picked))), "val_accuracy": float(np.mean(probs.argmax(axis=1) == y_val))}
 
 
-def choose_weights(fit: _Fit, candidates: dict[str, list[np.ndarray]]) -> dict[str, Any]:
+def choose_weights(fit: _Fit, candidates: dict[str, list[np.ndarray]], batch_size: int) -> dict[str, Any]:
     """Score each candidate (the averaged weights, the last epoch's, the best checkpoint's) on
     validation, BatchNorm statistics recomputed for each; keep the average unless the
-    checkpoint's val_loss is lower. Training and validation splits only, never the test split."""
+    checkpoint's val_loss is lower, with its statistics as recomputed here. Training and
+    validation splits only, never the test split."""
     scores, tuned = {}, {}
     for name, weights in candidates.items():
         fit.trainer.set_weights(weights)
-        recompute_batchnorm_statistics(fit.model, fit.splits.x_train)
+        layers = recompute_batchnorm_statistics(fit.model, fit.splits.x_train, batch_size)
         tuned[name], scores[name] = fit.trainer.get_weights(), val_scores(fit.model, fit.splits.x_val, fit.splits.y_val)
     checkpoint = scores.get("best_checkpoint")
     kept = "ema" if checkpoint is None or scores["ema"]["val_loss"] <= checkpoint["val_loss"] else "best_checkpoint"
     fit.trainer.set_weights(tuned[kept])
     log.info("weight average: %s", ", ".join(f"{n} val_loss {s['val_loss']:.4f} acc {s['val_accuracy']:.4f}" for n, s in scores.items()))
-    return {"weights_kept": kept, "weight_candidates": scores}
+    return {"weights_kept": kept, "weight_candidates": scores, "batchnorm_layers": layers}
 
 
 def _all_layers(model: keras.Layer) -> list[keras.Layer]:
@@ -448,26 +449,27 @@ def _callbacks(
 
 
 def _final_weights(fit: _Fit, train: TrainParams, best_weights: Path) -> dict[str, Any]:
-    """Load the weights the model keeps: the best checkpoint's, or with `weight_average: ema`
-    the better on validation of the average and the checkpoint."""
+    """Load the weights the model keeps, BatchNorm statistics recomputed: the best checkpoint's,
+    or with `weight_average: ema` the better on validation of the average and the checkpoint."""
+    batch_size = max(train.batch_size, 256)
     if train.weight_average != "ema":
         if best_weights.exists():
             fit.trainer.load_weights(str(best_weights))
-        return {"weight_average": "none"}
+        return {"weight_average": "none", "batchnorm_layers": recompute_batchnorm_statistics(fit.model, fit.splits.x_train, batch_size)}
     candidates = {"ema": fit.trainer.get_weights()}  # fit() ended by writing the average into the weights
     if fit.last_epoch is not None and fit.last_epoch.weights is not None:
         candidates["last_epoch"] = fit.last_epoch.weights
     if best_weights.exists():
         fit.trainer.load_weights(str(best_weights))
         candidates["best_checkpoint"] = fit.trainer.get_weights()
-    return {"weight_average": "ema", **choose_weights(fit, candidates)}
+    return {"weight_average": "ema", **choose_weights(fit, candidates, batch_size)}
 
 
 def _finalize(fit: _Fit, train: TrainParams, outputs: FitOutputs, layout: distribution.Layout, seconds: float) -> dict[str, Any]:
     """The best epoch's weights, BatchNorm statistics recomputed, the model saved atomically;
     the run's summary. The work dir is removed: nothing is left to resume."""
     averaging = _final_weights(fit, train, outputs.work_dir / "best.weights.h5")
-    recalibrated = recompute_batchnorm_statistics(fit.model, fit.splits.x_train, batch_size=max(train.batch_size, 256))
+    recalibrated = averaging.pop("batchnorm_layers")
     if recalibrated:
         log.info("BatchNorm statistics recomputed over %d training images (%d layers)", len(fit.splits.x_train), recalibrated)
     with files.atomic_path(outputs.model) as tmp:

@@ -460,9 +460,11 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
                 self._detectors[name] = make_detector(name, self.config.face_margin)
             return self._detectors[name]
 
-    def score(self, faces: np.ndarray, tta: str) -> np.ndarray:
-        """Calibrated class probabilities of prepared faces (N, 48, 48, 1), averaged over `tta`'s views."""
-        return apply_temperature(renormalize(predict_proba(self.predictor, faces, tta, INFER_BATCH)), self.temperature)
+    def score(self, faces: np.ndarray, tta: str, predictor: Any = None) -> np.ndarray:
+        """Calibrated class probabilities of prepared faces (N, 48, 48, 1), averaged over `tta`'s
+        views, from `predictor` (default: the model's own)."""
+        probs = predict_proba(predictor or self.predictor, faces, tta, INFER_BATCH)
+        return apply_temperature(renormalize(probs), self.temperature)
 
     # model_input: MLflow hands over a DataFrame (column signature); a DataFrame hint is
     # also the one MLflow neither validates nor warns about. Dicts/arrays work when called directly.
@@ -472,8 +474,7 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
             tta = _param(params, "tta", self.config.tta, TTA_MODES)  # before any decoding work
             budget = RequestBudget(self.config, tta)
             prepared = self.prepare(model_input, params, budget)
-            probs = predict_proba(BudgetedPredictor(self.predictor, budget), prepared.batch, tta, INFER_BATCH)
-            probs = apply_temperature(renormalize(probs), self.temperature)
+            probs = self.score(prepared.batch, tta, BudgetedPredictor(self.predictor, budget))
             frame = result_frame(probs, self.classes, prepared.boxes, prepared.face_found)
             if prepared.image_index is not None:
                 frame.insert(0, "image_index", np.array(prepared.image_index, dtype=np.int64))
