@@ -21,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 log = logging.getLogger("ferflow")
-QUIET_LOGGERS = ("matplotlib", "jax", "absl", "tensorflow")
+QUIET_LOGGERS = ("matplotlib", "jax", "absl", "tensorflow", "tf2onnx")
 
 # Errors that are the user's to fix: print one clear line, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ParamsError, UserError, FileNotFoundError, ValueError)
