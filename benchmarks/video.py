@@ -1,6 +1,7 @@
 """Video benchmark: end-to-end frames/s of `ferflow watch` on 640x480, 30 fps video.
 
-    .venv/bin/python benchmarks/video.py [--model models/export] [--frames 300] [--mtcnn-frames 60] [--json out.json]
+    .venv/bin/python benchmarks/video.py [--model models/export] [--frames 300] [--mtcnn-frames 60]
+        [--detectors yunet,haar,mtcnn] [--detect-side PX] [--json out.json]
 
 End to end = decode + detect every face + one model call per frame + draw + encode the
 annotated MP4 + CSV rows: `video.watch` as the CLI runs it, model loading excluded.
@@ -69,10 +70,10 @@ def passthrough(path: Path, out: Path) -> float:
     return n / (time.perf_counter() - start)
 
 
-def end_to_end(emotion: Any, detector: Any, path: Path, work: Path) -> dict[str, Any]:
+def end_to_end(emotion: Any, detector: Any, path: Path, work: Path, detect_side: int | None) -> dict[str, Any]:
     from ferflow.video import analyze as video
 
-    options = video.WatchOptions(progress=False)
+    options = video.WatchOptions(progress=False, detect_max_side=detect_side)
     classes = list(emotion.classes)
     cap, info, first = video.open_video(str(path), None)
     classify = video.FrameClassifier(emotion.score, classes, detector, options)
@@ -93,8 +94,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="models/export")
     p.add_argument("--arch", default="seed001", help="architecture of the untrained model used without --model")
-    p.add_argument("--frames", type=int, default=300, help="frames per video for Haar (default 300 = 10 s)")
-    p.add_argument("--mtcnn-frames", type=int, default=60, help="frames per video for MTCNN (0: skip it)")
+    p.add_argument("--frames", type=int, default=300, help="frames per video for YuNet and Haar (default 300 = 10 s)")
+    p.add_argument("--mtcnn-frames", type=int, default=60, help="frames per video for MTCNN")
+    p.add_argument("--detectors", default="yunet,haar,mtcnn", help="comma-separated detector names")
+    p.add_argument("--detect-side", type=int, help="watch's --detect-side (default: each detector's own)")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
 
@@ -109,19 +112,21 @@ def main() -> int:
         work = Path(tmp)
         model_uri = prepare_model(args.model, args.arch, work)
         emotion = load_model(model_uri).unwrap_python_model()
-        detectors = {"haar": (make_detector("haar", emotion.config.face_margin), args.frames)}
-        if args.mtcnn_frames > 0:
-            detectors["mtcnn"] = (make_detector("mtcnn", emotion.config.face_margin), args.mtcnn_frames)
+        detectors = {
+            name: (make_detector(name, emotion.config.face_margin), args.mtcnn_frames if name == "mtcnn" else args.frames)
+            for name in args.detectors.split(",")
+        }
         for n_faces, patch in ((1, 200), (4, 140)):
             frames, _ = synthetic_frames(max(args.frames, args.mtcnn_frames), size=SIZE, n_faces=n_faces, patch_side=patch)
             for name, (detector, n_frames) in detectors.items():
                 clip = write_video(work / f"{n_faces}-{n_frames}.mp4", frames[:n_frames], FPS)
                 base = passthrough(clip, work / "copy.mp4")
-                run = end_to_end(emotion, detector, clip, work)
+                run = end_to_end(emotion, detector, clip, work, args.detect_side)
                 rows.append(
                     {
                         "faces": n_faces,
                         "detector": name,
+                        "detect_side": args.detect_side or detector.video_side,
                         "frames": run["frames"],
                         "fps": round(run["fps"], 1),
                         "x_real_time": round(run["fps"] / FPS, 2),
@@ -132,7 +137,7 @@ def main() -> int:
                     }
                 )
                 print(
-                    f"{n_faces} face(s) {name:<6} {run['frames']:>4} frames: {run['fps']:6.1f} frames/s "
+                    f"{n_faces} face(s) {name:<6}{args.detect_side or detector.video_side:>4} px {run['frames']:>4} frames: {run['fps']:6.1f} frames/s "
                     f"({run['fps'] / FPS:.2f}x real time; {run['frames_per_cpu_s']:.1f} frames per CPU-second; "
                     f"{run['faces_per_frame']:.2f} faces/frame found) | "
                     f"baseline decode+encode {base:6.1f} frames/s, ratio {run['fps'] / base:.3f}",

@@ -28,7 +28,7 @@ LrSchedule = Literal["plateau", "cosine", "constant"]
 Precision = Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
 DedupPolicy = Literal["keep", "drop_cross_split"]
 TtaMode = Literal["none", "flip", "tencrop"]
-FaceDetector = Literal["haar", "mtcnn"]
+FaceDetector = Literal["yunet", "haar", "mtcnn"]
 ServeRuntime = Literal["onnx", "keras"]
 Distribution = Literal["none", "data_parallel"]
 WeightAverage = Literal["none", "ema"]
@@ -222,7 +222,7 @@ class ServeParams(_Section):
     # server-side deadline: work past it stops with HTTP 504 (below MLflow's 60 s scoring timeout)
     request_timeout_s: float = _float(30.0, "seconds in [0.1, 3600]", ge=0.1, le=3600)
     face_margin: float = _float(0.05, "a fraction of the face size in [0, 1]", ge=0, le=1)
-    face_detector: FaceDetector = "haar"
+    face_detector: FaceDetector = "yunet"
     # onnx: onnxruntime, no TensorFlow in the served process (Keras when the export has no
     # usable ONNX file); keras: the .keras file on TensorFlow
     runtime: ServeRuntime = "onnx"

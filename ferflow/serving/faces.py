@@ -1,7 +1,9 @@
-"""Face localisation for the served model and video: OpenCV's bundled Haar cascade (default)
-or MTCNN (`serve.face_detector: mtcnn`); the largest face or all of them, square crops with a margin.
+"""Face localisation for the served model and video: YuNet (default, `cv2.FaceDetectorYN`),
+OpenCV's bundled Haar cascade or MTCNN (`serve.face_detector`); the largest face or all of
+them, square crops with a margin.
 
-The cascade file ships inside opencv-python-headless 4.x (`cv2.data.haarcascades`);
+YuNet's ONNX file (230 KB, MIT) is vendored in `detectors/` (its README says where it came
+from); the cascade file ships inside opencv-python-headless 4.x (`cv2.data.haarcascades`);
 OpenCV 5 dropped both the files and `cv2.CascadeClassifier`, hence the 4.x pin.
 Detection only picks the region; the crop then goes through `preprocessing.prepare_batch`
 like every other image, so the model sees pixels prepared exactly as in training.
@@ -35,6 +37,17 @@ SCALE_FACTOR = 1.1
 MIN_NEIGHBORS = 5
 # MTCNN's final-stage score; below it, on our composites, most boxes were not faces
 MTCNN_MIN_CONFIDENCE = 0.9
+YUNET_FILE = Path(__file__).parent / "detectors" / "face_detection_yunet_2023mar.onnx"
+YUNET_SHA256 = "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4"
+# Chosen on benchmarks/face_detectors.py --seed 1 (docs/video.md reports seed 0): YuNet
+# misses small and upscaled faces at its own 0.9, while false boxes stay rare down to 0.5.
+YUNET_MIN_SCORE = 0.5
+YUNET_NMS_IOU = 0.3
+# YuNet finds more faces when the image is enlarged (FER-sized faces look small to it):
+# it detects on a copy whose longer side is 800 (a 640x480 frame: x1.25), stills and video
+# alike (640 kept 0.76 of the faces 800 finds 0.86 of; 800 still runs ~50 frames/s in watch).
+YUNET_SIDE = 800
+YUNET_MAX_UPSCALE = 2.0
 
 BOX_COLUMNS = ("face_x", "face_y", "face_w", "face_h")  # a Box as prediction columns, in `as_tuple` order
 
@@ -74,15 +87,6 @@ def centre_square(width: int, height: int) -> Box:
     return Box((width - side) // 2, (height - side) // 2, side, side)
 
 
-def detect_pixels(width: int, height: int, max_side: int = DETECT_MAX_SIDE) -> int:
-    """Pixels the detector scans for a width x height image (`locate_all`: 0 below
-    DETECT_MIN_SIDE; else the copy scaled to `max_side`), known from the header alone."""
-    if min(width, height) < DETECT_MIN_SIDE:
-        return 0
-    scale = min(1.0, max_side / max(width, height))
-    return max(1, round(width * scale)) * max(1, round(height * scale))
-
-
 def square_with_margin(face: Box, width: int, height: int, margin: float) -> Box:
     """A square around `face`, `margin` x its size added on every side, kept inside the image.
 
@@ -101,6 +105,9 @@ class FaceDetector:
     """Finds frontal faces with OpenCV's Haar cascade; thread-safe (one cascade per thread)."""
 
     name = "haar"
+    still_side = DETECT_MAX_SIDE  # the longer side of the copy detection runs on, for stills
+    video_side = 320  # ... and for `watch` frames (~2.3x less work; faces >= 24/320 of the width)
+    max_upscale = 1.0  # smaller images are scanned as they are
 
     def __init__(self, margin: float = 0.05, path: str | Path | None = None) -> None:
         if not 0 <= margin <= 1:
@@ -128,7 +135,7 @@ class FaceDetector:
             self._local.cascade = cascade
         return cascade
 
-    def detect_all(self, pixels: np.ndarray, max_side: int = DETECT_MAX_SIDE, scale_factor: float = SCALE_FACTOR) -> list[Box]:
+    def detect_all(self, pixels: np.ndarray, max_side: int | None = None, scale_factor: float = SCALE_FACTOR) -> list[Box]:
         """Every face in a uint8 gray (2-D) or RGB (HxWx3) array, largest first.
 
         Detection runs on a copy whose longer side is at most `max_side` (video passes a
@@ -138,7 +145,7 @@ class FaceDetector:
 
         gray = pixels if pixels.ndim == 2 else cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
         height, width = gray.shape
-        scale = min(1.0, max_side / max(width, height))
+        scale = min(self.max_upscale, (max_side or self.still_side) / max(width, height))
         small = gray
         if scale < 1.0:
             size = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -153,6 +160,14 @@ class FaceDetector:
             for x, y, w, h in (tuple(int(v) for v in f) for f in found)
         ]
         return sorted(boxes, key=lambda b: -b.area)
+
+    def detect_pixels(self, width: int, height: int) -> int:
+        """Pixels `locate_all` scans for a width x height image (0 below DETECT_MIN_SIDE;
+        else the copy scaled to `still_side`), known from the header alone."""
+        if min(width, height) < DETECT_MIN_SIDE:
+            return 0
+        scale = min(self.max_upscale, self.still_side / max(width, height))
+        return max(1, round(width * scale)) * max(1, round(height * scale))
 
     def detect(self, gray: np.ndarray) -> Box | None:
         """The largest face in a uint8 2-D array, or None."""
@@ -214,12 +229,12 @@ class MtcnnDetector(FaceDetector):
     def detector_input(self, img: Image.Image) -> np.ndarray:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
-    def detect_all(self, pixels: np.ndarray, max_side: int = DETECT_MAX_SIDE, scale_factor: float = SCALE_FACTOR) -> list[Box]:
+    def detect_all(self, pixels: np.ndarray, max_side: int | None = None, scale_factor: float = SCALE_FACTOR) -> list[Box]:
         import cv2
 
         rgb = pixels if pixels.ndim == 3 else cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
         height, width = rgb.shape[:2]
-        scale = min(1.0, max_side / max(width, height))
+        scale = min(self.max_upscale, (max_side or self.still_side) / max(width, height))
         if scale < 1.0:
             rgb = cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
         if min(rgb.shape[:2]) < MIN_FACE:
@@ -234,8 +249,87 @@ class MtcnnDetector(FaceDetector):
         return sorted(boxes, key=lambda b: -b.area)
 
 
+class YunetDetector(FaceDetector):
+    """YuNet (`cv2.FaceDetectorYN`, the vendored ONNX file): finds small, blurred and turned
+    faces at a few ms per 640x480 frame. Same interface as the Haar `FaceDetector`.
+
+    Unlike the others it also enlarges images smaller than its side (up to x2): faces of
+    40-60 px are found far more often at x1.25 (benchmarks/face_detectors.py).
+    """
+
+    name = "yunet"
+    still_side = YUNET_SIDE
+    video_side = YUNET_SIDE
+    max_upscale = YUNET_MAX_UPSCALE
+
+    def __init__(self, margin: float = 0.05, min_score: float = YUNET_MIN_SCORE, path: str | Path = YUNET_FILE) -> None:
+        if not 0 <= margin <= 1:
+            raise ValueError(f"face margin must be in [0, 1], got {margin!r}")
+        self.margin, self.min_score, self.path = margin, min_score, str(path)
+        self._local = threading.local()
+        check_yunet_file(Path(path))
+        self._yunet((320, 240))  # fail at load time, not on the first request
+        import cv2
+
+        cv2.setNumThreads(1)  # as for Haar: requests and frames already run in parallel threads
+
+    def _yunet(self, size: tuple[int, int]):
+        # a FaceDetectorYN holds its input size: one per thread (requests come from a pool)
+        yunet = getattr(self._local, "yunet", None)
+        if yunet is None:
+            import cv2
+
+            try:
+                yunet = cv2.FaceDetectorYN.create(self.path, "", size, self.min_score, YUNET_NMS_IOU, 5000)
+            except cv2.error as exc:
+                raise RuntimeError(f"{self.path}: not a YuNet ONNX model ({str(exc).strip().splitlines()[-1]})") from None
+            self._local.yunet = yunet
+        yunet.setInputSize(size)
+        return yunet
+
+    def detector_input(self, img: Image.Image) -> np.ndarray:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+    def detect_all(self, pixels: np.ndarray, max_side: int | None = None, scale_factor: float = SCALE_FACTOR) -> list[Box]:
+        """Every face, largest first; `scale_factor` (Haar's pyramid step) does not apply."""
+        import cv2
+
+        height, width = pixels.shape[:2]
+        scale = min(self.max_upscale, (max_side or self.still_side) / max(width, height))
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        if min(size) < MIN_FACE:
+            return []
+        code = cv2.COLOR_GRAY2BGR if pixels.ndim == 2 else cv2.COLOR_RGB2BGR
+        bgr = cv2.cvtColor(pixels, code)
+        if size != (width, height):
+            bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        _, found = self._yunet(size).detect(bgr)
+        boxes = [] if found is None else [_unscaled_box(row[:4], scale, width, height) for row in found]
+        return sorted((b for b in boxes if b.w > 0 and b.h > 0), key=lambda b: -b.area)
+
+
+def _unscaled_box(xywh: np.ndarray, scale: float, width: int, height: int) -> Box:
+    """A detector box (floats, may reach past the edges) in the original image, clipped to it."""
+    x0, y0 = max(0.0, xywh[0] / scale), max(0.0, xywh[1] / scale)
+    x1, y1 = min(float(width), (xywh[0] + xywh[2]) / scale), min(float(height), (xywh[1] + xywh[3]) / scale)
+    return Box(round(x0), round(y0), round(x1 - x0), round(y1 - y0))
+
+
+def check_yunet_file(path: Path) -> None:
+    """The vendored YuNet file, or a clear error (missing, or not the file its README names)."""
+    import hashlib
+
+    if not path.is_file():
+        raise RuntimeError(f"{path}: YuNet model not found (it ships in ferflow/serving/detectors/)")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if path == YUNET_FILE and digest != YUNET_SHA256:
+        raise RuntimeError(f"{path}: SHA-256 {digest}, expected {YUNET_SHA256} (a damaged copy; reinstall ferflow)")
+
+
 def make_detector(name: str, margin: float = 0.05) -> FaceDetector:
     """The detector `serve.face_detector` / `--detector` names."""
+    if name == "yunet":
+        return YunetDetector(margin)
     if name == "haar":
         return FaceDetector(margin)
     if name == "mtcnn":

@@ -34,6 +34,7 @@ SERVING_PACKAGES = (
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 SOURCE_ROOT = PACKAGE_DIR.parent
 MODEL_CODE = PACKAGE_DIR / "serving" / "pyfunc.py"
+SERVING_DATA = PACKAGE_DIR / "serving" / "detectors"  # YuNet's ONNX file, its licence and provenance
 
 
 def serving_modules() -> list[Path]:
@@ -46,7 +47,7 @@ _KEEP_UNTIL_EXIT: list[tempfile.TemporaryDirectory] = []
 
 @functools.cache
 def serving_package() -> Path:
-    """A copy of the ferflow package holding only `serving_modules()`: the model ships no
+    """A copy of the ferflow package holding only `serving_modules()` and SERVING_DATA: the model ships no
     training code. Built once per process in a temp dir removed at exit, so it outlives
     both save_model and log_model of one export."""
     holder = tempfile.TemporaryDirectory(prefix="ferflow-serving-code-")
@@ -55,6 +56,7 @@ def serving_package() -> Path:
         target = Path(holder.name) / source.relative_to(SOURCE_ROOT)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, target)
+    shutil.copytree(SERVING_DATA, Path(holder.name) / SERVING_DATA.relative_to(SOURCE_ROOT))
     return Path(holder.name) / PACKAGE_DIR.name
 
 
@@ -98,7 +100,7 @@ def signature(classes: list[str], serve_config: dict[str, Any]):
             ParamSpec("tta", "string", str(serve_config.get("tta", "none"))),
             ParamSpec("pixel_range", "string", "auto"),
             ParamSpec("faces", "string", "largest"),
-            ParamSpec("face_detector", "string", str(serve_config.get("face_detector", "haar"))),
+            ParamSpec("face_detector", "string", str(serve_config.get("face_detector", "yunet"))),
         ]
     )
     # required=False only so that MLflow's own "missing inputs" check, whose message

@@ -16,7 +16,7 @@ Input: one column `image` (signature type Any, because a value may be either kin
 Request params (defaults from params.yaml `serve`): detect_face, tta, pixel_range, and
 faces ("largest", the default: one row per image; "all": one row per detected face, with
 column image_index naming the request row; an image without a face keeps its one row),
-face_detector ("haar" or "mtcnn"; the other one than serve.face_detector loads on first use).
+face_detector ("yunet", "haar" or "mtcnn"; one other than serve.face_detector loads on first use).
 Output per row: label, confidence, one probability column per class, face_found and
 face_x/face_y/face_w/face_h (the square that was classified, in input pixels). Encoded
 images go through the Haar detector (`faces.FaceDetector`) unless detect_face is off or
@@ -60,7 +60,7 @@ from ferflow.core.params import FACE_DETECTORS, TTA_MODES, ServeParams
 from ferflow.data.preprocessing import IMAGE_SIZE, ImageError, decode_image, normalize, prepare_batch
 from ferflow.model.calibration import apply_temperature, read_temperature
 from ferflow.model.tta import predict_proba, renormalize
-from ferflow.serving.faces import BOX_COLUMNS, Box, FaceDetector, centre_square, detect_pixels, make_detector
+from ferflow.serving.faces import BOX_COLUMNS, Box, FaceDetector, centre_square, make_detector
 from ferflow.serving.mlflow_adapter import RequestError, check_params_first
 from ferflow.serving.runtime import INFER_BATCH, load_predictor
 
@@ -140,9 +140,9 @@ class RequestBudget:
             )
 
 
-def check_detect_pixels(sizes: Sequence[tuple[int, int]], cfg: ServeParams) -> None:
+def check_detect_pixels(sizes: Sequence[tuple[int, int]], cfg: ServeParams, detector: FaceDetector) -> None:
     """Refuse, before decoding, a request whose face detection would scan too many pixels."""
-    total = sum(detect_pixels(width, height) for width, height in sizes)
+    total = sum(detector.detect_pixels(width, height) for width, height in sizes)
     if total > cfg.max_request_detect_pixels:
         raise RequestError(
             f"face detection would scan {total} pixels for this request, over the limit of "
@@ -408,7 +408,7 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
             batch = pixels_to_batch(values, pixel_range)
             n = len(batch)
             return Prepared(batch, [Box(0, 0, IMAGE_SIZE, IMAGE_SIZE)] * n, [False] * n, list(range(n)) if every_face else None)
-        values = self._within_pixel_limits(values, detect)
+        values = self._within_pixel_limits(values, detector if detect else None)
 
         def one(item: tuple[int, Any]) -> tuple[np.ndarray, Box, bool]:
             budget.check()
@@ -435,7 +435,7 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
         batch = np.stack([r[0] for r in results]) if results else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 1), np.float32)
         return Prepared(batch, [r[1] for r in results], [r[2] for r in results], index)
 
-    def _within_pixel_limits(self, values: list[Any], detect: bool) -> list[bytes]:
+    def _within_pixel_limits(self, values: list[Any], detector: FaceDetector | None) -> list[bytes]:
         """The images' bytes (base64 decoded once, here), after their decoded pixels are summed
         from the headers alone (100 blank 5000x5000 PNGs are a 3 MB body but 2.5 G pixels of
         work) and checked against the request's pixel and detector limits."""
@@ -449,8 +449,8 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
                 f"request images have {total} pixels in all, over the limit of {cfg.max_request_pixels} "
                 "(serve.max_request_pixels); send smaller images or fewer per request"
             )
-        if detect:
-            check_detect_pixels(sizes, cfg)
+        if detector is not None:
+            check_detect_pixels(sizes, cfg, detector)
         return data
 
     def detector_for(self, name: str) -> FaceDetector:

@@ -36,9 +36,6 @@ from ferflow.video.tracker import IouTracker
 # anything else: detection and the annotated video then work at this size. 1920 keeps
 # full HD as is; a 4K or 8K frame would cost 4-16x the time for faces big enough anyway.
 MAX_FRAME_SIDE = 1920
-# Haar runs on a copy of the frame whose longer side is at most this (stills use 480):
-# ~2.3x less work, and faces of >= 24/320 = 7.5% of the frame width are still found.
-VIDEO_DETECT_MAX_SIDE = 320
 VIDEO_SCALE_FACTOR = 1.2  # Haar pyramid step; stills use 1.1 (~1.7x the cost, same faces on webcam-size faces)
 FALLBACK_FPS = 30.0  # when the container does not say
 VIDEO_SUFFIXES = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
@@ -313,7 +310,7 @@ class WatchOptions:
     smooth: int = 1
     tta: str = "none"
     max_side: int = MAX_FRAME_SIDE
-    detect_max_side: int = VIDEO_DETECT_MAX_SIDE
+    detect_max_side: int | None = None  # None: the detector's own `video_side`
     show: bool = False
     progress: bool = True
 
@@ -337,7 +334,7 @@ class FrameClassifier:
         gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
         height, width = gray.shape
         pixels = gray if self.detector.name == "haar" else cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-        found = self.detector.detect_all(pixels, self.options.detect_max_side, VIDEO_SCALE_FACTOR)
+        found = self.detector.detect_all(pixels, self.options.detect_max_side or self.detector.video_side, VIDEO_SCALE_FACTOR)
         boxes = [square_with_margin(f, width, height, self.detector.margin) for f in found]
         ids = self.tracker.update(boxes)
         if not boxes:

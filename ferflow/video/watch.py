@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="PX",
-        help="run the detector on a copy at most PX on its longer side (default 320; 480 finds faces down to 5%% of the width, ~2x slower)",
+        help="run the detector on a copy PX on its longer side (default: yunet 800, haar/mtcnn 320; larger finds smaller faces, slower)",
     )
     parser.add_argument("--show", action="store_true", help="show the annotated frames in a window (q or Esc stops)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -166,8 +166,8 @@ def _options(args: argparse.Namespace, video):
     max_side = video.MAX_FRAME_SIDE if args.max_side is None else args.max_side
     if max_side < 96:
         raise video.VideoError(f"--max-side {max_side}: expected >= 96 pixels")
-    detect_side = video.VIDEO_DETECT_MAX_SIDE if args.detect_side is None else args.detect_side
-    if detect_side < 96:
+    detect_side = args.detect_side  # None: the detector's own (yunet 800, haar and mtcnn 320)
+    if detect_side is not None and detect_side < 96:
         raise video.VideoError(f"--detect-side {detect_side}: expected >= 96 pixels")
     return video.WatchOptions(
         every=args.every,

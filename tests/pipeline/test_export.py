@@ -85,6 +85,8 @@ def test_export_ships_only_what_the_pyfunc_imports(exported: Path) -> None:
     for training_only in ("ferflow/model/training.py", "ferflow/data/ingest.py", "ferflow/pipeline.py", "ferflow/tracking"):
         assert not (code / training_only).exists(), training_only
     assert "ferflow/serving/faces.py" in shipped and "ferflow/data/preprocessing.py" in shipped
+    detectors = code / "ferflow" / "serving" / "detectors"  # the default detector's weights travel with the code
+    assert sorted(p.name for p in detectors.iterdir()) == ["LICENSE", "README.md", "face_detection_yunet_2023mar.onnx"]
 
 
 def test_exported_model_predicts_in_a_fresh_process_from_its_own_code(exported: Path, inputs: dict, tmp_path: Path) -> None:
@@ -94,11 +96,12 @@ import sys, importlib.util, mlflow, pandas as pd
 model = mlflow.pyfunc.load_model(sys.argv[1])
 import ferflow
 assert ferflow.__file__.startswith(sys.argv[1]), ferflow.__file__
-assert importlib.util.find_spec("ferflow.model.training") is None
+spec = importlib.util.find_spec("ferflow.model.training")  # an editable install may still find the repo's
+assert spec is None or not spec.origin.startswith(sys.argv[1]), spec
 frame = pd.DataFrame({"image": [sys.argv[2]]})
 print(model.predict(frame)["label"].iloc[0])
 # the request params beyond the defaults, each through the shipped code only
-for params in ({"tta": "tencrop"}, {"faces": "all"}, {"face_detector": "mtcnn"}, {"detect_face": False, "tta": "none"}):
+for params in ({"tta": "tencrop"}, {"faces": "all"}, {"face_detector": "haar"}, {"face_detector": "mtcnn"}, {"detect_face": False, "tta": "none"}):
     out = model.predict(frame, params=params)
     classes = ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
     assert len(out) == 1 and abs(out[classes].to_numpy().sum() - 1) < 1e-4, (params, out)
@@ -112,7 +115,7 @@ print(model.predict(frame)["label"].iloc[0])
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    assert lines[-1] in FER_CLASSES and len(lines) == 6, lines
+    assert lines[-1] in FER_CLASSES and len(lines) == 7, lines
 
 
 def test_signature_and_input_example(exported: Path) -> None:
@@ -125,7 +128,7 @@ def test_signature_and_input_example(exported: Path) -> None:
     assert outputs == ["label", "confidence", *FER_CLASSES, "face_found", "face_x", "face_y", "face_w", "face_h"]
     params = {p.name: p.default for p in meta.signature.params.params}
     # defaults from the serve config
-    expected = {"detect_face": True, "tta": "flip", "pixel_range": "auto", "faces": "largest", "face_detector": "haar"}
+    expected = {"detect_face": True, "tta": "flip", "pixel_range": "auto", "faces": "largest", "face_detector": "yunet"}
     assert params == expected
     serving_example = json.loads((exported / "serving_input_example.json").read_text())
     (value,) = serving_example["dataframe_split"]["data"][0]

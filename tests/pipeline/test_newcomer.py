@@ -49,6 +49,8 @@ def test_readme_first_hour_from_a_fresh_clone(tmp_path):
     write_params(repo / "params.yaml", TINY_OVERRIDES)  # seconds, not minutes; the commands are the README's
     subprocess.run(["git", "-c", "user.email=t@x.invalid", "-c", "user.name=t", "commit", "-qam", "tiny"], cwd=repo, check=True)
     (repo / ".venv").symlink_to(BIN.parent)  # `make repro` finds its venv installed
+    for stamped in ("requirements.txt", "pyproject.toml"):  # ... and up to date: no `pip install -e` of this
+        os.utime(repo / stamped, (0, 0))  # temporary clone into the shared venv (later tests would import it)
     home = tmp_path / "home"
     home.mkdir()
     env = _user_env(home, repo)

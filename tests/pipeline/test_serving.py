@@ -372,7 +372,7 @@ def _bad_requests() -> dict[str, tuple[object, str]]:
         ),
         "param-a-number": (
             {"dataframe_records": [{"image": good}], "params": {"face_detector": 3}},
-            "param 'face_detector' = 3: expected one of 'haar', 'mtcnn'",
+            "param 'face_detector' = 3: expected one of 'yunet', 'haar', 'mtcnn'",
         ),
         "tensor-huge-value": ({"inputs": [[[10**30] * 48] * 48]}, "pixel values span 1e+30..1e+30, outside 0-255"),
         # issue #20 item 8: what one request may cost
@@ -398,7 +398,7 @@ def _bad_requests() -> dict[str, tuple[object, str]]:
         ),
         "too-many-detector-pixels": (
             {"dataframe_records": [{"image": b64(encode(np.zeros((480, 480), np.uint8)))}] * 5},
-            "face detection would scan 1152000 pixels for this request, over the limit of 1000000 "
+            "face detection would scan 3200000 pixels for this request, over the limit of 1000000 "  # YuNet: 800x800 each
             "(serve.max_request_detect_pixels)",
         ),
     }

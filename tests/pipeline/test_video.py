@@ -104,7 +104,7 @@ def test_every_face_tracked_and_written(capsys, model_dir: Path, four_faces, tmp
     assert count_frames(out) == (N_FRAMES, SIZE)
     s = json.loads(summary.read_text())
     assert (s["frames_read"], s["frames_processed"], s["faces"], s["face_detections"]) == (N_FRAMES, N_FRAMES, 4, 4 * N_FRAMES)
-    assert s["interrupted"] is False and s["smooth"] == 3 and s["detector"] == "haar"
+    assert s["interrupted"] is False and s["smooth"] == 3 and s["detector"] == "yunet"
     assert set(s["emotion_share"]) == set(FER_CLASSES) and sum(s["emotion_share"].values()) == pytest.approx(1.0, abs=1e-3)
     labels = [r["label"] for r in rows]
     assert s["dominant_emotion"] == max(FER_CLASSES, key=labels.count)
@@ -414,11 +414,11 @@ def test_detectors_find_the_astronaut() -> None:
     from video_synth import ASTRONAUT_FACE
 
     photo = data.astronaut()
-    for name in ("haar", "mtcnn"):
+    for name in ("yunet", "haar", "mtcnn"):
         detector = make_detector(name)
         found = detector.detect_all(photo)
         assert len(found) == 1 and iou(found[0], ASTRONAUT_FACE) >= 0.5, (name, found)
-    with pytest.raises(ValueError, match="face detector 'dlib': expected one of haar, mtcnn"):
+    with pytest.raises(ValueError, match="face detector 'dlib': expected one of yunet, haar, mtcnn"):
         make_detector("dlib")
 
 
@@ -448,9 +448,9 @@ def test_mtcnn_serving_and_watch(capsys, model_dir: Path, tiny_model: tuple[Path
     assert out["face_found"].tolist() == [True]
     assert iou(Box(*(int(v) for v in out.iloc[0][["face_x", "face_y", "face_w", "face_h"]])), ASTRONAUT_FACE) >= 0.5
 
-    # the cameraman (three-quarter profile): Haar, the export's detector, misses him; --detector mtcnn finds him
+    # the cameraman (three-quarter profile): Haar misses him; YuNet (the export's detector) and MTCNN find him
     cv2.imwrite(str(tmp_path / "camera.png"), data.camera())
-    for extra, found in (([], False), (["--detector", "mtcnn"], True)):
+    for extra, found in ((["--detector", "haar"], False), ([], True), (["--detector", "mtcnn"], True)):
         assert main(["predict", "--model", str(model_dir), "--json", str(tmp_path / "camera.png"), *extra]) == 0
         record = json.loads(capsys.readouterr().out)[0]
         assert record["face_found"] is found
