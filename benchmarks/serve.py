@@ -295,16 +295,19 @@ def attack(url: str, x: np.ndarray) -> dict[str, Any]:
         for _ in range(5):  # warm: the idle figure of a server that has answered requests
             session.post(inv, data=rows([png_b64(x[0])]), headers={"Content-Type": "application/json"}, timeout=60)
         time.sleep(1)
-        idle = server_rss_mb()
+        idle_by_process = server_rss_by_process()
+        idle = sum(idle_by_process.values())
         replies = []
         for _ in range(5):
             t = time.perf_counter()
             resp = session.post(inv, data=body, headers={"Content-Type": "application/json"}, timeout=120)
             replies.append((time.perf_counter() - t, resp.status_code, resp.json().get("message", "")[:200]))
         time.sleep(1)
-        after = server_rss_mb()
+        after_by_process = server_rss_by_process()
+        after = sum(after_by_process.values())
     return {"body_mb": len(body) / 1e6, "replies": replies, "rss_idle_mb": idle, "rss_after_mb": after,
-            "rss_change": after / idle - 1}  # fmt: skip
+            "rss_change": after / idle - 1, "rss_idle_by_process_mb": idle_by_process,
+            "rss_after_by_process_mb": after_by_process}  # fmt: skip
 
 
 def load(url: str, x: np.ndarray, seconds: float, clients: int = 8) -> dict[str, Any]:
@@ -464,6 +467,8 @@ def main_abuse(args: argparse.Namespace) -> int:
             print(f"217 mosaics, faces all, tencrop ({results['body_mb']:.1f} MB): HTTP {status} in {seconds:.2f} s: {message}")
         print(f"server RSS idle {results['rss_idle_mb']:.0f} MB, after {results['rss_after_mb']:.0f} MB "
               f"({100 * results['rss_change']:+.1f}%; target within 10%)")  # fmt: skip
+        for name, mb in results["rss_after_by_process_mb"].items():
+            print(f"  {name}: idle {results['rss_idle_by_process_mb'].get(name, 0):.0f} MB, after {mb:.0f} MB")
     elif args.mode == "load":
         print(
             f"{results['clients']} clients, {results['seconds']:.0f} s: {results['requests']} requests, "
