@@ -11,8 +11,13 @@ Layout of the state folder (kept between starts, so runs and models persist):
     basic_auth.ini MLflow basic-auth config (users in PostgreSQL), written when auth is on
     logs/          postgres.log, mlflow.log
 
-PostgreSQL refuses to run as root; as root, initdb and postgres run as `FERFLOW_PG_OS_USER`
-(default `nobody`) through `runuser`.
+PostgreSQL refuses to run as root; as root, initdb and postgres run through `runuser` as
+`FERFLOW_PG_OS_USER`, else as the `postgres` system user that Debian's postgresql package
+creates (never a shared user such as `nobody`, whose other processes could reach the cluster).
+
+The mlflow server runs ferflow's MLflow app (`--app-name ferflow` / `ferflow-basic-auth`,
+ferflow/tracking/mlflow_app.py): 5xx answers carry a generic message, never the database's
+host, port or driver error, which go to logs/mlflow.log only.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import importlib.metadata
 import os
+import pwd
 import secrets
 import shlex
 import shutil
@@ -44,6 +51,8 @@ TRACKING_DB = "mlflow"
 AUTH_DB = "mlflow_auth"
 ADMIN_USER = "admin"
 REGISTERED_MODEL = ExportParams().registered_model_name  # what the export stage registers by default
+PG_OS_USER = "postgres"  # the system user Debian's postgresql package creates
+MLFLOW_APPS = {False: "ferflow", True: "ferflow-basic-auth"}  # pyproject.toml's `mlflow.app` entry points, by --auth
 
 
 class ServerError(RuntimeError):
@@ -69,7 +78,41 @@ def postgres_missing() -> str | None:
         )
     if os.geteuid() == 0 and shutil.which("runuser") is None:
         return "running as root and `runuser` is missing: PostgreSQL refuses to run as root"
+    try:
+        postgres_os_user()
+    except ServerError as exc:
+        return str(exc)
     return None
+
+
+def postgres_os_user() -> str | None:
+    """The OS user PostgreSQL runs as when this process is root (it refuses root), else None (as ourselves):
+    FERFLOW_PG_OS_USER if set, else the `postgres` system user."""
+    if os.geteuid() != 0:
+        return None
+    name = os.environ.get("FERFLOW_PG_OS_USER") or PG_OS_USER
+    try:
+        uid = pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise ServerError(
+            f"running as root, PostgreSQL needs an OS user of its own and user {name!r} does not exist: install Debian's "
+            "`postgresql` package (it creates `postgres`), or create one (useradd --system ferflow-pg) and set "
+            "FERFLOW_PG_OS_USER=ferflow-pg"
+        ) from None
+    if uid == 0:
+        raise ServerError(f"FERFLOW_PG_OS_USER={name!r} is root: PostgreSQL refuses to run as root")
+    return name
+
+
+def mlflow_app_missing(auth: bool) -> str | None:
+    """Why ferflow's MLflow app (an entry point of the installed ferflow) is not available, or None."""
+    name = MLFLOW_APPS[auth]
+    if any(ep.name == name for ep in importlib.metadata.entry_points(group="mlflow.app")):
+        return None
+    return (
+        f"MLflow app {name!r} is not registered: ferflow's entry points come from its installation; "
+        "reinstall it (pip install --no-deps -e . ; `make install` does it)"
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -91,9 +134,8 @@ def _refuse_a_taken_port(host: str, port: int) -> None:
 
 def _as_postgres_user() -> list[str]:
     """Command prefix that drops root for PostgreSQL (which refuses to run as root)."""
-    if os.geteuid() != 0:
-        return []
-    return ["runuser", "-u", os.environ.get("FERFLOW_PG_OS_USER", "nobody"), "--"]
+    user = postgres_os_user()
+    return ["runuser", "-u", user, "--"] if user else []
 
 
 @contextlib.contextmanager
@@ -148,7 +190,7 @@ class TeamServer:
         return f"postgresql+psycopg://{DB_ROLE}@127.0.0.1:{self.pg_port}/{database}"
 
     def start(self) -> TeamServer:
-        reason = postgres_missing()
+        reason = postgres_missing() or mlflow_app_missing(self.auth)
         if reason:
             raise ServerError(reason)
         _refuse_a_taken_port(self.host, self.port)  # else another server's /health would look like ours
@@ -193,15 +235,8 @@ class TeamServer:
     def _start_postgres(self) -> None:
         log = self.state_dir / "logs" / "postgres.log"
         prefix = _as_postgres_user()
-        if prefix:  # the cluster and its log belong to the unprivileged user
-            os_user = prefix[2]
-            shutil.chown(self.state_dir / "logs", user=os_user)
-            probe = subprocess.run([*prefix, "test", "-x", str(self.state_dir)], capture_output=True)
-            if probe.returncode != 0:
-                raise ServerError(
-                    f"PostgreSQL runs as user {os_user!r} (it refuses root) and cannot reach {self.state_dir}: "
-                    "choose a state folder every user can traverse (e.g. under /srv or /tmp), or run as a non-root user"
-                )
+        if prefix:
+            self._hand_cluster_to(prefix[2])
         if not (self.pgdata / "PG_VERSION").exists():
             self.pgdata.mkdir(mode=0o700, exist_ok=True)
             pwfile = self.state_dir / "logs" / ".initdb-password"
@@ -239,6 +274,26 @@ class TeamServer:
             log,
         )
         self._pg_started = True
+
+    def _hand_cluster_to(self, os_user: str) -> None:
+        """As root: the cluster, its log folder and log belong to the user PostgreSQL runs as; a
+        cluster an earlier version ran as another user (`nobody`) is handed over, pgdata kept 0700."""
+        shutil.chown(self.state_dir / "logs", user=os_user)
+        probe = subprocess.run(["runuser", "-u", os_user, "--", "test", "-x", str(self.state_dir)], capture_output=True)
+        if probe.returncode != 0:
+            raise ServerError(
+                f"PostgreSQL runs as user {os_user!r} (it refuses root) and cannot reach {self.state_dir}: "
+                "choose a state folder every user can traverse (e.g. under /srv or /tmp), or run as a non-root user"
+            )
+        uid = pwd.getpwnam(os_user).pw_uid
+        log = self.state_dir / "logs" / "postgres.log"
+        if log.exists() and log.stat().st_uid != uid:
+            shutil.chown(log, user=os_user)
+        if self.pgdata.exists() and self.pgdata.stat().st_uid != uid:
+            for folder, dirs, names in os.walk(self.pgdata):
+                for name in (folder, *(Path(folder) / n for n in dirs + names)):
+                    os.chown(name, uid, -1, follow_symlinks=False)
+            self.pgdata.chmod(0o700)
 
     def _connect(self, database: str = "postgres"):
         import psycopg
@@ -279,7 +334,7 @@ class TeamServer:
                 # CSRF key; several server nodes must share it
                 "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secrets["flask_secret_key"],
             }
-            cmd += ["--app-name", "basic-auth"]
+        cmd += ["--app-name", MLFLOW_APPS[self.auth]]  # 5xx bodies name nothing of the database (mlflow_app.py)
         log = self.state_dir / "logs" / "mlflow.log"
         with open(log, "ab") as out:
             self._mlflow = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

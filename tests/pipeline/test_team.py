@@ -35,7 +35,7 @@ from PIL import Image
 from conftest import TINY_OVERRIDES, clone_repo, run, write_params
 from ferflow.core.classes import FER_CLASSES
 from ferflow.data.sources.synthetic import generate_face
-from ferflow.tracking.server import ADMIN_USER, TeamServer, free_port, postgres_missing
+from ferflow.tracking.server import ADMIN_USER, TeamServer, free_port, postgres_binary, postgres_missing
 from ferflow.tracking.store import TrackingError, configure
 
 GIT = ["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci"]
@@ -72,7 +72,7 @@ def team_server():
     reason = postgres_missing()
     if reason:  # CI installs PostgreSQL (Makefile `system-deps`): there a missing one is a failure
         (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(reason)
-    # as root PostgreSQL runs as `nobody`, which must be able to enter the state folder
+    # as root PostgreSQL runs as the `postgres` system user, which must be able to enter the state folder
     state = Path(tempfile.mkdtemp(prefix="ferflow-team-"))
     state.chmod(0o755)
     server = TeamServer(state, port=free_port(), auth=True, workers=1)
@@ -349,14 +349,15 @@ def test_tracking_server_command_without_postgresql_says_what_to_install(tmp_pat
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or bool(postgres_missing()), reason="needs root and PostgreSQL's server programs")
-def test_as_root_a_state_folder_postgres_cannot_enter_is_refused_naming_the_user(tmp_path, capsys):
+def test_as_root_a_state_folder_postgres_cannot_enter_is_refused_naming_the_user(tmp_path, capsys, monkeypatch):
     from ferflow import cli
 
+    monkeypatch.delenv("FERFLOW_PG_OS_USER", raising=False)
     hidden = tmp_path / "private"
-    hidden.mkdir(mode=0o700)  # pytest's tmp_path is 0700 too: `nobody` cannot enter it
+    hidden.mkdir(mode=0o700)  # pytest's tmp_path is 0700 too: `postgres` cannot enter it
     assert cli.main(["tracking-server", "--dir", str(hidden / "state"), "--port", str(free_port())]) == 2
     err = capsys.readouterr().err
-    assert "PostgreSQL runs as user 'nobody' (it refuses root) and cannot reach" in err and "Traceback" not in err
+    assert "PostgreSQL runs as user 'postgres' (it refuses root) and cannot reach" in err and "Traceback" not in err
     assert not (hidden / "state" / "pgdata").exists()
 
 
@@ -443,3 +444,146 @@ def cli_main(argv: list[str]) -> int:
     from ferflow import cli
 
     return cli.main(argv)
+
+
+# ---------------------------------------------------------------- #30: database errors and the PostgreSQL OS user
+
+
+def _stop_postgres_under(server: TeamServer) -> None:
+    """PostgreSQL dies under a running mlflow server (`-m immediate`: as a crash would)."""
+    from ferflow.tracking.server import _as_postgres_user
+
+    run([*_as_postgres_user(), postgres_binary("pg_ctl"), "-D", str(server.pgdata), "-m", "immediate", "-w", "stop"], Path.cwd())
+
+
+def _assert_no_database_detail(response: requests.Response, server: TeamServer) -> None:
+    for detail in ("psycopg", "OperationalError", "Connection refused", "127.0.0.1", str(server.pg_port), "sqlalche"):
+        assert detail not in response.text, (response.status_code, response.text[:500])
+
+
+def test_database_errors_never_reach_a_caller_in_a_response_body():
+    """#30: with PostgreSQL down, MLflow answered 503 with the database's host, port and driver
+    error, with basic-auth to any caller sending credentials (checking them needs the database),
+    without auth to everyone. No watch runs here (TeamServer, not the command): the window
+    stays open as long as the test needs, so nothing races."""
+    from ferflow.tracking.mlflow_app import UNAVAILABLE_MESSAGE
+
+    reason = postgres_missing()
+    if reason:
+        (pytest.fail if os.environ.get("CI") == "true" else pytest.skip)(reason)
+    state = Path(tempfile.mkdtemp(prefix="ferflow-down-"))
+    state.chmod(0o755)  # as root, PostgreSQL's own user enters it
+    server = TeamServer(state, port=free_port(), auth=True, workers=1)
+    api = f"{server.url}/api/2.0/mlflow/experiments/search?max_results=5"
+    generic = {"error_code": "TEMPORARILY_UNAVAILABLE", "message": UNAVAILABLE_MESSAGE}
+    try:
+        server.start()
+        admin = base64.b64encode(f"{ADMIN_USER}:{server.secrets['admin_password']}".encode()).decode()
+        assert requests.get(api, headers={"Authorization": f"Basic {admin}"}, timeout=60).status_code == 200
+        _stop_postgres_under(server)
+        anonymous = requests.get(api, timeout=60)
+        assert anonymous.status_code == 401
+        _assert_no_database_detail(anonymous, server)
+        for user, password in ((ADMIN_USER, server.secrets["admin_password"]), ("mallory", "guess")):
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            answer = requests.get(api, headers={"Authorization": f"Basic {token}"}, timeout=60)
+            assert answer.status_code == 503 and answer.json() == generic, answer.text[:500]
+            _assert_no_database_detail(answer, server)
+
+        # without --auth (its own MLflow app): every caller is anonymous
+        server.stop_mlflow()
+        server._start_postgres()
+        server.auth = False
+        server._start_mlflow()
+        assert requests.get(api, timeout=60).status_code == 200
+        _stop_postgres_under(server)
+        answer = requests.get(api, timeout=60)
+        assert answer.status_code == 503 and answer.json() == generic, answer.text[:500]
+        _assert_no_database_detail(answer, server)
+    finally:
+        server.stop()
+        log = (state / "logs" / "mlflow.log").read_text(errors="replace") if (state / "logs" / "mlflow.log").exists() else ""
+        shutil.rmtree(state, ignore_errors=True)
+    # the details stay in the server's log, for whoever runs it
+    assert log.count("HTTP 503 on GET /api/2.0/mlflow/experiments/search; answered with a generic message") >= 3
+    assert f"port {server.pg_port} failed: Connection refused" in log
+
+
+def test_postgres_runs_as_its_own_os_user_and_the_folders_are_private(team_server):
+    """#30: as root PostgreSQL ran as the shared `nobody`; now as the `postgres` system user
+    (FERFLOW_PG_OS_USER overrides), as ourselves when not root."""
+    import pwd
+
+    pg_user = os.environ.get("FERFLOW_PG_OS_USER") or "postgres" if os.geteuid() == 0 else pwd.getpwuid(os.getuid()).pw_name
+    pg_uid = pwd.getpwnam(pg_user).pw_uid
+    postmaster = int((team_server.pgdata / "postmaster.pid").read_text().split()[0])
+    assert os.stat(f"/proc/{postmaster}").st_uid == pg_uid != pwd.getpwnam("nobody").pw_uid
+    assert team_server.pgdata.stat().st_uid == pg_uid and team_server.pgdata.stat().st_mode & 0o777 == 0o700
+    assert (team_server.state_dir / "logs").stat().st_uid == pg_uid
+    for folder in (team_server.state_dir / "logs", team_server.artifacts):
+        assert folder.stat().st_mode & 0o777 == 0o700, folder
+    assert team_server.artifacts.stat().st_uid == os.getuid()
+    assert team_server.state_dir.stat().st_mode & 0o777 == (0o711 if os.geteuid() == 0 else 0o700)
+
+
+def test_the_postgres_os_user_is_dedicated_overridable_and_never_a_missing_or_root_user(monkeypatch):
+    from ferflow.tracking import server as team
+
+    users = {"postgres": 101, "ferflow-pg": 990, "root": 0}
+    monkeypatch.setattr(team.pwd, "getpwnam", lambda name: type("pw", (), {"pw_uid": users[name]}))
+    monkeypatch.delenv("FERFLOW_PG_OS_USER", raising=False)
+    monkeypatch.setattr(team.os, "geteuid", lambda: 1000)
+    assert team.postgres_os_user() is None and team._as_postgres_user() == []  # not root: PostgreSQL runs as us
+    monkeypatch.setattr(team.os, "geteuid", lambda: 0)
+    assert team._as_postgres_user() == ["runuser", "-u", "postgres", "--"]
+    monkeypatch.setenv("FERFLOW_PG_OS_USER", "ferflow-pg")
+    assert team.postgres_os_user() == "ferflow-pg"
+    monkeypatch.setenv("FERFLOW_PG_OS_USER", "root")
+    with pytest.raises(team.ServerError, match="is root"):
+        team.postgres_os_user()
+    monkeypatch.delenv("FERFLOW_PG_OS_USER")
+    del users["postgres"]  # no Debian package: refused, never `nobody`
+    with pytest.raises(team.ServerError, match=r"user 'postgres' does not exist: install Debian's `postgresql` package"):
+        team.postgres_os_user()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or bool(postgres_missing()), reason="needs root and PostgreSQL's server programs")
+def test_a_cluster_an_earlier_version_ran_as_nobody_is_handed_to_the_postgres_user(monkeypatch):
+    import pwd
+
+    monkeypatch.delenv("FERFLOW_PG_OS_USER", raising=False)
+    state = Path(tempfile.mkdtemp(prefix="ferflow-owner-"))
+    try:
+        state.chmod(0o711)
+        (state / "logs").mkdir(mode=0o700)
+        (state / "pgdata" / "base").mkdir(parents=True)
+        (state / "pgdata" / "base" / "1").write_text("x")
+        (state / "logs" / "postgres.log").write_text("")
+        for path in (
+            state / "pgdata",
+            state / "pgdata" / "base",
+            state / "pgdata" / "base" / "1",
+            state / "logs" / "postgres.log",
+        ):
+            shutil.chown(path, user="nobody")
+        TeamServer(state)._hand_cluster_to("postgres")
+        uid = pwd.getpwnam("postgres").pw_uid
+        assert {p.stat().st_uid for p in [state / "pgdata", *(state / "pgdata").rglob("*")]} == {uid}
+        assert (state / "logs" / "postgres.log").stat().st_uid == uid and (state / "logs").stat().st_uid == uid
+        assert (state / "pgdata").stat().st_mode & 0o777 == 0o700
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def test_without_ferflows_mlflow_app_registered_the_command_says_to_reinstall(tmp_path, monkeypatch, capsys):
+    """The apps are entry points of the installed ferflow: a checkout used without `pip install -e .`
+    (or installed before they existed) would not have them."""
+    from ferflow import cli
+    from ferflow.tracking import server as team
+
+    monkeypatch.setattr(team, "postgres_missing", lambda: None)
+    monkeypatch.setattr(team.importlib.metadata, "entry_points", lambda group: [])  # noqa: ARG005
+    assert cli.main(["tracking-server", "--dir", str(tmp_path / "state"), "--port", str(free_port()), "--auth"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("tracking-server: error: MLflow app 'ferflow-basic-auth' is not registered") and "pip install" in line
+    assert not (tmp_path / "state").exists()
