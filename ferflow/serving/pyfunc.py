@@ -67,10 +67,12 @@ from ferflow.serving.runtime import INFER_BATCH, load_predictor
 INPUT_COLUMN = "image"
 PIXEL_RANGES = ("auto", "0-255", "0-1")
 FACES_MODES = ("largest", "all")  # request param `faces`: one row per image (default) or one per face
-# After a request that decoded this many pixels (or failed on the way), hand the freed
-# heap back to the OS: glibc keeps it as high-water otherwise (RSS 0.8 -> 2.3 GB over a
-# barrage of bad requests, never returned). FERFLOW_MALLOC_TRIM=0 turns it off.
+# After a request that decoded this many pixels or sent this many encoded bytes (or failed on
+# the way), hand the freed memory back to the OS: glibc keeps it as high-water otherwise (RSS
+# 0.8 -> 2.3 GB over a barrage of bad requests, never returned). FERFLOW_MALLOC_TRIM=0 turns it
+# off (and leaves Arrow on its own allocator: `use_system_allocator_for_arrow`).
 TRIM_MIN_PIXELS = 4_000_000
+TRIM_MIN_BYTES = 4_000_000
 TRIM_AGAIN_AFTER_S = 0.5
 PARALLEL_MIN = 8  # decode + detect in a thread pool from this many images per request
 _PIXEL_SHAPES = "(N,48,48), (N,48,48,1) or (N,2304)"
@@ -361,11 +363,29 @@ def _load_malloc_trim() -> Any:
 _MALLOC_TRIM = _load_malloc_trim()
 
 
+def use_system_allocator_for_arrow() -> None:
+    """pandas 3 keeps string columns (the request's base64 images) in Arrow buffers, whose
+    default allocator (mimalloc) keeps freed pages per thread: +60-100 MB after one 30 MB body.
+    On glibc's malloc they go back to the OS like the rest (see `release_freed_memory`)."""
+    if _MALLOC_TRIM is None:
+        return
+    import pyarrow
+
+    pyarrow.set_memory_pool(pyarrow.system_memory_pool())
+
+
+def release_freed_memory() -> None:
+    """Return the heap pages freed by a large request to the OS (glibc only)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 class EmotionModel(mlflow.pyfunc.PythonModel):
     """pyfunc: column `image` (encoded bytes/base64, or pixel arrays) -> emotion predictions."""
 
     def load_context(self, context: Any) -> None:
         check_params_first(check_request_params, set(REQUEST_PARAMS))
+        use_system_allocator_for_arrow()  # the process serves requests: keep its memory returnable
         self.setup(
             context.artifacts["keras_model"],
             context.artifacts["label_map"],
@@ -469,8 +489,9 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
     # model_input: MLflow hands over a DataFrame (column signature); a DataFrame hint is
     # also the one MLflow neither validates nor warns about. Dicts/arrays work when called directly.
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        self._request.pixels = 0
+        self._request.pixels, encoded_bytes = 0, 0
         try:
+            encoded_bytes = _encoded_bytes(model_input)  # before any check can refuse the request
             tta = _param(params, "tta", self.config.tta, TTA_MODES)  # before any decoding work
             budget = RequestBudget(self.config, tta)
             prepared = self.prepare(model_input, params, budget)
@@ -480,11 +501,11 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
                 frame.insert(0, "image_index", np.array(prepared.image_index, dtype=np.int64))
             return frame
         finally:
-            if _MALLOC_TRIM is not None and getattr(self._request, "pixels", 0) >= TRIM_MIN_PIXELS:
-                _MALLOC_TRIM(0)
+            if self._request.pixels >= TRIM_MIN_PIXELS or encoded_bytes >= TRIM_MIN_BYTES:
+                release_freed_memory()
                 # and once more after the scoring server has dropped its own copy of the request
                 # (a 30 MB JSON body parsed into a DataFrame), which it frees after predict returns
-                later = threading.Timer(TRIM_AGAIN_AFTER_S, _MALLOC_TRIM, (0,))
+                later = threading.Timer(TRIM_AGAIN_AFTER_S, release_freed_memory)
                 later.daemon = True
                 later.start()
 
@@ -512,6 +533,14 @@ def _request_values(model_input: Any, cfg: ServeParams) -> tuple[list[Any] | np.
     if kinds == {"encoded", "pixels"}:
         raise RequestError("column 'image' mixes encoded images and pixel arrays: send one kind per request")
     return values, next(iter(kinds), "encoded")
+
+
+def _encoded_bytes(model_input: Any) -> int:
+    """How many bytes of encoded (base64/bytes) images the request holds."""
+    values = _column_values(model_input)
+    if isinstance(values, np.ndarray) and values.dtype.kind not in "OUS":
+        return 0
+    return sum(len(v) for v in values if isinstance(v, (str, bytes)))
 
 
 def _header_size(data: bytes) -> tuple[int, int]:
