@@ -11,6 +11,8 @@ def main(args) -> None:
     params = read_params(args.params)
     paths = ExportPaths(args.arrays, args.label_map, args.model, args.eval_metrics, args.out, args.metrics, args.calibration)
     r = run_export(params.export, params.serve, paths)
+    if "int8" in r:
+        stage.log.info(r["int8"]["reason"])
     if "version" in r:
         stage.log.info(
             "exported to %s; registered %s v%d, test accuracy %.4f; %s: v%d; champion: v%d",

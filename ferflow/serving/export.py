@@ -14,6 +14,7 @@ import numpy as np
 
 from ferflow.core import files
 from ferflow.core.params import ExportParams, ServeParams, flatten
+from ferflow.serving.int8 import Int8Outcome, int8_if_accurate
 from ferflow.serving.onnx_export import export_onnx
 from ferflow.serving.packaging import ModelFiles, model_kwargs, save_pyfunc
 from ferflow.serving.registry import ACCURACY_DIGITS, Evaluated, register_and_promote
@@ -45,7 +46,10 @@ def run_export(export: ExportParams, serve: ServeParams, paths: ExportPaths) -> 
     files.write_json(config_path, serve.model_dump())
     onnx_dir = Path(tempfile.mkdtemp(prefix="ferflow-onnx-"))  # the artifact keeps the file's name
     try:
-        onnx_gap = export_onnx(paths.model, onnx_dir / "model.onnx", load_split(paths.arrays, "val")[0])
+        val = load_split(paths.arrays, "val")
+        onnx_gap = export_onnx(paths.model, onnx_dir / "model.onnx", val[0])
+        # the parity check is on the float network; int8 is then judged on validation accuracy
+        int8 = int8_if_accurate(onnx_dir / "model.onnx", load_split(paths.arrays, "train")[0], val) if export.int8 else None
         example = np.rint(x_test[0, :, :, 0] * 255).astype(np.uint8)
         model = ModelFiles(paths.model, paths.label_map, onnx_dir / "model.onnx", paths.calibration)
         kwargs = model_kwargs(model, config_path, example)
@@ -58,14 +62,17 @@ def run_export(export: ExportParams, serve: ServeParams, paths: ExportPaths) -> 
                 "n_test": int(len(y_test)),
                 "classes": classes,
                 "onnx_parity_max_abs_diff": onnx_gap,
+                "onnx_precision": "int8" if int8 and int8.kept else "float32",
             }
         }
         save_pyfunc(paths.out, kwargs)
         result: dict[str, Any] = {"export_dir": str(paths.out), "test_accuracy": eval_metrics["accuracy"]}
         result["onnx_parity_max_abs_diff"] = onnx_gap
+        if int8:
+            result["int8"] = int8.as_metrics()
         # evaluate recorded the run it logged to (the training run, or a fork of it)
         if eval_metrics.get("mlflow_run_id"):
-            result |= _register(export, serve, paths, kwargs, eval_metrics)
+            result |= _register(export, serve, paths, kwargs, eval_metrics, int8)
     finally:
         config_path.unlink(missing_ok=True)
         shutil.rmtree(onnx_dir, ignore_errors=True)
@@ -74,7 +81,12 @@ def run_export(export: ExportParams, serve: ServeParams, paths: ExportPaths) -> 
 
 
 def _register(
-    export: ExportParams, serve: ServeParams, paths: ExportPaths, kwargs: dict[str, Any], eval_metrics: dict[str, Any]
+    export: ExportParams,
+    serve: ServeParams,
+    paths: ExportPaths,
+    kwargs: dict[str, Any],
+    eval_metrics: dict[str, Any],
+    int8: Int8Outcome | None,
 ) -> dict[str, Any]:
     """Log and register the model (`kwargs` of save_pyfunc, with its metadata) in the run
     evaluate logged to, and promote it."""
@@ -88,6 +100,8 @@ def _register(
     with pipeline_run(opening) as run_id, interrupts_held():
         about = kwargs["metadata"]["ferflow"]
         log_metrics({"onnx_parity_max_abs_diff": about["onnx_parity_max_abs_diff"]})  # 6 decimals: 0 means < 5e-7
+        if int8:  # both networks' validation accuracy, whichever shipped
+            log_metrics({"val_accuracy_onnx_float": int8.val_accuracy_float, "val_accuracy_onnx_int8": int8.val_accuracy_int8})
         evaluated = Evaluated(eval_metrics["accuracy"], about["test_set"], about["classes"])
         result = register_and_promote(kwargs, export.registered_model_name, evaluated, export.force_champion)
         # the lock of this working copy (DVC writes export's own entry after the stage)

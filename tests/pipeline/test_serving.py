@@ -534,9 +534,7 @@ def _server_worker(url: str):
     import psutil
 
     port = url.rsplit(":", 1)[1]
-    workers = [
-        p for p in psutil.Process().children(recursive=True) if "uvicorn" in " ".join(p.cmdline()) and port in p.cmdline()
-    ]
+    workers = [p for p in psutil.Process().children(recursive=True) if "uvicorn" in " ".join(p.cmdline()) and port in p.cmdline()]
     assert len(workers) == 1, workers
     return workers[0]
 
@@ -615,7 +613,7 @@ def test_tta_view_counts_match_the_views_the_model_is_given() -> None:
     assert {tta: len(tta_views(x, tta, 2)) for tta in TTA_VIEWS} == TTA_VIEWS
 
 
-def test_the_served_model_does_not_fill_the_server_log_with_tensorflow_start_up_lines(server: str, served_model: dict) -> None:
+def test_the_served_model_does_not_fill_the_server_log_with_tensorflow_start_up_lines(server: str) -> None:
     """#29 item 8: `mlflow models serve` printed TensorFlow's oneDNN / cpu_feature_guard lines."""
     check_rows(predictions(server, {"dataframe_records": [{"image": b64(encode(faces(1)[0]))}]}))  # the model is loaded
     text = SERVER_LOGS[server].read_text(errors="replace")
