@@ -369,8 +369,10 @@ def use_system_allocator_for_arrow() -> None:
     On glibc's malloc they go back to the OS like the rest (see `release_freed_memory`)."""
     if _MALLOC_TRIM is None:
         return
-    import pyarrow
-
+    try:
+        import pyarrow
+    except ImportError:  # pandas then keeps strings as Python objects, on glibc's malloc already
+        return
     pyarrow.set_memory_pool(pyarrow.system_memory_pool())
 
 
