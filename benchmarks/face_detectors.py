@@ -69,7 +69,9 @@ def backgrounds(which: str) -> list[np.ndarray]:
 
     from video_synth import background
 
-    photos = (data.coffee(), data.rocket(), data.chelsea()) if which == "standard" else (data.brick(), data.grass(), data.gravel())
+    photos = (
+        (data.coffee(), data.rocket(), data.chelsea()) if which == "standard" else (data.brick(), data.grass(), data.gravel())
+    )
     out = []
     for img in photos:
         rgb = img if img.ndim == 3 else np.repeat(img[..., None], 3, axis=-1)
@@ -78,7 +80,9 @@ def backgrounds(which: str) -> list[np.ndarray]:
     return out
 
 
-def composites(faces: list[np.ndarray], n_images: int, rng: np.random.Generator, which: str) -> list[tuple[np.ndarray, list[Any]]]:
+def composites(
+    faces: list[np.ndarray], n_images: int, rng: np.random.Generator, which: str
+) -> list[tuple[np.ndarray, list[Any]]]:
     import cv2
 
     from ferflow.serving.faces import Box

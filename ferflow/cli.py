@@ -134,7 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     from ferflow.tracking import leaderboard, server
     from ferflow.video import watch
 
-    commands = (("leaderboard", leaderboard), ("ensemble", ensemble), ("predict", predict), ("watch", watch), ("tracking-server", server))
+    commands = (
+        ("leaderboard", leaderboard),
+        ("ensemble", ensemble),
+        ("predict", predict),
+        ("watch", watch),
+        ("tracking-server", server),
+    )
     for name, mod in commands:
         p = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0])
         mod.add_arguments(p)

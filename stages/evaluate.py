@@ -15,11 +15,23 @@ def main(args) -> None:
     )  # fmt: skip
     m = run_evaluation(read_params(args.params).evaluate, paths)
     stage.log.info("test accuracy %.4f, macro-F1 %.4f (n=%d, tta=%s)", m["accuracy"], m["macro_f1"], m["n_test"], m["tta"])
-    stage.log.info("test ECE %.4f -> %.4f (temperature %.3f, fitted on validation)", m["ece_before"], m["ece_after"], m["temperature"])
+    stage.log.info(
+        "test ECE %.4f -> %.4f (temperature %.3f, fitted on validation)", m["ece_before"], m["ece_after"], m["temperature"]
+    )
 
 
 if __name__ == "__main__":
     p = stage.parser(
-        __doc__, "arrays", "label-map", "model", "history", "run-file", "metrics", "predictions", "plots", "summary", "calibration"
+        __doc__,
+        "arrays",
+        "label-map",
+        "model",
+        "history",
+        "run-file",
+        "metrics",
+        "predictions",
+        "plots",
+        "summary",
+        "calibration",
     )
     stage.run(main, p.parse_args(), "evaluate")

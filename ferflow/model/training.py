@@ -239,7 +239,10 @@ def choose_weights(fit: _Fit, candidates: dict[str, list[np.ndarray]], batch_siz
     checkpoint = scores.get("best_checkpoint")
     kept = "ema" if checkpoint is None or scores["ema"]["val_loss"] <= checkpoint["val_loss"] else "best_checkpoint"
     fit.trainer.set_weights(tuned[kept])
-    log.info("weight average: %s", ", ".join(f"{n} val_loss {s['val_loss']:.4f} acc {s['val_accuracy']:.4f}" for n, s in scores.items()))
+    log.info(
+        "weight average: %s",
+        ", ".join(f"{n} val_loss {s['val_loss']:.4f} acc {s['val_accuracy']:.4f}" for n, s in scores.items()),
+    )
     return {"weights_kept": kept, "weight_candidates": scores, "batchnorm_layers": layers}
 
 
@@ -455,7 +458,10 @@ def _final_weights(fit: _Fit, train: TrainParams, best_weights: Path) -> dict[st
     if train.weight_average != "ema":
         if best_weights.exists():
             fit.trainer.load_weights(str(best_weights))
-        return {"weight_average": "none", "batchnorm_layers": recompute_batchnorm_statistics(fit.model, fit.splits.x_train, batch_size)}
+        return {
+            "weight_average": "none",
+            "batchnorm_layers": recompute_batchnorm_statistics(fit.model, fit.splits.x_train, batch_size),
+        }
     candidates = {"ema": fit.trainer.get_weights()}  # fit() ended by writing the average into the weights
     if fit.last_epoch is not None and fit.last_epoch.weights is not None:
         candidates["last_epoch"] = fit.last_epoch.weights

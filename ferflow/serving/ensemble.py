@@ -50,7 +50,9 @@ def read_member(export_dir: str | Path) -> Member:
         raise EnsembleError(f"{mlmodel}: expected artifacts keras_model and label_map (a ferflow export)")
     about = (spec.get("metadata") or {}).get("ferflow") or {}
     classes = list(files.read_json(export_dir / artifacts["label_map"]["path"])["classes"])
-    return Member(export_dir, export_dir / artifacts["keras_model"]["path"], classes, about.get("test_set"), about.get("mlflow_run_id"))
+    return Member(
+        export_dir, export_dir / artifacts["keras_model"]["path"], classes, about.get("test_set"), about.get("mlflow_run_id")
+    )
 
 
 def check_members(members: list[Member], test_set: str) -> None:
@@ -114,7 +116,9 @@ def make_ensemble(export_dirs: list[Path], paths: EnsemblePaths, params_file: Pa
         out / "predictions.csv", out / "plots", None, calibration,
     )  # fmt: skip
     run_evaluation(params.evaluate, evaluation)
-    export = ExportPaths(paths.arrays, paths.label_map, out / "model.keras", out / "eval.json", out / "export", out / "export.json", calibration)
+    export = ExportPaths(
+        paths.arrays, paths.label_map, out / "model.keras", out / "eval.json", out / "export", out / "export.json", calibration
+    )
     return run_export(params.export, params.serve, export)
 
 
@@ -147,7 +151,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="folder for the ensemble's model, metrics, plots and export/")
     p.add_argument("--arrays", type=Path, default=Path("data/arrays"), help="the extract stage's arrays (default: data/arrays)")
     p.add_argument("--label-map", type=Path, default=Path("data/label_map.json"), help="default: data/label_map.json")
-    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="evaluate/export/serve sections (default: params.yaml)")
+    p.add_argument(
+        "--params", type=Path, default=Path("params.yaml"), help="evaluate/export/serve sections (default: params.yaml)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,7 +162,9 @@ def run(args: argparse.Namespace) -> int:
     except (UserError, FileNotFoundError, ValueError) as exc:
         print(f"ferflow ensemble: error: {exc}", file=sys.stderr)
         return 2
-    line = f"ensemble of {len(args.members)} models: test accuracy {result['test_accuracy']:.4f}, exported to {result['export_dir']}"
+    line = (
+        f"ensemble of {len(args.members)} models: test accuracy {result['test_accuracy']:.4f}, exported to {result['export_dir']}"
+    )
     if "version" in result:
         line += f"; registered {result['registered_model']} v{result['version']}, champion: v{result['champion_version']}"
     print(line)

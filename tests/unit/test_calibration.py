@@ -83,7 +83,9 @@ def test_the_temperature_depends_on_the_validation_split_only(tmp_path: Path) ->
         other = np.random.default_rng(seed)
         test = (other.random((30, 48, 48, 1), dtype=np.float32), other.integers(0, 7, 30))
         out = tmp_path / name
-        paths = EvalPaths(tmp_path, tmp_path, tmp_path, history, tmp_path, out / "eval.json", out / "p.csv", out, None, out / "cal.json")
+        paths = EvalPaths(
+            tmp_path, tmp_path, tmp_path, history, tmp_path, out / "eval.json", out / "p.csv", out, None, out / "cal.json"
+        )
         evaluate(model, EvalSplits(test, val_split), list(FER_CLASSES), paths, EvaluateParams())
         return files.read_json(out / "cal.json")["temperature"]
 
@@ -112,7 +114,9 @@ def test_served_model_returns_calibrated_probabilities(tmp_path: Path) -> None:
     faces = [generate_face(np.random.default_rng(i), "happy") for i in range(3)]
     files.write_json(tmp_path / "calibration.json", {"temperature": 0.25})
     plain = mlflow.pyfunc.load_model(str(_export(model_path, labels, faces[0], tmp_path / "plain", None)))
-    calibrated = mlflow.pyfunc.load_model(str(_export(model_path, labels, faces[0], tmp_path / "cal", tmp_path / "calibration.json")))
+    calibrated = mlflow.pyfunc.load_model(
+        str(_export(model_path, labels, faces[0], tmp_path / "cal", tmp_path / "calibration.json"))
+    )
     batch = pd.concat([input_example(f) for f in faces], ignore_index=True)
     raw = plain.predict(batch)
     served = calibrated.predict(batch)

@@ -190,3 +190,18 @@ def test_functions_stay_short_and_take_few_parameters():
                 if lines > 60 or count > 6:
                     too_big.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {lines} lines, {count} parameters")
     assert not too_big, "\n".join(too_big)
+
+
+@pytest.mark.parametrize("check", [["check"], ["format", "--check"]], ids=["ruff-check", "ruff-format"])
+def test_the_code_passes_make_lint(check: list[str]) -> None:
+    """`make lint` as a test, so a red lint reaches CI (it ran only by hand before)."""
+    import subprocess
+    import sys
+
+    ruff = Path(sys.executable).with_name("ruff")
+    if not ruff.is_file():
+        pytest.skip(f"{ruff}: ruff is not installed (make install-dev installs it)")
+    done = subprocess.run(
+        [str(ruff), *check, "ferflow", "stages", "tests", "benchmarks"], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-1000:]

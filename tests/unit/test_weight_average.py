@@ -34,7 +34,9 @@ def _faces(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def test_averaged_weights_differ_from_the_last_epoch_and_load_in_a_fresh_process(tmp_path: Path) -> None:
     x_train, y_train = _faces(12, seed=1)
     x_val, y_val = _faces(3, seed=2)
-    train = TrainParams(arch="ferflow_tiny", epochs=2, batch_size=16, mixed_precision="float32", weight_average="ema", ema_decay=0.9)
+    train = TrainParams(
+        arch="ferflow_tiny", epochs=2, batch_size=16, mixed_precision="float32", weight_average="ema", ema_decay=0.9
+    )
     model, summary = fit(train, x_train, y_train, x_val, y_val, tmp_path, verbose=0)
     scores = summary["weight_candidates"]
     assert summary["weight_average"] == "ema" and {"ema", "last_epoch", "best_checkpoint"} <= set(scores)
