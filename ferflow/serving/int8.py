@@ -45,11 +45,12 @@ def calibration_sample(x_train: np.ndarray, n: int = CALIBRATION_IMAGES, seed: i
     return x_train[np.sort(np.random.default_rng(seed).choice(len(x_train), n, replace=False))]
 
 
-def quantize(onnx_path: str | os.PathLike[str], out_path: str | os.PathLike[str], x_calibration: np.ndarray) -> None:
-    """Write the int8 network of `onnx_path` to `out_path` (atomically), calibrated on `x_calibration`."""
+def quantize(
+    onnx_path: str | os.PathLike[str], out_path: str | os.PathLike[str], x_calibration: np.ndarray, input_name: str
+) -> None:
+    """Write the int8 network of `onnx_path` (whose input is `input_name`) to `out_path`
+    (atomically), calibrated on `x_calibration`."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    input_name = OnnxPredictor(onnx_path).session.get_inputs()[0].name
 
     class Batches(CalibrationDataReader):
         def __init__(self) -> None:
@@ -71,9 +72,9 @@ def quantize(onnx_path: str | os.PathLike[str], out_path: str | os.PathLike[str]
         )
 
 
-def accuracy(onnx_path: str | os.PathLike[str], x: np.ndarray, y: np.ndarray) -> float:
+def accuracy(network: OnnxPredictor, x: np.ndarray, y: np.ndarray) -> float:
     """Top-1 accuracy of the ONNX network on (x, y), one view per image."""
-    return float((OnnxPredictor(onnx_path).predict(x).argmax(axis=1) == y).mean())
+    return float((network.predict(x).argmax(axis=1) == y).mean())
 
 
 def int8_if_accurate(onnx_path: Path, x_train: np.ndarray, val: tuple[np.ndarray, np.ndarray]) -> Int8Outcome:
@@ -82,8 +83,9 @@ def int8_if_accurate(onnx_path: Path, x_train: np.ndarray, val: tuple[np.ndarray
     x_val, y_val = val
     sample = calibration_sample(x_train)
     int8_path = onnx_path.with_name(onnx_path.stem + ".int8.onnx")
-    quantize(onnx_path, int8_path, sample)
-    float_acc, int8_acc = accuracy(onnx_path, x_val, y_val), accuracy(int8_path, x_val, y_val)
+    float_network = OnnxPredictor(onnx_path)
+    quantize(onnx_path, int8_path, sample, float_network.session.get_inputs()[0].name)
+    float_acc, int8_acc = accuracy(float_network, x_val, y_val), accuracy(OnnxPredictor(int8_path), x_val, y_val)
     kept = float_acc - int8_acc <= INT8_MAX_DROP
     if kept:
         os.replace(int8_path, onnx_path)
