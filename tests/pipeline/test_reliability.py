@@ -367,6 +367,8 @@ def test_a_second_signal_inside_a_held_section_raises_at_once(sqlite_run):
     from ferflow.tracking.signals import interrupts_held, run_status_guard
 
     reached = []
+    # default_int_handler, or SIG_IGN when pytest was started in the background by a script
+    handler_before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         with run_status_guard(sqlite_run):
             with interrupts_held():
@@ -379,4 +381,4 @@ def test_a_second_signal_inside_a_held_section_raises_at_once(sqlite_run):
 
     assert reached == ["after first"]
     assert mlflow.MlflowClient().get_run(sqlite_run).info.status == "KILLED"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the guard put the old handler back
