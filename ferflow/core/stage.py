@@ -21,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 log = logging.getLogger("ferflow")
-QUIET_LOGGERS = ("matplotlib", "jax", "absl", "tensorflow", "tf2onnx")
+QUIET_LOGGERS = ("matplotlib", "jax", "absl", "tensorflow", "tf2onnx", "mlflow.store.db")
 
 # Errors that are the user's to fix: print one clear line, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ParamsError, UserError, FileNotFoundError, ValueError)
@@ -47,7 +47,8 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace, 
     """
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s")
     # libraries' INFO lines are not the user's business: matplotlib's "generated new
-    # fontManager", JAX's "Unable to initialize backend 'tpu'", absl's notes
+    # fontManager", JAX's "Unable to initialize backend 'tpu'", absl's notes, MLflow's
+    # "Creating initial MLflow database tables..." when the first run creates the store
     for library in QUIET_LOGGERS:
         logging.getLogger(library).setLevel(logging.WARNING)
     os.environ["FERFLOW_STAGE"] = name  # a failure is recorded on the MLflow run with the stage's name

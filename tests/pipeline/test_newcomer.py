@@ -17,7 +17,7 @@ from conftest import BIN, REPO, TINY_OVERRIDES, clone_repo, write_params
 
 # what a user must not see from the libraries (#29 items 8-10)
 NOISE = re.compile(
-    r"oneDNN|cpu_feature_guard|absl::|fontManager|libtpu|Unable to initialize backend|Optimizing ONNX model|Using opset"
+    r"oneDNN|cpu_feature_guard|absl::|fontManager|libtpu|Unable to initialize backend|Optimizing ONNX model|Using opset|MLflow database tables|Updating database tables"
 )
 
 
