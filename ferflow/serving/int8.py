@@ -84,7 +84,7 @@ def int8_if_accurate(onnx_path: Path, x_train: np.ndarray, val: tuple[np.ndarray
     sample = calibration_sample(x_train)
     int8_path = onnx_path.with_name(onnx_path.stem + ".int8.onnx")
     float_network = OnnxPredictor(onnx_path)
-    quantize(onnx_path, int8_path, sample, float_network.session.get_inputs()[0].name)
+    quantize(onnx_path, int8_path, sample, float_network.input_name)
     float_acc, int8_acc = accuracy(float_network, x_val, y_val), accuracy(OnnxPredictor(int8_path), x_val, y_val)
     kept = float_acc - int8_acc <= INT8_MAX_DROP
     if kept:
